@@ -1,0 +1,130 @@
+"""The ``segrap`` command: one subcommand per job, each a thin layer over a core module.
+
+Exit codes: 0 success, 1 a SegRapError (bad input, bad model, ...: the message says what to fix),
+2 a usage error (argparse), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import SegRapError
+
+log = logging.getLogger("segrap")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# --------------------------------------------------------------------------------------------
+# segrap structures
+# --------------------------------------------------------------------------------------------
+
+
+def _add_structures(sub) -> None:
+    p = sub.add_parser("structures", help="list the 47 structures with names, codes and colors")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_structures)
+
+
+def _cmd_structures(args) -> int:
+    from . import structures as S
+
+    if args.json:
+        rows = [{"name": s.name, "index": s.index, "task": s.task, "tg263": s.tg263, "display_name": s.display_name,
+                 "color": list(s.color), "type": s.type.value, "laterality": s.laterality,
+                 "rt_type": s.rt_type, "nsd_tolerance_mm": s.nsd_tolerance_mm} for s in S.STRUCTURES]
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    for s in S.STRUCTURES:
+        print(f"{s.task:3} {s.index:2d}  {s.name:18} {s.tg263:20} {s.display_name:40} SCT {s.type.value}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# segrap phantom
+# --------------------------------------------------------------------------------------------
+
+
+def _add_phantom(sub) -> None:
+    from .phantom import CONTRAST_MODES, DIRECTIONS, SIZES
+
+    p = sub.add_parser("phantom", help="write synthetic head-and-neck phantom cases in the SegRap release layout")
+    p.add_argument("--out", required=True, type=Path, help="folder to write the cohort into")
+    p.add_argument("--cases", type=int, default=1, help="number of cases (default 1)")
+    p.add_argument("--first", type=int, default=0, help="index of the first case (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed; the same seed gives the same cases")
+    p.add_argument("--size", choices=sorted(SIZES), default="small",
+                   help="small: 48x96x96 at 3x2x2 mm (tests); full: 126x512x512 at 3x0.54x0.54 mm")
+    p.add_argument("--direction", choices=sorted(DIRECTIONS), default="identity",
+                   help="image direction matrix the files are stored with")
+    p.add_argument("--contrast", choices=CONTRAST_MODES, default="same",
+                   help="contrast CT on the CT grid (same), with patient motion (shifted) or on another grid")
+    p.set_defaults(func=_cmd_phantom)
+
+
+def _cmd_phantom(args) -> int:
+    from .phantom import write_cohort
+
+    written = write_cohort(args.out, args.cases, args.seed, args.size, args.direction, args.contrast, args.first)
+    for paths in written:
+        print(paths.folder)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# segrap demo
+# --------------------------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="write a phantom case and run the demo job on it")
+    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
+    p.add_argument("--size", choices=("small", "full"), default="small")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from . import demo
+
+    report = demo.run_demo(args.out, size=args.size, seed=args.seed)
+    print(report)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="segrap", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"segrap {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_structures, _add_phantom, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``segrap`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except SegRapError as exc:
+        print(f"segrap {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"segrap {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
