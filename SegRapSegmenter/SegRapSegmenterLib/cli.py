@@ -98,6 +98,41 @@ def _cmd_demo(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# segrap terminology
+# --------------------------------------------------------------------------------------------
+
+
+def _add_terminology(sub) -> None:
+    p = sub.add_parser("terminology", help="print, write or check the Slicer terminology file (.term.json)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--write", nargs="?", const="", metavar="PATH",
+                   help="write the file (default: SegRapSegmenter/Resources/SegRapSegmenter.term.json)")
+    g.add_argument("--check", nargs="?", const="", metavar="PATH",
+                   help="exit 1 if the file differs from the catalogue (same default path)")
+    p.set_defaults(func=_cmd_terminology)
+
+
+def _cmd_terminology(args) -> int:
+    from . import terminology as T
+
+    if args.write is not None:
+        print(T.write_terminology(args.write or None))
+        return EXIT_OK
+    if args.check is not None:
+        path = Path(args.check) if args.check else T.default_path()
+        if path is None or not path.is_file():
+            raise SegRapError(f"No terminology file at {path}: write it with `segrap terminology --write`.")
+        if path.read_text(encoding="utf-8") != T.terminology_json():
+            print(f"{path} is out of date with the structure catalogue: run `segrap terminology --write`.",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        print(f"{path} is current")
+        return EXIT_OK
+    sys.stdout.write(T.terminology_json())
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"segrap {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_structures, _add_phantom, _add_demo):
+    for add in (_add_structures, _add_phantom, _add_demo, _add_terminology):
         add(sub)
     return parser
 
