@@ -1,0 +1,144 @@
+"""The synthetic head-and-neck phantom: layout, geometry, laterality, intensities, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from SegRapSegmenterLib import cli, phantom
+from SegRapSegmenterLib import structures as S
+
+
+def _read(path) -> sitk.Image:
+    return sitk.ReadImage(str(path))
+
+
+def test_release_layout_files_read_back_with_stated_geometry(written_case):
+    files = [written_case.ct, written_case.contrast_ct, written_case.task001, written_case.task002]
+    files += [written_case.structure(n) for n in S.STRUCTURE_NAMES]
+    for path in files:
+        img = _read(path)
+        assert img.GetSize() == (96, 96, 48), path
+        assert img.GetSpacing() == pytest.approx((2.0, 2.0, 3.0)), path
+        assert img.GetDirection() == pytest.approx(tuple(np.eye(3).ravel())), path
+    assert _read(written_case.ct).GetPixelID() == sitk.sitkInt16
+    leftovers = [p.name for p in written_case.folder.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_task001_map_equals_decomposition_of_the_45_files(written_case):
+    masks = {n: sitk.GetArrayFromImage(_read(written_case.structure(n))) > 0 for n in S.OAR_NAMES}
+    task001 = sitk.GetArrayFromImage(_read(written_case.task001))
+    assert np.array_equal(S.decompose(masks), task001)
+    task002 = sitk.GetArrayFromImage(_read(written_case.task002))
+    gtvp = sitk.GetArrayFromImage(_read(written_case.structure("GTVp"))) > 0
+    assert np.array_equal(task002 == 1, gtvp) and (task002 == 2).any()
+
+
+def _centroids_lps(case: phantom.PhantomCase) -> dict[str, np.ndarray]:
+    """Physical (LPS) centroid of every OAR, through SimpleITK's index-to-point mapping."""
+    masks = case.oar_masks()
+    out = {}
+    for name in S.OAR_NAMES:
+        zyx = np.argwhere(masks[name]).mean(axis=0)
+        out[name] = np.array(case.ct.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in zyx[::-1])))
+    return out
+
+
+@pytest.mark.parametrize("direction", ["identity", "flipped", "rotated", "oblique"])
+def test_left_structures_lie_on_the_patients_left(direction):
+    case = phantom.make_case(2, seed=1, size="small", direction=direction)
+    assert np.allclose(np.array(case.ct.GetDirection()).reshape(3, 3), phantom.DIRECTIONS[direction])
+    centroids = _centroids_lps(case)
+    for s in S.OARS:
+        if s.laterality == "L":
+            left, right = centroids[s.name], centroids[s.partner]
+            assert left[0] > 0 > right[0], (s.name, left, right)
+    # anatomy, not storage, decides: superior and posterior relations hold for every direction
+    assert centroids["Brain"][2] > centroids["Larynx"][2] > centroids["Trachea"][2]
+    assert centroids["SpinalCord"][1] > centroids["Esophagus"][1] > centroids["Trachea"][1]
+    assert centroids["Eye_L"][1] < centroids["BrainStem"][1]
+
+
+def test_non_identity_direction_stores_the_same_anatomy(small_case):
+    flipped = phantom.make_case(0, seed=0, size="small", direction="flipped")
+    # resampling the flipped storage onto the identity grid gives back the identity case's classes
+    back = sitk.Resample(flipped.label_image(flipped.labelmap), small_case.ct, sitk.Transform(),
+                         sitk.sitkNearestNeighbor, 0)
+    agree = np.mean(sitk.GetArrayFromImage(back) == small_case.labelmap)
+    assert agree > 0.999
+
+
+def test_cases_are_deterministic_per_seed():
+    a = phantom.make_case(1, seed=11, size="small")
+    b = phantom.make_case(1, seed=11, size="small")
+    c = phantom.make_case(1, seed=12, size="small")
+    assert np.array_equal(a.labelmap, b.labelmap) and np.array_equal(a.gtv_labelmap, b.gtv_labelmap)
+    assert np.array_equal(sitk.GetArrayFromImage(a.ct), sitk.GetArrayFromImage(b.ct))
+    assert not np.array_equal(a.labelmap, c.labelmap)
+
+
+def test_intensities_are_ct_like_and_tumours_enhance(small_case):
+    ct = sitk.GetArrayFromImage(small_case.ct).astype(float)
+    ce = sitk.GetArrayFromImage(small_case.contrast_ct).astype(float)
+    masks = small_case.oar_masks()
+    mean = lambda img, m: float(img[m].mean())  # noqa: E731
+    assert mean(ct, np.zeros_like(masks["Brain"]) | (ct < -900)) < -950  # air around the patient
+    assert 20 < mean(ct, masks["Brain"] & ~masks["BrainStem"]) < 50
+    assert mean(ct, masks["Mandible_L"]) > 500 and mean(ct, masks["Trachea"]) < -500
+    assert -150 < mean(ct, masks["Parotid_R"]) < 20
+    any_gtv = small_case.gtv_labelmap > 0
+    for name, gtv in small_case.gtv_masks().items():
+        # soft tissue near the tumour (within 2 cm; not air, fat or bone, nor an organ or tumour)
+        near = ndimage.binary_dilation(gtv, iterations=10) & ~any_gtv & (small_case.labelmap == 0)
+        around = near & (ct > 15) & (ct < 90)
+        plain_contrast = np.median(ct[gtv]) - np.median(ct[around])
+        enhanced_contrast = np.median(ce[gtv]) - np.median(ce[around])
+        assert abs(plain_contrast) < 20, (name, plain_contrast)
+        assert enhanced_contrast > 35, (name, enhanced_contrast)
+
+
+def _bone_dice(a: sitk.Image, b: sitk.Image) -> float:
+    x, y = sitk.GetArrayFromImage(a) > 400, sitk.GetArrayFromImage(b) > 400
+    return 2.0 * np.count_nonzero(x & y) / (np.count_nonzero(x) + np.count_nonzero(y))
+
+
+def test_shifted_contrast_ct_moves_the_patient_by_the_recorded_motion():
+    case = phantom.make_case(0, seed=0, size="small", contrast="shifted")
+    motion = case.info["contrast_motion"]
+    transform = sitk.AffineTransform(3)  # maps CT points to contrast-CT points
+    transform.SetMatrix(motion["rotation"])
+    transform.SetTranslation(motion["translation_mm"])
+    aligned = sitk.Resample(case.contrast_ct, case.ct, transform, sitk.sitkLinear, -1000.0)
+    unaligned = sitk.Resample(case.contrast_ct, case.ct, sitk.Transform(), sitk.sitkLinear, -1000.0)
+    assert _bone_dice(case.ct, aligned) > 0.65
+    assert _bone_dice(case.ct, aligned) > _bone_dice(case.ct, unaligned) + 0.15
+
+
+def test_resampled_contrast_ct_lies_on_another_grid_but_is_aligned():
+    case = phantom.make_case(0, seed=0, size="small", contrast="resampled")
+    assert case.contrast_ct.GetSize() != case.ct.GetSize()
+    assert case.contrast_ct.GetSpacing() != case.ct.GetSpacing()
+    on_ct_grid = sitk.Resample(case.contrast_ct, case.ct, sitk.Transform(), sitk.sitkLinear, -1000.0)
+    assert _bone_dice(case.ct, on_ct_grid) > 0.65
+
+
+def test_full_size_case_has_segrap_geometry_and_all_classes():
+    case = phantom.make_case(0, seed=0, size="full")
+    assert case.ct.GetSize() == (512, 512, 126)
+    assert case.ct.GetSpacing() == pytest.approx((0.54, 0.54, 3.0))
+    counts = np.bincount(case.labelmap.ravel(), minlength=55)
+    assert (counts[1:] > 0).all()
+
+
+def test_cli_writes_a_cohort(tmp_path, capsys):
+    rc = cli.main(["phantom", "--out", str(tmp_path), "--cases", "2", "--seed", "5", "--size", "small"])
+    assert rc == 0
+    folders = sorted(p.name for p in (tmp_path / phantom.CASES_DIR).iterdir())
+    assert folders == ["segrap_0000", "segrap_0001"]
+    assert len(list((tmp_path / phantom.CASES_DIR / "segrap_0001").glob("*.nii.gz"))) == 49
+    assert (tmp_path / phantom.ONEHOT_DIR / "Task001" / "segrap_0001.nii.gz").is_file()
+    assert cli.main(["phantom", "--out", str(tmp_path), "--cases", "0"]) == 1
+    assert "at least 1" in capsys.readouterr().err
