@@ -324,10 +324,12 @@ class SegRapSegmenterTest(ScriptedLoadableModuleTest):
         entry = slicer.vtkSlicerTerminologyEntry()
         terminologies = slicer.modules.terminologies.logic()
         self.assertTrue(terminologies.DeserializeTerminologyEntry(terminology.terminology_entry("Parotid_L"), entry))
+        self.assertTrue(terminologies.UpdateEntryFromLoadedTerminologies(entry, [name], []))
         color = entry.GetTypeModifierObject().GetRecommendedDisplayRGBValue()
         from SegRapSegmenterLib import structures
 
         self.assertEqual(tuple(color), structures.get("Parotid_L").color)
+        self.assertEqual(entry.GetTypeModifierObject().GetSlicerLabel(), "Left parotid gland")
 
     def test_panel_lists_every_structure(self) -> None:
         self.delayDisplay("Structure list of the panel")

@@ -160,3 +160,24 @@ def test_cli_check_passes_on_the_committed_file_and_fails_on_a_stale_one(tmp_pat
     written.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     assert cli.main(["terminology", "--check", str(written)]) == cli.EXIT_ERROR
     assert "out of date" in capsys.readouterr().err
+
+
+def test_slicer_terminology_logic_loads_the_file_and_resolves_every_segment_tag():
+    import slicer  # slicer-core: Slicer's own terminology parser, headless
+
+    logic = slicer.vtkSlicerTerminologiesModuleLogic()
+    name = logic.LoadTerminologyFromFile(str(COMMITTED))
+    assert name == T.CONTEXT_NAME
+    assert logic.GetNumberOfCategoriesInTerminology(name) == 2
+    for s in S.STRUCTURES:
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert logic.DeserializeTerminologyEntry(T.terminology_entry(s), entry), s.name
+        assert logic.UpdateEntryFromLoadedTerminologies(entry, [name], []), s.name
+        assert entry.GetTerminologyContextName() == name
+        assert entry.GetTypeObject().GetCodeValue() == s.type.value, s.name
+        leaf = entry.GetTypeModifierObject() if s.modifier else entry.GetTypeObject()
+        if s.modifier:
+            assert leaf.GetCodeValue() == s.modifier.value, s.name
+        assert tuple(leaf.GetRecommendedDisplayRGBValue()) == s.color, s.name
+        assert leaf.GetSlicerLabel() == s.display_name, s.name
+        assert logic.SerializeTerminologyEntry(entry) == T.terminology_entry(s), s.name
