@@ -133,6 +133,44 @@ def _cmd_terminology(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# segrap evaluate
+# --------------------------------------------------------------------------------------------
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score predictions against references with the SegRap DSC and NSD",
+                       description="Score predicted structures against reference contours with the SegRap 2023 "
+                                   "organizers' DSC and NSD. Both sides are folders of cases (or single cases) "
+                                   "in any of: .seg.nrrd, case folders of <Structure>.nii.gz, the challenge's "
+                                   "4D .mha, Task001/Task002 label maps, RTSTRUCT + CT; matched by case id.")
+    p.add_argument("--pred", required=True, type=Path, help="predictions: a folder of cases or one case")
+    p.add_argument("--ref", required=True, type=Path, help="references: a folder of cases or one case")
+    p.add_argument("--task", choices=("oar", "gtv"),
+                   help="evaluate only the 45 OARs (oar) or GTVp/GTVnd (gtv); also says what label maps hold")
+    p.add_argument("--out", type=Path, default=Path("segrap-evaluation"),
+                   help="folder for scores.csv, summary.json, report.md and the PNGs (default segrap-evaluation)")
+    p.add_argument("--worst", type=int, default=4, help="structures per case montage (default 4)")
+    p.add_argument("--no-plots", action="store_true", help="skip the box plot and the montages")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    from . import evaluate
+
+    result = evaluate.run(args.pred, args.ref, args.out, args.task, plots=not args.no_plots, worst=args.worst)
+    summary = result.summary()
+    for task, g in summary["tasks"].items():
+        print(f"{task}: {g['structures']} structures, {g['cases']} case(s): DSC {100 * g['dsc_mean']:.2f} % "
+              f"(sd {100 * g['dsc_std']:.2f}), NSD {100 * g['nsd_mean']:.2f} % (sd {100 * g['nsd_std']:.2f})")
+    if summary["class_dice_54"]:
+        print(f"54-class Dice: {100 * summary['class_dice_54']['mean']:.2f} %")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"report: {result.files['report']}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"segrap {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_structures, _add_phantom, _add_demo, _add_terminology):
+    for add in (_add_structures, _add_phantom, _add_demo, _add_terminology, _add_evaluate):
         add(sub)
     return parser
 
