@@ -10,8 +10,8 @@ memory. Formats, told apart by name and content:
   output (``sitk.JoinSeries`` of 3D masks; it carries spacing but no origin or direction);
 * ``<case>.nii.gz`` (or .nii, .nrrd, .mha) label map: the 54-class Task001 map or the Task002 map
   (1 GTVp, 2 GTVnd);
-* ``<case>/`` holding an RTSTRUCT and its CT series: read through the ``dicom`` module once it is
-  part of the build (``register_reader`` lets it plug in).
+* ``<case>/`` holding an RTSTRUCT and the CT series it references (read with the ``dicom`` module,
+  plugged in through ``register_reader`` like any other folder format).
 """
 
 from __future__ import annotations
@@ -359,39 +359,54 @@ def register_reader(detect: Callable[[Path], bool], open_case: Callable[[str, Pa
 
 
 def _open_dicom_case(case_id: str, folder: Path, task: str | None) -> CaseSource:
-    """An RTSTRUCT + CT case through the ``dicom`` module, once the build has its reader."""
+    """An RTSTRUCT + CT case through the ``dicom`` module's readers."""
     try:
-        from . import dicom  # noqa: F401
-    except ImportError:
-        dicom = None
-    reader = getattr(dicom, "read_rtstruct", None) if dicom is not None else None
-    if reader is None:
-        raise InputError(f"{folder}: holds DICOM files, but this build cannot read RTSTRUCT yet (the dicom "
-                         f"module's read_rtstruct is not there). Export the structures as .seg.nrrd or NIfTI "
-                         f"files instead, or update segrap.")
-    return DicomCase(case_id, folder)
+        from . import dicom
+    except ImportError as exc:
+        raise InputError(f"{folder}: holds DICOM files, but this build cannot read RTSTRUCT ({exc}). Export the "
+                         f"structures as .seg.nrrd or NIfTI files instead.") from exc
+    return DicomCase(case_id, folder, dicom)
+
+
+def _referenced_series(ds) -> str | None:
+    """The CT series an RTSTRUCT says it was drawn on (Referenced Frame of Reference > Study > Series)."""
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
+        for study in frame.get("RTReferencedStudySequence", []):
+            for series in study.get("RTReferencedSeriesSequence", []):
+                uid = str(series.get("SeriesInstanceUID", ""))
+                if uid:
+                    return uid
+    return None
 
 
 class DicomCase(CaseSource):
-    """An RTSTRUCT with its CT series, rasterised on the CT grid by the ``dicom`` module."""
+    """An RTSTRUCT with the CT series it references, its contours filled on the CT grid."""
 
     format = "RTSTRUCT"
 
-    def __init__(self, case_id: str, folder: Path):
-        from . import dicom
+    def __init__(self, case_id: str, folder: Path, dicom):
+        import pydicom
 
-        ct = dicom.read_ct_series(folder)
-        ct_image = ct if isinstance(ct, sitk.Image) else getattr(ct, "image")
-        masks = dicom.read_rtstruct(folder, ct_image)
-        masks = getattr(masks, "masks", masks)
-        super().__init__(case_id, folder, Geometry.of_image(ct_image))
-        self._ct = ct_image
+        series = dicom.discover_series(folder)
+        rtstructs = [f for s in series if s.modality == "RTSTRUCT" for f in s.files]
+        if not rtstructs:
+            raise InputError(f"{folder}: DICOM files but no RTSTRUCT; put the structure set beside its CT series.")
+        if len(rtstructs) > 1:
+            listed = ", ".join(str(p.relative_to(folder)) for p in rtstructs)
+            raise InputError(f"{folder}: {len(rtstructs)} RTSTRUCT files ({listed}); keep only the one to evaluate.")
+        path = rtstructs[0]
+        wanted = _referenced_series(pydicom.dcmread(path, stop_before_pixels=True))
+        ct_uids = {s.series_uid for s in series if s.modality == "CT"}
+        volume = dicom.read_ct_series(folder, wanted if wanted in ct_uids else None)
+        super().__init__(case_id, path, Geometry.of_image(volume.image))
+        self._ct = volume.image
         self.crops: dict[str, Crop] = {}
-        for raw, mask in masks.items():
+        self.ignored: list[str] = []
+        for raw, mask in dicom.read_rtstruct(path, volume).items():
             try:
-                self.crops[S.get(raw).name] = Crop.of(np.asarray(mask))
+                self.crops[S.get(raw).name] = Crop.of(mask)
             except KeyError:
-                continue
+                self.ignored.append(raw)
 
     def names(self) -> tuple[str, ...]:
         return _structure_order(self.crops)

@@ -170,3 +170,21 @@ def test_folders_without_cases_are_explained(tmp_path):
     (tmp_path / "notes.txt").write_text("nothing here")
     with pytest.raises(InputError, match="no cases found"):
         maskfiles.find_cases(tmp_path)
+
+
+def test_rtstruct_cases_are_read_on_their_ct(data, tmp_path):
+    dicom = pytest.importorskip("SegRapSegmenterLib.dicom")
+    phantom_dicom = pytest.importorskip("SegRapSegmenterLib.phantom_dicom")
+    case = phantom.make_case(0, seed=5, size="small")
+    written = phantom_dicom.write_phantom_dicom(case, tmp_path / "dicom" / case.case_id)
+    volume = dicom.read_ct_series(written.ct_dir)
+    dicom.write_rtstruct(_masks(case.labelmap, case.gtv_labelmap), volume, written.root / "RS.dcm",
+                         model_name="phantom truth", model_version="0")
+    as_reference = evaluate.evaluate(data["pred_nifti"], tmp_path / "dicom")
+    assert as_reference.formats["reference"] == {"RTSTRUCT"}
+    against_release = evaluate.evaluate(data["pred_nifti"], data["release"])
+    expected = {k: v for k, v in _scores(against_release).items() if k[0] == case.case_id}
+    assert _scores(as_reference) == expected
+    as_prediction = evaluate.evaluate(tmp_path / "dicom", data["release"])
+    assert all(r.score.dsc == 1.0 and r.score.nsd == 1.0 for r in as_prediction.rows)
+    assert len(as_prediction.rows) == 47
