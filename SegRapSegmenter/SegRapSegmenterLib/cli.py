@@ -171,6 +171,69 @@ def _cmd_evaluate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# segrap export-rtstruct, segrap dicom-phantom
+# --------------------------------------------------------------------------------------------
+
+
+def _add_export_rtstruct(sub) -> None:
+    p = sub.add_parser("export-rtstruct", help="write a segmentation as a DICOM-RT structure set on its CT series",
+                       description="Write a .seg.nrrd (ours, or one edited in Slicer) as an RTSTRUCT that references "
+                                   "the original CT series (its frame of reference, study, series and slices). A "
+                                   "segmentation on another grid is resampled onto the CT grid (nearest neighbour) "
+                                   "and the structure set says so; one reaching outside the CT is refused.")
+    p.add_argument("segmentation", type=Path, help="the .seg.nrrd file")
+    p.add_argument("--reference-ct", required=True, type=Path, help="folder of the CT series' DICOM files")
+    p.add_argument("--ct-series", metavar="UID", help="SeriesInstanceUID of the CT when the folder holds several")
+    p.add_argument("-o", "--out", required=True, type=Path, help="RTSTRUCT file to write")
+    p.add_argument("--roi-names", choices=("tg263", "segrap"), default="tg263",
+                   help="ROI names: TG-263 (default) or the SegRap names")
+    p.set_defaults(func=_cmd_export_rtstruct)
+
+
+def _cmd_export_rtstruct(args) -> int:
+    from .rtstruct import export_rtstruct
+
+    path, notes = export_rtstruct(args.segmentation, args.reference_ct, args.out, roi_names=args.roi_names,
+                                  series_uid=args.ct_series)
+    for note in notes:
+        print(f"note: {note}")
+    print(path)
+    return EXIT_OK
+
+
+def _add_dicom_phantom(sub) -> None:
+    from .phantom_dicom import VARIANTS
+
+    p = sub.add_parser("dicom-phantom", help="write a phantom case's CT and contrast CT as DICOM series")
+    p.add_argument("--out", required=True, type=Path, help="folder to write CT/ and CT_contrast/ into")
+    p.add_argument("--variant", choices=VARIANTS, default="standard",
+                   help="grid: standard, anisotropic pixels, nonsquare images, reversed (numbered from the head), "
+                        "oblique orientation or 1024 x 1024 slices")
+    p.add_argument("--index", type=int, default=0, help="phantom case index (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
+    p.add_argument("--size", choices=("small", "full"), default="small")
+    p.add_argument("--slices", type=int, help="keep only this many central slices")
+    p.add_argument("--masks", action="store_true", help="also write the true structures as masks.seg.nrrd")
+    p.set_defaults(func=_cmd_dicom_phantom)
+
+
+def _cmd_dicom_phantom(args) -> int:
+    from .phantom_dicom import write_variant
+
+    written = write_variant(args.variant, args.out, index=args.index, seed=args.seed, size=args.size,
+                            slices=args.slices)
+    if args.masks:
+        from .segfile import write_seg_nrrd
+
+        masks = dict(written.case.oar_masks()) | written.case.gtv_masks()
+        write_seg_nrrd(args.out / "masks.seg.nrrd", masks, written.case.ct)
+        print(args.out / "masks.seg.nrrd")
+    print(written.ct_dir)
+    print(written.contrast_dir)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"segrap {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_structures, _add_phantom, _add_demo, _add_terminology, _add_evaluate):
+    for add in (_add_structures, _add_phantom, _add_demo, _add_terminology, _add_evaluate, _add_export_rtstruct,
+                _add_dicom_phantom):
         add(sub)
     return parser
 
