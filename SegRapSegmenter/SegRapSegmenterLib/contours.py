@@ -77,6 +77,10 @@ class Contours:
     def empty(cls) -> "Contours":
         return cls(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros((0, 2)))
 
+    def shifted(self, z: int, y: float, x: float) -> "Contours":
+        """The same contours with the index origin moved by (z, y, x), e.g. from a crop to the full grid."""
+        return Contours(self.slices + int(z), self.offsets, self.points + np.array([y, x], dtype=float))
+
 
 def _edge_ids(z: np.ndarray, y: np.ndarray, x: np.ndarray, edge: np.ndarray, h: int, w: int) -> np.ndarray:
     """A unique id per voxel edge: horizontal edges (T/B) and vertical edges (L/R) of the padded grid."""

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.dataset
+import pydicom.uid
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -225,6 +227,9 @@ def _floats(ds: Dataset, keyword: str, count: int, path: Path) -> np.ndarray:
 def _check_transfer_syntax(path: Path, ds: Dataset) -> str:
     """The file's transfer syntax; DicomError when no installed pixel-data plugin can decode it."""
     uid = UID(str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
+    if not uid.is_transfer_syntax:
+        raise DicomError(f"{path}: unknown transfer syntax {uid}; pydicom cannot read its pixel data. Export the "
+                         f"CT uncompressed (Explicit VR Little Endian).")
     if not uid.is_compressed:
         return str(uid)
     from pydicom.pixels import get_decoder
@@ -235,8 +240,7 @@ def _check_transfer_syntax(path: Path, ds: Dataset) -> str:
         raise DicomError(f"{path}: pixel data in the transfer syntax {uid.name} ({uid}), which pydicom cannot "
                          f"decode. Export the CT uncompressed (Explicit VR Little Endian).") from None
     if not decoder.is_available:
-        needs = "; ".join(f"{plugin}: {why}" for plugin, why in decoder.missing_dependencies.items()) \
-            if isinstance(decoder.missing_dependencies, dict) else "; ".join(decoder.missing_dependencies)
+        needs = "; ".join(str(d) for d in decoder.missing_dependencies)
         raise DicomError(f"{path}: pixel data in the transfer syntax {uid.name} ({uid}), and no installed "
                          f"pixel-data plugin decodes it ({needs}). Install a decoder or export the CT "
                          f"uncompressed (Explicit VR Little Endian).")
@@ -255,6 +259,21 @@ def _pixels(path: Path, ds: Dataset) -> np.ndarray:
     return arr
 
 
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """Give a dataset read without file meta the transfer syntax it was encoded in, so its pixels decode."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    if meta is None:
+        ds.file_meta = meta = pydicom.dataset.FileMetaDataset()
+    implicit, little = ds.original_encoding
+    if implicit is not False:
+        meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian if little is not False else \
+            pydicom.uid.ExplicitVRBigEndian
+
+
 @dataclass
 class _Slice:
     path: Path
@@ -269,10 +288,11 @@ def _load_slices(info: SeriesInfo) -> tuple[list[_Slice], list[str]]:
     slices, notes, localizers = [], [], 0
     for path in info.files:
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, force=True)  # discovery accepted it; force admits files without preamble
         except Exception as exc:  # noqa: BLE001
             raise DicomError(f"{path}: a damaged DICOM file ({type(exc).__name__}: {exc}). Remove it or export "
                              f"the series again.") from exc
+        _ensure_transfer_syntax(ds)
         if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
             localizers += 1
             continue
@@ -376,7 +396,8 @@ def _hounsfield(slices: list[_Slice]) -> tuple[np.ndarray, str]:
         hu = volume.astype(np.int32) + intercept.astype(np.int32)[:, None, None]
         if hu.min() >= -32768 and hu.max() <= 32767:
             return hu.astype(np.int16), ",".join(sorted(syntaxes))
-    hu = volume.astype(np.float32) * slope.astype(np.float32)[:, None, None] + intercept.astype(np.float32)[:, None, None]
+    hu = volume.astype(np.float32) * slope.astype(np.float32)[:, None, None]
+    hu += intercept.astype(np.float32)[:, None, None]
     return hu, ",".join(sorted(syntaxes))
 
 
@@ -435,7 +456,7 @@ def read_ct_series(folder: str | Path, series_uid: str | None = None) -> DicomVo
     image.SetOrigin(tuple(float(v) for v in slices[0].ipp))
     image.SetDirection(tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()))
 
-    header = pydicom.dcmread(slices[0].path, stop_before_pixels=True)
+    header = pydicom.dcmread(slices[0].path, stop_before_pixels=True, force=True)
     first = slices[0].ds
     series = CtSeries(
         folder=folder, study_uid=_text(first, "StudyInstanceUID"), series_uid=info.series_uid,

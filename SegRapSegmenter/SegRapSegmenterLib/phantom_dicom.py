@@ -86,7 +86,9 @@ def _slab(case: PhantomCase, slices: int) -> PhantomCase:
     start = (nz - slices) // 2
     stop = start + slices
     info = dict(case.info, slab=[start, stop])
-    contrast = case.contrast_ct[:, :, start:stop] if case.contrast_ct.GetSize() == case.ct.GetSize() else case.contrast_ct
+    contrast = case.contrast_ct
+    if contrast.GetSize() == case.ct.GetSize():
+        contrast = contrast[:, :, start:stop]
     return PhantomCase(case.case_id, case.ct[:, :, start:stop], contrast, case.labelmap[start:stop].copy(),
                        case.gtv_labelmap[start:stop].copy(), info)
 

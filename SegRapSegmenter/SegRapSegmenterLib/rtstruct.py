@@ -125,13 +125,12 @@ def _copy_patient_and_study(ds: Dataset, header: Dataset) -> None:
 
 
 class _Roi:
-    """One structure to write: its number, names, color, codes and mask."""
+    """One structure to write: its number, names, color, codes and where its mask is in the mapping."""
 
-    def __init__(self, number: int, key: str, mask: np.ndarray, structure: S.Structure | None, roi_names: str,
+    def __init__(self, number: int, key: str, structure: S.Structure | None, roi_names: str,
                  color: tuple[int, int, int]):
         self.number = number
-        self.key = key
-        self.mask = mask
+        self.key = key  # the key of its mask in the caller's mapping
         self.structure = structure
         if structure is None:
             self.name = _lo(key)
@@ -143,40 +142,118 @@ class _Roi:
             self.color = structure.color
 
 
+def _check_shapes(masks: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> None:
+    """Every mask must be on the CT grid (checked without building masks a lazy mapping would allocate)."""
+    if hasattr(masks, "crop"):
+        got = {tuple(getattr(masks, "shape", ()))}
+        keys = list(masks)
+    else:
+        got_by_key = {k: tuple(np.shape(v)) for k, v in masks.items()}
+        keys = [k for k, g in got_by_key.items() if g != shape]
+        got = {got_by_key[k] for k in keys} or {shape}
+    for g in got:
+        if g != shape:
+            raise GeometryError(f"The mask of {keys[0]!r} has shape {g} (z, y, x) but the CT has {shape}; masks "
+                                f"must be on the CT grid (resample them first).")
+
+
 def _rois(masks: Mapping[str, np.ndarray], shape: tuple[int, int, int], roi_names: str) -> list[_Roi]:
-    """The ROIs in catalogue order (other names after them), each mask checked against the CT grid."""
-    catalogue: dict[str, tuple[S.Structure, str, np.ndarray]] = {}
-    others: list[tuple[str, np.ndarray]] = []
-    for key, mask in masks.items():
-        arr = np.asarray(mask)
-        if arr.shape != shape:
-            raise GeometryError(f"The mask of {key!r} has shape {arr.shape} (z, y, x) but the CT has {shape}; "
-                                f"masks must be on the CT grid (resample them first).")
-        arr = arr.astype(bool, copy=False)
+    """The ROIs in catalogue order (other names after them); every mask is checked against the CT grid."""
+    _check_shapes(masks, shape)
+    catalogue: dict[str, tuple[S.Structure, str]] = {}
+    others: list[str] = []
+    for key in masks:
         try:
             structure = S.get(key)
         except StructureNameError:
-            others.append((str(key), arr))
+            others.append(str(key))
             continue
         if structure.name in catalogue:
             raise InputError(f"{structure.name} is given twice (as {catalogue[structure.name][1]!r} and {key!r}).")
-        catalogue[structure.name] = (structure, str(key), arr)
+        catalogue[structure.name] = (structure, key)
     if not catalogue and not others:
         raise InputError("No structures to write: the mask mapping is empty.")
-    names = [o[0] for o in others]
-    if len(set(names)) != len(names):
-        raise InputError(f"Structure names repeat: {names}.")
-    rois = []
-    for position, s in enumerate(S.STRUCTURES, start=1):
-        if s.name in catalogue:
-            structure, key, arr = catalogue[s.name]
-            rois.append(_Roi(position, s.name, arr, structure, roi_names, s.color))
-    for k, (key, arr) in enumerate(others):
-        rois.append(_Roi(len(S.STRUCTURES) + 1 + k, key, arr, None, roi_names, _OTHER_COLORS[k % len(_OTHER_COLORS)]))
+    if len(set(others)) != len(others):
+        raise InputError(f"Structure names repeat: {others}.")
+    rois = [_Roi(position, catalogue[s.name][1], s, roi_names, s.color)
+            for position, s in enumerate(S.STRUCTURES, start=1) if s.name in catalogue]
+    rois += [_Roi(len(S.STRUCTURES) + 1 + k, key, None, roi_names, _OTHER_COLORS[k % len(_OTHER_COLORS)])
+             for k, key in enumerate(others)]
     taken = [r.name for r in rois]
     if len(set(taken)) != len(taken):
         raise InputError(f"Two structures would get the same ROI name: {taken}.")
     return rois
+
+
+def _trace_roi(masks: Mapping[str, np.ndarray], key: str) -> Contours:
+    """The contours of one mask, fetched only now (from its crop when the mapping keeps crops)."""
+    crop = getattr(masks, "crop", None)
+    if crop is None:
+        return trace(np.asarray(masks[key]).astype(bool, copy=False))
+    box, data = crop(key)
+    if data.size == 0 or not data.any():
+        return Contours.empty()
+    return trace(np.asarray(data, dtype=bool)).shifted(*(b.start or 0 for b in box))
+
+
+class RoiMasks(Mapping):
+    """Masks held cropped to their bounding boxes; ``masks[name]`` builds the full (z, y, x) mask on demand.
+
+    What ``read_rtstruct`` returns: 47 full masks of a 1024 x 1024 CT would take gigabytes, their
+    crops a few megabytes. ``crop(name)`` gives the box (slices) and the cropped mask.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], crops: dict[str, tuple[tuple[slice, ...], np.ndarray]]):
+        self.shape = tuple(shape)
+        self._crops = crops
+
+    @classmethod
+    def of(cls, *mappings: Mapping[str, np.ndarray]) -> "RoiMasks":
+        """The masks of one or more mappings (full masks, or anything with ``crop`` and ``shape``), cropped."""
+        crops: dict[str, tuple[tuple[slice, ...], np.ndarray]] = {}
+        shape: tuple[int, ...] | None = None
+        for mapping in mappings:
+            for key in mapping:
+                if hasattr(mapping, "crop"):
+                    box, data = mapping.crop(key)
+                    here = tuple(mapping.shape)
+                else:
+                    full = np.asarray(mapping[key], dtype=bool)
+                    here = full.shape
+                    box = _bbox(full)
+                    data = full[box]
+                if shape is not None and here != shape:
+                    raise GeometryError(f"Mask {key!r} has shape {here}, the others {shape}.")
+                shape = here
+                crops[str(key)] = (box, np.asarray(data, dtype=bool))
+        return cls(shape or (0, 0, 0), crops)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        box, data = self._crops[key]
+        full = np.zeros(self.shape, dtype=bool)
+        full[box] = data
+        return full
+
+    def __iter__(self):
+        return iter(self._crops)
+
+    def __len__(self) -> int:
+        return len(self._crops)
+
+    def crop(self, key: str) -> tuple[tuple[slice, ...], np.ndarray]:
+        """Bounding box (slices) and the mask inside it."""
+        return self._crops[key]
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of a mask as slices (empty slices for an empty mask)."""
+    if not mask.any():
+        return tuple(slice(0, 0) for _ in range(mask.ndim))
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,7 +393,7 @@ def build_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, *, m
         contour = Dataset()
         contour.ROIDisplayColor = list(roi.color)
         contour.ReferencedROINumber = roi.number
-        found = trace(roi.mask)
+        found = _trace_roi(masks, roi.key)
         if len(found):
             contour.ContourSequence = DicomSequence(_contour_items(found, placement, slice_refs, implicit))
         contour_items.append(contour)
@@ -422,13 +499,14 @@ def _find_rtstruct(folder: Path) -> Path:
     return found[0]
 
 
-def read_rtstruct(path: str | Path, reference: DicomVolume | sitk.Image) -> dict[str, np.ndarray]:
+def read_rtstruct(path: str | Path, reference: DicomVolume | sitk.Image) -> RoiMasks:
     """The ROIs of an RTSTRUCT as (z, y, x) masks on the CT grid (even-odd fill per slice).
 
     ``path``: the RTSTRUCT file, or a folder holding exactly one. ``reference``: the CT it was
     drawn on, as read by ``read_ct_series`` (its frame of reference is checked), or just its image.
     Keys are SegRap names where the ROI name is a catalogue spelling, else the ROI name itself.
-    Closed planar contours only; points and open contours are skipped.
+    The result is a mapping that holds each mask cropped (``.crop(name)``) and builds the full mask
+    on indexing. Closed planar contours only; points and open contours are skipped.
     """
     path = Path(path)
     if path.is_dir():
@@ -446,7 +524,7 @@ def read_rtstruct(path: str | Path, reference: DicomVolume | sitk.Image) -> dict
     placement = _Placement(reference)
     names = {int(r.ROINumber): str(r.get("ROIName", "") or f"ROI {r.ROINumber}")
              for r in ds.get("StructureSetROISequence", [])}
-    out: dict[str, np.ndarray] = {}
+    crops: dict[str, tuple[tuple[slice, ...], np.ndarray]] = {}
     for roi in ds.get("ROIContourSequence", []):
         number = int(roi.ReferencedROINumber)
         name = names.get(number, f"ROI {number}")
@@ -454,8 +532,8 @@ def read_rtstruct(path: str | Path, reference: DicomVolume | sitk.Image) -> dict
             key = S.get(name).name
         except StructureNameError:
             key = name
-        if key in out:
-            key = name if name not in out else f"{name} #{number}"
+        if key in crops:
+            key = name if name not in crops else f"{name} #{number}"
         polygons, slices = [], []
         for item in roi.get("ContourSequence", []):
             if str(item.get("ContourGeometricType", "")).upper() != "CLOSED_PLANAR":
@@ -474,14 +552,24 @@ def read_rtstruct(path: str | Path, reference: DicomVolume | sitk.Image) -> dict
                                  f"{shape[0]}); give the CT the structure set was drawn on.")
             polygons.append(idx[:, [1, 0]])
             slices.append(int(z[0]))
-        if polygons:
-            counts = [len(p) for p in polygons]
-            contours = Contours(np.array(slices), np.r_[0, np.cumsum(counts)].astype(np.int64),
-                                np.concatenate(polygons))
-            out[key] = fill(contours, shape)
-        else:
-            out[key] = np.zeros(shape, dtype=bool)
-    return out
+        crops[key] = _filled_crop(polygons, slices, shape)
+    return RoiMasks(shape, crops)
+
+
+def _filled_crop(polygons: list[np.ndarray], slices: list[int], shape: tuple[int, ...]
+                 ) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Even-odd fill of one ROI's polygons (index y, x per slice), within the polygons' bounding box."""
+    if not polygons:
+        return tuple(slice(0, 0) for _ in shape), np.zeros((0, 0, 0), dtype=bool)
+    points = np.concatenate(polygons)
+    lo = np.maximum(np.floor(points.min(axis=0)).astype(int), 0)
+    hi = np.minimum(np.ceil(points.max(axis=0)).astype(int) + 1, np.array(shape[1:]))
+    z0, z1 = min(slices), max(slices) + 1
+    counts = [len(p) for p in polygons]
+    contours = Contours(np.array(slices), np.r_[0, np.cumsum(counts)].astype(np.int64), points)
+    box = (slice(z0, z1), slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1])))
+    size = (z1 - z0, max(int(hi[0] - lo[0]), 0), max(int(hi[1] - lo[1]), 0))
+    return box, fill(contours.shifted(-z0, -lo[0], -lo[1]), size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,7 +591,8 @@ def _outside_extent(mask: np.ndarray, source, target) -> bool:
     corners = [(x, y, z) for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
     size = np.array(target.GetSize(), dtype=float)
     for c in corners:
-        idx = np.array(target.TransformPhysicalPointToContinuousIndex(source.TransformContinuousIndexToPhysicalPoint(c)))
+        point = source.TransformContinuousIndexToPhysicalPoint(c)
+        idx = np.array(target.TransformPhysicalPointToContinuousIndex(point))
         if np.any(idx < -0.5 - 1e-3) or np.any(idx > size - 0.5 + 1e-3):
             return True
     return False

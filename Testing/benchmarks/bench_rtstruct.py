@@ -35,7 +35,7 @@ def baseline_write(masks: dict, volume, path: Path) -> None:
     placement = rtstruct._Placement(volume)
     rois = rtstruct._rois(masks, next(iter(masks.values())).shape, "tg263")
     for roi_item, roi in zip(ds.ROIContourSequence, rois):
-        found = trace(roi.mask)
+        found = rtstruct._trace_roi(masks, roi.key)
         items = []
         for k in range(len(found)):
             z = int(found.slices[k])
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         times = []
         for r in range(args.repeat):
             t = time.perf_counter()
-            path = rtstruct.write_rtstruct(masks, volume, Path(tmp) / f"rt{r}.dcm", model_name="bench", model_version="0")
+            path = rtstruct.write_rtstruct(masks, volume, Path(tmp) / f"rt{r}.dcm", model_name="bench",
+                                           model_version="0")
             times.append(time.perf_counter() - t)
         ds = rtstruct.pydicom.dcmread(path)
         contours = sum(len(r.get("ContourSequence", [])) for r in ds.ROIContourSequence)
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         tracing = time.perf_counter() - t
         best = min(times)
         print(f"write_rtstruct: best {best:.2f} s, median {statistics.median(times):.2f} s of {args.repeat} "
-              f"({contours} contours, {points} points, {path.stat().st_size / 1e6:.1f} MB; tracing alone {tracing:.2f} s)")
+              f"({contours} contours, {points} points, {path.stat().st_size / 1e6:.1f} MB; "
+              f"tracing alone {tracing:.2f} s)")
         if not args.no_baseline:
             t = time.perf_counter()
             baseline_write(masks, volume, Path(tmp) / "baseline.dcm")
