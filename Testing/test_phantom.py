@@ -140,5 +140,5 @@ def test_cli_writes_a_cohort(tmp_path, capsys):
     assert folders == ["segrap_0000", "segrap_0001"]
     assert len(list((tmp_path / phantom.CASES_DIR / "segrap_0001").glob("*.nii.gz"))) == 49
     assert (tmp_path / phantom.ONEHOT_DIR / "Task001" / "segrap_0001.nii.gz").is_file()
-    assert cli.main(["phantom", "--out", str(tmp_path), "--cases", "0"]) == 1
+    assert cli.main(["phantom", "--out", str(tmp_path), "--cases", "0"]) == cli.EXIT_INPUT
     assert "at least 1" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The ``segrap`` command: one subcommand per job, each a thin layer over a core module.
 
-Exit codes: 0 success, 1 a SegRapError (bad input, bad model, ...: the message says what to fix),
-2 a usage error (argparse), 130 interrupted.
+Exit codes: 0 success; 2 a usage error (argparse); 3 bad input (image, DICOM, geometry, names);
+4 a missing or bad model bundle; 5 an output folder that cannot be written; 6 the worker process
+died; 1 any other error; 130 interrupted or cancelled. Every error message says what to fix.
 """
 
 from __future__ import annotations
@@ -18,6 +19,23 @@ from .errors import SegRapError
 log = logging.getLogger("segrap")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT, EXIT_WORKER = 3, 4, 5, 6
+
+
+def exit_code(exc: SegRapError) -> int:
+    """The exit code of an error: 3 bad input, 4 bad model, 5 output not writable, 6 worker died, 1 other."""
+    from .errors import (DecompositionConflictError, DicomError, GeometryError, InputError, ModelError,
+                         OutputError, StructureNameError, WorkerError)
+
+    if isinstance(exc, (InputError, GeometryError, DicomError, StructureNameError, DecompositionConflictError)):
+        return EXIT_INPUT
+    if isinstance(exc, ModelError):
+        return EXIT_MODEL
+    if isinstance(exc, OutputError):
+        return EXIT_OUTPUT
+    if isinstance(exc, WorkerError):
+        return EXIT_WORKER
+    return EXIT_ERROR
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,24 +95,248 @@ def _cmd_phantom(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# segrap segment
+# --------------------------------------------------------------------------------------------
+
+
+def _add_segment(sub) -> None:
+    from .inference import DEVICES
+
+    p = sub.add_parser("segment", help="contour the OARs on a CT and the GTVs on a contrast CT")
+    src = p.add_argument_group("inputs (one case, or a cohort with --input-dir)")
+    src.add_argument("--ct", help="plain CT: NIfTI, NRRD or MHA file, or a DICOM series folder")
+    src.add_argument("--contrast-ct", help="contrast-enhanced CT (same formats); needed for the GTVs")
+    src.add_argument("--input-dir", type=Path, help="a cohort: one case per subfolder (SegRap layout: "
+                     "image.nii.gz and image_contrast.nii.gz); finished cases are skipped")
+    src.add_argument("--part", default="1/1", help="K/N: process every N-th case starting with the K-th "
+                     "(for cluster array jobs; default 1/1)")
+    src.add_argument("--ct-series", help="SeriesInstanceUID of the CT when a DICOM folder holds several")
+    src.add_argument("--contrast-series", help="SeriesInstanceUID of the contrast CT in its DICOM folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--case-id", help="name of the outputs (default: from the input file or folder name)")
+    p.add_argument("--bundle", help="installed bundle name, bundle folder, or 'demo' (default: the only "
+                   "installed bundle)")
+    p.add_argument("--tasks", default="oar,gtv", help="oar, gtv or oar,gtv (default both)")
+    p.add_argument("--structures", help="comma-separated subset of structures, any known spelling")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda, then mps, then cpu")
+    p.add_argument("--folds", help="comma-separated folds to ensemble (default: all in the bundle)")
+    mirror = p.add_mutually_exclusive_group()
+    mirror.add_argument("--mirror", dest="mirror", action="store_true", default=None,
+                        help="test-time mirroring on (default: as the bundle says)")
+    mirror.add_argument("--no-mirror", dest="mirror", action="store_false", help="test-time mirroring off")
+    p.add_argument("--step", type=float, default=0.5, help="sliding-window tile step, fraction of a tile")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    align = p.add_mutually_exclusive_group()
+    align.add_argument("--assume-aligned", dest="register", action="store_false", default=False,
+                       help="the contrast CT is in the CT's patient space: resample only (default)")
+    align.add_argument("--register", dest="register", action="store_true",
+                       help="rigidly register the contrast CT to the CT first (mutual information)")
+    p.add_argument("--nifti", action="store_true", help="also write one NIfTI per structure and the "
+                   "challenge's 4D .mha files")
+    p.add_argument("--rtstruct", action="store_true", help="also write a DICOM-RT structure set (DICOM CT only)")
+    p.add_argument("--roi-names", choices=("tg263", "segrap"), default="tg263", help="RTSTRUCT ROI names")
+    p.add_argument("--no-largest-component", dest="largest", action="store_false",
+                   help="keep every component of single-component organs")
+    p.add_argument("--fill-holes", action="store_true", help="fill holes in every structure")
+    p.add_argument("--json", action="store_true", help="print the worker's JSON lines instead of a progress bar")
+    p.add_argument("--python", help="Python executable for the worker (default: this one)")
+    p.set_defaults(func=_cmd_segment)
+
+
+def _split(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def _request_from_args(args, ct, contrast, case_id, out_dir):
+    from .pipeline import SegmentRequest
+
+    return SegmentRequest(
+        ct=str(ct) if ct else None, contrast_ct=str(contrast) if contrast else None, out_dir=str(out_dir),
+        case_id=case_id, bundle=args.bundle, tasks=_split(args.tasks) or (), structures=_split(args.structures),
+        device=args.device, folds=_split(args.folds), mirror=args.mirror, tile_step_size=args.step,
+        threads=args.threads, register=args.register, ct_series=args.ct_series,
+        contrast_series=args.contrast_series, nifti=args.nifti, rtstruct=args.rtstruct, roi_names=args.roi_names,
+        keep_largest_component=args.largest, fill_holes=args.fill_holes)
+
+
+class _ProgressPrinter:
+    """A one-line progress bar on a terminal, stage lines elsewhere; warnings always on their own line."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.last_stage = None
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            fraction = float(event.get("fraction", 0.0))
+            if self.tty:
+                bar = "#" * int(30 * fraction)
+                sys.stderr.write(f"\r{self.label} [{bar:<30}] {fraction:4.0%} {event.get('message', '')[:60]:<60}")
+                sys.stderr.flush()
+            elif event.get("stage") != self.last_stage:
+                print(f"{self.label}: {event.get('message', '')}", file=sys.stderr)
+            self.last_stage = event.get("stage")
+        elif kind == "warning":
+            print(("\n" if self.tty else "") + f"{self.label}: warning: {event.get('message')}", file=sys.stderr)
+        elif kind in ("done", "error", "cancelled") and self.tty:
+            sys.stderr.write("\n")
+
+
+def _run_worker(request, args, label: str) -> int:
+    from .runner import WorkerRun
+    from .worker import EXIT_CODES
+
+    run = WorkerRun(request, python=args.python).start()
+    on_event = (lambda e: print(json.dumps(e), flush=True)) if args.json else _ProgressPrinter(label)
+    try:
+        outcome = run.wait(on_event)
+    except KeyboardInterrupt:
+        run.cancel()
+        print(f"{label}: cancelled; no output written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    final = outcome.final
+    if final["event"] == "done":
+        if not args.json:
+            for key, path in final["outputs"].items():
+                print(f"{key}: {path}")
+        return EXIT_OK
+    if final["event"] == "cancelled":
+        print(f"{label}: cancelled; no output written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not args.json:
+        print(f"{label}: error: {final.get('message')}", file=sys.stderr)
+        if final.get("kind") == "InternalError":
+            print(final.get("traceback", ""), file=sys.stderr)
+    return EXIT_CODES.get(final.get("kind"), EXIT_ERROR)
+
+
+def _cohort_cases(input_dir: Path, part: str) -> list[tuple[str, Path | None, Path | None]]:
+    """(case id, CT, contrast CT) for each case folder of a cohort, the K-th of every N."""
+    from .errors import InputError
+    from .imaging import IMAGE_SUFFIXES
+
+    try:
+        k, n = (int(v) for v in part.split("/"))
+        if not 1 <= k <= n:
+            raise ValueError
+    except ValueError:
+        raise InputError(f"--part must be K/N with 1 <= K <= N, got {part!r}.") from None
+    if not input_dir.is_dir():
+        raise InputError(f"--input-dir {input_dir}: not a folder.")
+    cases = []
+    for folder in sorted(p for p in input_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        def find(*stems):
+            for stem in stems:
+                for suffix in IMAGE_SUFFIXES:
+                    if (folder / f"{stem}{suffix}").is_file():
+                        return folder / f"{stem}{suffix}"
+            return None
+        ct, contrast = find("image", "ct", "CT"), find("image_contrast", "contrast_ct", "contrast")
+        if ct is None and contrast is None:
+            continue
+        cases.append((folder.name, ct, contrast))
+    if not cases:
+        raise InputError(f"--input-dir {input_dir}: no case folders with image.nii.gz / image_contrast.nii.gz.")
+    return cases[k - 1::n]
+
+
+def _cmd_segment(args) -> int:
+    from .errors import InputError
+
+    if args.input_dir is None:
+        if not args.ct and not args.contrast_ct:
+            raise InputError("Give --ct (and --contrast-ct), or --input-dir for a cohort.")
+        request = _request_from_args(args, args.ct, args.contrast_ct, args.case_id, args.out)
+        return _run_worker(request, args, "segrap segment")
+    if args.ct or args.contrast_ct or args.case_id:
+        raise InputError("--input-dir processes a cohort: leave out --ct, --contrast-ct and --case-id.")
+    failures = []
+    cases = _cohort_cases(args.input_dir, args.part)
+    for number, (case_id, ct, contrast) in enumerate(cases, start=1):
+        out = args.out / case_id
+        if (out / f"{case_id}.provenance.json").is_file():
+            print(f"[{number}/{len(cases)}] {case_id}: already done, skipped", file=sys.stderr)
+            continue
+        request = _request_from_args(args, ct, contrast, case_id, out)
+        if contrast is None:
+            request.tasks = tuple(t for t in request.tasks if t != "gtv")
+        if ct is None:
+            request.tasks = tuple(t for t in request.tasks if t != "oar")
+        rc = _run_worker(request, args, f"[{number}/{len(cases)}] {case_id}")
+        if rc == EXIT_INTERRUPTED:
+            return rc
+        if rc != EXIT_OK:
+            failures.append((case_id, rc))
+    if failures:
+        print("failed cases: " + ", ".join(f"{c} (exit {rc})" for c, rc in failures), file=sys.stderr)
+        return failures[0][1]
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# segrap models
+# --------------------------------------------------------------------------------------------
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="install, list, verify or remove model bundles")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    inst = msub.add_parser("install", help="install a bundle from a folder, a zip or an http(s)/file URL")
+    inst.add_argument("source")
+    inst.add_argument("--force", action="store_true", help="replace an installed bundle of the same name")
+    msub.add_parser("list", help="list installed bundles")
+    ver = msub.add_parser("verify", help="check every file's checksum")
+    ver.add_argument("name", nargs="?", help="bundle name (default: all installed), folder, or 'demo'")
+    rem = msub.add_parser("remove", help="delete an installed bundle")
+    rem.add_argument("name")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args) -> int:
+    from . import models as M
+
+    if args.models_command == "install":
+        bundle = M.install_bundle(args.source, force=args.force)
+        print(f"installed {bundle.name} {bundle.version} ({bundle.license}) at {bundle.root}")
+    elif args.models_command == "list":
+        bundles = M.list_bundles()
+        if not bundles:
+            print(f"no bundles installed in {M.store_root()} (the phantom-trained demo model is always "
+                  f"available as --bundle demo)")
+        for b in bundles:
+            tasks = ", ".join(f"{t} folds {','.join(m.folds)}" for t, m in b.tasks.items())
+            print(f"{b.name}\t{b.version}\t{b.license}\t{tasks}\t{b.root}")
+    elif args.models_command == "verify":
+        bundles = [M.resolve_bundle(args.name)] if args.name else M.list_bundles()
+        for b in bundles:
+            M.verify_bundle(b)
+            print(f"{b.name} {b.version}: all {len(b.files)} files verified")
+    elif args.models_command == "remove":
+        print(f"removed {M.remove_bundle(args.name)}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
 # segrap demo
 # --------------------------------------------------------------------------------------------
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="write a phantom case and run the demo job on it")
+    p = sub.add_parser("demo", help="write a phantom case and segment it with the demo model")
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     p.add_argument("--size", choices=("small", "full"), default="small")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=99, help="phantom seed (the demo model never saw seed 99)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from . import demo
 
-    report = demo.run_demo(args.out, size=args.size, seed=args.seed)
-    print(report)
-    return EXIT_OK
+    return demo.run_demo(args.out, size=args.size, seed=args.seed, device=args.device, json_lines=args.json)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"segrap {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_structures, _add_phantom, _add_demo, _add_terminology, _add_evaluate, _add_export_rtstruct,
+    for add in (_add_structures, _add_phantom, _add_segment, _add_models, _add_demo, _add_terminology, _add_evaluate, _add_export_rtstruct,
                 _add_dicom_phantom):
         add(sub)
     return parser
@@ -257,11 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SegRapError as exc:
         print(f"segrap {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_code(exc)
     except KeyboardInterrupt:
         print(f"segrap {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,33 +1,68 @@
-"""The demo job: a phantom case written in the release layout and read back through the core.
+"""The demo job: write a phantom case, segment it with the phantom-trained demo bundle, score it.
 
-Until the inference issue lands this exercises the foundation only (phantom -> 45 mask files ->
-decompose -> 54 classes -> recompose) and says so; it never pretends to segment.
+This is the README's main-job command. It runs the same worker process as ``segrap segment`` and
+then compares the result with the phantom's truth (DSC per structure), so what it prints is
+measured, not claimed. The demo model has only ever seen the synthetic phantom.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from . import phantom
 from . import structures as S
+from .metrics import dice
+from .models import DEMO_BUNDLE_NAME
+from .pipeline import SegmentRequest
+from .runner import WorkerRun
+from .segfile import read_seg_nrrd
+
+NOTICE = ("The demo model was trained by this project on the synthetic phantom only. It is not a clinical "
+          "model: install a real bundle with `segrap models install` for patient images.")
 
 
-def run_demo(out: str | Path, size: str = "small", seed: int = 0) -> str:
-    """Write one phantom case under ``out``, round-trip its masks and return a short report."""
-    paths = phantom.write_case(phantom.make_case(0, seed=seed, size=size), out)
-    masks = {name: sitk.GetArrayFromImage(sitk.ReadImage(str(paths.structure(name)))) > 0 for name in S.OAR_NAMES}
-    labelmap = S.decompose(masks)
-    official = sitk.GetArrayFromImage(sitk.ReadImage(str(paths.task001)))
-    same = int(np.count_nonzero(labelmap == official))
-    recomposed = S.recompose(labelmap)
-    exact = all(np.array_equal(recomposed[n], masks[n]) for n in S.OAR_NAMES)
-    lines = [
-        f"phantom case written to {paths.folder}",
-        f"54-class map from the 45 mask files equals the Task001 map on {same}/{labelmap.size} voxels",
-        f"recompose(decompose(masks)) == masks for all 45 OARs: {exact}",
-        "No segmentation model ran: model inference is not part of this build yet.",
-    ]
-    return "\n".join(lines)
+def score_against_truth(case: phantom.PhantomCase, seg_path: Path) -> dict[str, float]:
+    """DSC of every structure of a result file against the phantom's truth."""
+    result = read_seg_nrrd(seg_path)
+    truth = {**dict(case.oar_masks().items()), **case.gtv_masks()}
+    return {name: float(dice(truth[name], result.masks[name])) for name in S.STRUCTURE_NAMES if name in result.masks}
+
+
+def run_demo(out: str | Path, size: str = "small", seed: int = 99, device: str = "auto",
+             json_lines: bool = False) -> int:
+    """Phantom case -> worker with the demo bundle -> DSC summary; returns the exit code."""
+    from .cli import EXIT_OK, _ProgressPrinter
+    from .worker import EXIT_CODES
+
+    out = Path(out)
+    case = phantom.make_case(0, seed=seed, size=size)
+    paths = phantom.write_case(case, out / "phantom")
+    print(f"phantom case ({size}, seed {seed}) written to {paths.folder}", file=sys.stderr)
+    request = SegmentRequest(ct=str(paths.ct), contrast_ct=str(paths.contrast_ct), out_dir=str(out / "segmentation"),
+                             case_id=case.case_id, bundle=DEMO_BUNDLE_NAME, device=device)
+    printer = (lambda e: print(json.dumps(e), flush=True)) if json_lines else _ProgressPrinter("segrap demo")
+    outcome = WorkerRun(request).start().wait(printer)
+    if not outcome.ok:
+        print(f"segrap demo: error: {outcome.final.get('message')}", file=sys.stderr)
+        return EXIT_CODES.get(outcome.final.get("kind"), 1)
+    seg_path = Path(outcome.final["outputs"]["segmentation"])
+    scores = score_against_truth(case, seg_path)
+    oar = [scores[n] for n in S.OAR_NAMES]
+    gtv = [scores[n] for n in S.GTV_NAMES]
+    worst = sorted(scores.items(), key=lambda kv: kv[1])[:5]
+    summary = {"segmentation": str(seg_path), "provenance": outcome.final["outputs"]["provenance"],
+               "mean_dsc_oar": round(float(np.mean(oar)), 4), "mean_dsc_gtv": round(float(np.mean(gtv)), 4),
+               "worst": {k: round(v, 4) for k, v in worst}, "notice": NOTICE}
+    if json_lines:
+        print(json.dumps({"event": "demo-summary", **summary}))
+    else:
+        print(f"segmentation: {seg_path}  (open it in 3D Slicer over {paths.ct})")
+        print(f"mean DSC against the phantom truth: OARs {summary['mean_dsc_oar']:.3f}, "
+              f"GTVs {summary['mean_dsc_gtv']:.3f}")
+        print("lowest: " + ", ".join(f"{k} {v:.2f}" for k, v in worst))
+        print(NOTICE)
+    return EXIT_OK

@@ -36,3 +36,15 @@ class ModelError(SegRapError):
 
 class DicomError(SegRapError):
     """A DICOM input cannot be read or does not form a usable series."""
+
+
+class OutputError(SegRapError):
+    """An output folder or file cannot be written."""
+
+
+class WorkerError(SegRapError):
+    """The worker process died or broke its protocol."""
+
+
+class Cancelled(SegRapError):
+    """The run was stopped on request (SIGTERM, SIGINT or the user's Cancel)."""

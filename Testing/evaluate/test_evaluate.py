@@ -163,7 +163,7 @@ def test_a_prediction_on_another_grid_is_an_error_naming_both_files(data, tmp_pa
     assert str(folder / "segrap_0000.nii.gz") in str(err.value) and str(reference) in str(err.value)
     rc = cli.main(["evaluate", "--pred", str(folder), "--ref", str(reference), "--out", str(tmp_path / "o"),
                    "--no-plots"])
-    assert rc == 1
+    assert rc == cli.EXIT_INPUT  # a geometry mismatch is bad input
 
 
 def test_folders_without_cases_are_explained(tmp_path):

@@ -1,0 +1,176 @@
+"""One task of a bundle on one image with nnU-Net v2's predictor, returning labels on the image's grid.
+
+The network is built from the bundle's plans (nnU-Net's ``get_network_from_plans``) instead of
+nnU-Net's search for the trainer class by name, and checkpoints are loaded with
+``weights_only=True`` (see ``models``). Nothing here touches the network: weights come from the
+bundle only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError, ModelError
+from .models import Bundle, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+Progress = Callable[[float], None]  # fraction of the task's network evaluations done
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How to run a task: device, folds (None: all in the bundle), mirroring (None: bundle default)."""
+
+    device: str = "auto"
+    folds: tuple[str, ...] | None = None
+    mirror: bool | None = None
+    tile_step_size: float = 0.5
+    threads: int | None = None
+
+
+def pick_device(name: str):
+    """The torch device for ``auto`` (cuda, then mps, then cpu) or an explicit, available choice."""
+    import torch
+
+    if name not in DEVICES:
+        raise InputError(f"Unknown device {name!r}; choose one of {', '.join(DEVICES)}.")
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if has_mps else torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available to this torch "
+                         f"({torch.__version__}); use --device cpu or auto.")
+    if name == "mps" and not has_mps:
+        raise InputError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto.")
+    return torch.device(name)
+
+
+def describe_device(device) -> str:
+    """Human-readable device: the GPU's name and memory where there is one."""
+    import torch
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"cuda ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+    return device.type
+
+
+def _make_predictor_class():
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    class CountingPredictor(nnUNetPredictor):
+        """nnUNetPredictor that reports the fraction of sliding-window tiles done."""
+
+        progress: Progress | None = None
+        _tiles_total = 0
+        _tiles_done = 0
+
+        def _internal_get_sliding_window_slicers(self, image_size):
+            slicers = super()._internal_get_sliding_window_slicers(image_size)
+            self._tiles_total = len(slicers) * max(1, len(self.list_of_parameters))
+            return slicers
+
+        def _internal_maybe_mirror_and_predict(self, x):
+            out = super()._internal_maybe_mirror_and_predict(x)
+            self._tiles_done += 1
+            if self.progress is not None and self._tiles_total:
+                self.progress(min(1.0, self._tiles_done / self._tiles_total))
+            return out
+
+    return CountingPredictor
+
+
+class TaskPredictor:
+    """A ready-to-run nnU-Net predictor for one task of a bundle (network built, folds loaded)."""
+
+    def __init__(self, bundle: Bundle, task: str, options: InferenceOptions = InferenceOptions()):
+        import torch
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        model = bundle.task(task)
+        folds = tuple(str(f) for f in (options.folds or model.folds))
+        unknown = [f for f in folds if f not in model.folds]
+        if unknown:
+            raise ModelError(f"Fold(s) {', '.join(unknown)} are not in bundle {bundle.name} for {task} "
+                             f"(it has {', '.join(model.folds)}).")
+        if options.threads:
+            torch.set_num_threads(int(options.threads))
+        self.device = pick_device(options.device)
+        result = bundle.result_path(task)
+        import json
+
+        plans = json.loads((result / "plans.json").read_text())
+        dataset_json = json.loads((result / "dataset.json").read_text())
+        plans_manager = PlansManager(plans)
+        try:
+            configuration = plans_manager.get_configuration(model.configuration)
+        except Exception as exc:
+            raise ModelError(f"{result / 'plans.json'}: no configuration {model.configuration!r} ({exc}).") from exc
+        checkpoints = [load_checkpoint(bundle.checkpoint_path(task, f)) for f in folds]
+        num_inputs = determine_num_input_channels(plans_manager, configuration, dataset_json)
+        num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        try:
+            network = get_network_from_plans(configuration.network_arch_class_name,
+                                             configuration.network_arch_init_kwargs,
+                                             configuration.network_arch_init_kwargs_req_import,
+                                             num_inputs, num_outputs, allow_init=True, deep_supervision=False)
+            network.load_state_dict(checkpoints[0]["network_weights"])
+        except (RuntimeError, KeyError, ImportError, AttributeError) as exc:
+            raise ModelError(f"{bundle.checkpoint_path(task, folds[0])}: the weights do not fit the network of "
+                             f"{result / 'plans.json'} ({exc}).") from exc
+        allowed_axes = checkpoints[0].get("inference_allowed_mirroring_axes")
+        mirror = model.test_time_mirroring if options.mirror is None else options.mirror
+        if mirror and model.training_mirroring == "none":
+            log.warning("Test-time mirroring asked for, but %s's %s model was trained without mirroring; "
+                        "mirroring would swap left and right structures, so it stays off.", bundle.name, task)
+            mirror = False
+        self.mirroring_axes = tuple(allowed_axes) if (mirror and allowed_axes) else None
+        predictor_class = _make_predictor_class()
+        self._predictor = predictor_class(tile_step_size=options.tile_step_size, use_gaussian=True,
+                                          use_mirroring=bool(self.mirroring_axes), device=self.device,
+                                          perform_everything_on_device=self.device.type == "cuda",
+                                          verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        self._predictor.manual_initialization(network, plans_manager, configuration,
+                                              [c["network_weights"] for c in checkpoints], dataset_json,
+                                              checkpoints[0].get("trainer_name", model.trainer), allowed_axes)
+        self.folds = folds
+        self.task = task
+
+    def predict(self, image: sitk.Image, progress: Progress | None = None) -> np.ndarray:
+        """Label map (uint8, z, y, x) of ``image`` on its own grid."""
+        array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)[None]
+        properties = {"spacing": list(image.GetSpacing())[::-1]}
+        self._predictor.progress = progress
+        self._predictor._tiles_done = 0
+        with _quiet_nnunet():
+            labels = self._predictor.predict_single_npy_array(array, properties, None, None, False)
+        return np.asarray(labels, dtype=np.uint8)
+
+
+class _quiet_nnunet:
+    """Keep nnU-Net's prints off stdout, which the worker reserves for its JSON lines."""
+
+    def __enter__(self):
+        import contextlib
+        import sys
+
+        self._redirect = contextlib.redirect_stdout(sys.stderr)
+        self._redirect.__enter__()
+        os.environ.setdefault("nnUNet_def_n_proc", "1")
+        return self
+
+    def __exit__(self, *exc):
+        return self._redirect.__exit__(*exc)

@@ -1,0 +1,389 @@
+"""The whole job: CT (+ contrast CT) -> both tasks -> 47 overlapping structures -> outputs with provenance.
+
+Outputs are written into a staging folder inside the output folder and moved into place only when
+all of them are complete, so a failed or cancelled run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from . import __version__
+from . import structures as S
+from .errors import InputError, OutputError
+from .imaging import VolumeSource, contrast_on_ct_grid, read_volume
+from .inference import InferenceOptions, TaskPredictor, describe_device
+from .models import Bundle, resolve_bundle, sha256_file, verify_bundle
+
+log = logging.getLogger(__name__)
+
+TASKS = ("oar", "gtv")
+Progress = Callable[[str, float, str], None]  # stage, fraction of the whole job, message
+Warn = Callable[[str], None]
+
+
+@dataclass
+class SegmentRequest:
+    """Everything a run needs; plain values so it travels to the worker as JSON."""
+
+    ct: str | None
+    out_dir: str
+    contrast_ct: str | None = None
+    case_id: str | None = None
+    bundle: str | None = None
+    tasks: tuple[str, ...] = TASKS
+    structures: tuple[str, ...] | None = None
+    device: str = "auto"
+    folds: tuple[str, ...] | None = None
+    mirror: bool | None = None
+    tile_step_size: float = 0.5
+    threads: int | None = None
+    register: bool = False
+    ct_series: str | None = None
+    contrast_series: str | None = None
+    nifti: bool = False
+    rtstruct: bool = False
+    roi_names: str = "tg263"
+    keep_largest_component: bool = True
+    fill_holes: bool = False
+    staging_dir: str | None = None  # chosen by the caller, so it can clean up after a killed worker
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SegmentRequest":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("tasks", "structures", "folds"):
+            if known.get(key) is not None:
+                known[key] = tuple(str(v) for v in known[key])
+        return cls(**known)
+
+
+@dataclass
+class SegmentResult:
+    """Where the outputs are, and what the run warned about."""
+
+    case_id: str
+    outputs: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_case_id(path: str | Path) -> str:
+    """A case id from an input path: the file name without image suffixes, or the folder name."""
+    p = Path(path)
+    name = p.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name in ("image", "image_contrast", "ct", "CT") and p.parent.name:
+        name = p.parent.name
+    return name or "case"
+
+
+def staging_path(out_dir: str | Path, case_id: str) -> Path:
+    """The staging folder a run of ``case_id`` writes into before moving its outputs into place."""
+    return Path(out_dir) / f".segrap-partial-{case_id}"
+
+
+def _check_request(req: SegmentRequest) -> tuple[str, ...]:
+    tasks = tuple(dict.fromkeys(req.tasks))
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise InputError(f"--tasks must be 'oar', 'gtv' or both, got {','.join(req.tasks) or 'nothing'}.")
+    if req.structures is not None:
+        chosen = S.select(list(req.structures))
+        wanted = {s.task for s in chosen}
+        tasks = tuple(t for t in tasks if t in wanted)
+        if not tasks:
+            raise InputError("None of the requested --structures belongs to the requested --tasks.")
+    if "oar" in tasks and not req.ct:
+        raise InputError("The organs at risk (--tasks oar) are contoured on the plain CT: give --ct.")
+    if "gtv" in tasks and not req.contrast_ct:
+        raise InputError("The tumour volumes (--tasks gtv) are contoured on the contrast CT: give --contrast-ct, "
+                         "or run --tasks oar.")
+    if req.rtstruct and req.ct and not Path(req.ct).is_dir():
+        raise InputError(f"--rtstruct needs the CT as a DICOM series folder (it references the CT's DICOM "
+                         f"instances); {req.ct} is a file.")
+    if not 0 < req.tile_step_size <= 1:
+        raise InputError(f"--step must be in (0, 1], got {req.tile_step_size}.")
+    return tasks
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Output folder {out_dir}: cannot be created ({exc.strerror}).") from exc
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"Output folder {out_dir}: not writable; choose another --out.")
+
+
+# --------------------------------------------------------------------------------------------
+# Post-processing and QA
+# --------------------------------------------------------------------------------------------
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a mask (the mask itself when it has one or none)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def postprocess(masks: dict[str, np.ndarray], keep_largest: bool, fill: bool) -> dict[str, list[str]]:
+    """Per-structure clean-up in place; returns what was done to each structure."""
+    done: dict[str, list[str]] = {}
+    for name, mask in masks.items():
+        steps = []
+        if keep_largest and S.get(name).single_component and mask.any():
+            kept = keep_largest_component(mask)
+            removed = int(mask.sum() - kept.sum())
+            if removed:
+                masks[name] = mask = kept
+                steps.append(f"removed {removed} voxels outside the largest component")
+        if fill and mask.any():
+            filled = ndimage.binary_fill_holes(mask)
+            added = int(filled.sum() - mask.sum())
+            if added:
+                masks[name] = filled
+                steps.append(f"filled {added} hole voxels")
+        if steps:
+            done[name] = steps
+    return done
+
+
+def structure_report(masks: dict[str, np.ndarray], reference: sitk.Image) -> tuple[dict, list[str]]:
+    """Volume (ml), voxel count, centroid (LPS) and QA flags per structure; and the warnings they raise."""
+    voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
+    report: dict[str, dict] = {}
+    for name, mask in masks.items():
+        count = int(np.count_nonzero(mask))
+        entry = {"voxels": count, "volume_ml": round(count * voxel_ml, 3), "flags": []}
+        if count:
+            zyx = np.argwhere(mask).mean(axis=0)
+            entry["centroid_lps_mm"] = [round(v, 2) for v in reference.TransformContinuousIndexToPhysicalPoint(
+                [float(v) for v in zyx[::-1]])]
+        else:
+            entry["flags"].append("empty")
+        report[name] = entry
+    warnings = [f"{n}: empty (the model found no voxel of it)" for n, e in report.items() if "empty" in e["flags"]]
+    for name, entry in report.items():
+        s = S.get(name)
+        partner = report.get(s.partner) if s.laterality == "L" else None
+        if partner and "centroid_lps_mm" in entry and "centroid_lps_mm" in partner:
+            if entry["centroid_lps_mm"][0] <= partner["centroid_lps_mm"][0]:
+                entry["flags"].append("laterality")
+                partner["flags"].append("laterality")
+                warnings.append(f"{name} lies to the patient's right of {s.partner}: left and right may be swapped "
+                                f"(check the image orientation and the contours)")
+    return report, warnings
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+
+
+def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(mask.astype(np.uint8, copy=False))
+    img.CopyInformation(reference)
+    return img
+
+
+def write_challenge_4d(masks: dict[str, np.ndarray], names: tuple[str, ...], reference: sitk.Image, path: Path) -> None:
+    """The challenge's 4D .mha: one binary channel per structure in official order (absent ones empty)."""
+    shape = tuple(reversed(reference.GetSize()))
+    stack = np.zeros((len(names), *shape), dtype=np.uint8)
+    for k, name in enumerate(names):
+        if name in masks:
+            stack[k] = masks[name]
+    img = sitk.GetImageFromArray(stack, isVector=False)
+    img.SetSpacing(tuple(reference.GetSpacing()) + (1.0,))
+    img.SetOrigin(tuple(reference.GetOrigin()) + (0.0,))
+    direction = np.eye(4)
+    direction[:3, :3] = np.array(reference.GetDirection()).reshape(3, 3)
+    img.SetDirection(tuple(direction.ravel()))
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"segrap": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "nnunetv2", "SimpleITK", "numpy", "pydicom"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _input_record(source: VolumeSource) -> dict:
+    record = {"path": str(source.path), "kind": source.kind, "size": list(source.image.GetSize()),
+              "spacing": list(source.image.GetSpacing()), "origin": list(source.image.GetOrigin()),
+              "direction": list(source.image.GetDirection())}
+    if source.path.is_file():
+        record["sha256"] = sha256_file(source.path)
+    if source.notes:
+        record["notes"] = list(source.notes)
+    return record
+
+
+def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None = None) -> SegmentResult:
+    """Run the job of a request; returns the outputs' paths (see the module docstring for guarantees)."""
+    progress = progress or (lambda stage, fraction, message: None)
+    warnings: list[str] = []
+
+    def warning(message: str) -> None:
+        warnings.append(message)
+        log.warning(message)
+        if warn:
+            warn(message)
+
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    tasks = _check_request(req)
+    out_dir = Path(req.out_dir)
+    case_id = req.case_id or default_case_id(req.ct or req.contrast_ct)
+    _check_out_dir(out_dir)
+    staging = Path(req.staging_dir) if req.staging_dir else staging_path(out_dir, case_id)
+
+    progress("model", 0.0, "checking the model bundle")
+    t0 = time.perf_counter()
+    bundle: Bundle = resolve_bundle(req.bundle)
+    verify_bundle(bundle)
+    for task in tasks:
+        bundle.task(task)
+    timings["verify_bundle"] = time.perf_counter() - t0
+
+    progress("read", 0.02, "reading the images")
+    t0 = time.perf_counter()
+    ct = read_volume(req.ct, "CT", req.ct_series) if req.ct else None
+    contrast = read_volume(req.contrast_ct, "Contrast CT", req.contrast_series) if "gtv" in tasks else None
+    reference = ct.image if ct is not None else contrast.image
+    timings["read"] = time.perf_counter() - t0
+
+    options = InferenceOptions(device=req.device, folds=req.folds, mirror=req.mirror,
+                               tile_step_size=req.tile_step_size, threads=req.threads)
+    masks: dict[str, np.ndarray] = {}
+    inference_record: dict[str, dict] = {}
+    alignment = None
+    span = {"oar": (0.05, 0.75), "gtv": (0.75, 0.92)} if len(tasks) == 2 else {tasks[0]: (0.05, 0.92)}
+    for task in tasks:
+        lo, hi = span[task]
+        progress(f"{task}-model", lo, f"loading the {task} model")
+        t0 = time.perf_counter()
+        predictor = TaskPredictor(bundle, task, options)
+        image = ct.image if task == "oar" else None
+        if task == "gtv":
+            if ct is not None:
+                image, alignment = contrast_on_ct_grid(ct, contrast, register=req.register)
+                for note in alignment.notes:
+                    warning(note)
+            else:
+                image = contrast.image
+        progress(f"{task}-inference", lo, f"running the {task} model on {describe_device(predictor.device)}")
+        labels = predictor.predict(image, lambda f, lo=lo, hi=hi, task=task: progress(
+            f"{task}-inference", lo + (hi - lo) * f, f"{task}: {f:.0%} of the sliding window"))
+        if task == "oar":
+            recomposed = S.recompose(labels)
+            masks.update({n: recomposed[n] for n in S.OAR_NAMES})
+        else:
+            masks.update(S.recompose_gtv(labels))
+        timings[f"{task}_inference"] = time.perf_counter() - t0
+        inference_record[task] = {"folds": list(predictor.folds), "device": describe_device(predictor.device),
+                                  "test_time_mirroring_axes": list(predictor.mirroring_axes or []),
+                                  "tile_step_size": req.tile_step_size}
+
+    progress("postprocess", 0.92, "post-processing and checking the structures")
+    t0 = time.perf_counter()
+    cleanup = postprocess(masks, req.keep_largest_component, req.fill_holes)
+    if req.structures is not None:
+        keep = {s.name for s in S.select(list(req.structures))}
+        masks = {n: m for n, m in masks.items() if n in keep}
+    structures, qa_warnings = structure_report(masks, reference)
+    for message in qa_warnings:
+        warning(message)
+    timings["postprocess"] = time.perf_counter() - t0
+
+    progress("write", 0.95, "writing the outputs")
+    t0 = time.perf_counter()
+    provenance = {
+        "case_id": case_id, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "software": _versions(), "bundle": bundle.summary(), "tasks": list(tasks), "inference": inference_record,
+        "inputs": {"ct": _input_record(ct) if ct else None, "contrast_ct": _input_record(contrast) if contrast else None},
+        "contrast_alignment": asdict(alignment) if alignment else None,
+        "postprocessing": {"keep_largest_component": req.keep_largest_component, "fill_holes": req.fill_holes,
+                           "changes": cleanup},
+        "structures": structures, "warnings": warnings, "timings_s": {},
+        "notice": "Automatically generated contours: review and edit before clinical use.",
+    }
+    outputs = _write_outputs(req, case_id, masks, reference, ct, provenance, staging, out_dir, timings, t_start, t0)
+    progress("done", 1.0, f"wrote {len(outputs)} outputs to {out_dir}")
+    return SegmentResult(case_id, outputs, warnings)
+
+
+def _write_outputs(req: SegmentRequest, case_id: str, masks: dict[str, np.ndarray], reference: sitk.Image,
+                   ct: VolumeSource | None, provenance: dict, staging: Path, out_dir: Path, timings: dict,
+                   t_start: float, t_write: float) -> dict[str, str]:
+    from .segfile import write_seg_nrrd
+
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise OutputError(f"Output folder {out_dir}: cannot write ({exc.strerror}).") from exc
+    try:
+        names: dict[str, Path] = {"segmentation": staging / f"{case_id}.seg.nrrd"}
+        write_seg_nrrd(names["segmentation"], masks, reference, provenance={
+            "bundle": provenance["bundle"]["name"], "version": provenance["bundle"]["version"],
+            "case_id": case_id, "notice": provenance["notice"]})
+        if req.nifti:
+            folder = staging / f"{case_id}_structures"
+            folder.mkdir()
+            for name, mask in masks.items():
+                sitk.WriteImage(_mask_image(mask, reference), str(folder / f"{name}.nii.gz"), useCompression=True)
+            names["nifti"] = folder
+            for task, task_names in (("oar", S.OAR_NAMES), ("gtv", S.GTV_NAMES)):
+                if any(n in masks for n in task_names):
+                    path = staging / f"{case_id}_{task}_4d.mha"
+                    write_challenge_4d(masks, task_names, reference, path)
+                    names[f"challenge_{task}"] = path
+        if req.rtstruct:
+            from .dicom import write_rtstruct
+
+            path = staging / f"{case_id}_RTSTRUCT.dcm"
+            write_rtstruct(masks, ct.dicom, path, model_name=provenance["bundle"]["name"],
+                           model_version=provenance["bundle"]["version"], roi_names=req.roi_names)
+            names["rtstruct"] = path
+        timings["write"] = time.perf_counter() - t_write
+        timings["total"] = time.perf_counter() - t_start
+        provenance["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        names["provenance"] = staging / f"{case_id}.provenance.json"
+        names["provenance"].write_text(json.dumps(provenance, indent=1))
+        final: dict[str, str] = {}
+        for key, path in names.items():
+            target = out_dir / path.name
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.replace(path, target)
+            final[key] = str(target)
+        return final
+    except OSError as exc:
+        raise OutputError(f"Output folder {out_dir}: writing failed ({exc}).") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

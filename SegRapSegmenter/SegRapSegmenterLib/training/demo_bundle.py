@@ -1,0 +1,141 @@
+"""Rebuild the demo model bundle: phantom cohort -> nnU-Net datasets -> tiny plans -> CPU training -> bundle.
+
+    python -m SegRapSegmenterLib.training.demo_bundle --work /tmp/segrap-demo-train --out DIR
+
+The plans keep SegRap's median spacing (3 x 0.54 x 0.54 mm) so a full-size case runs the same
+resampling and sliding-window path a real model does; the network is tiny (4 to 32 features,
+in-plane kernels first, as nnU-Net plans anisotropic data) so that CPU training takes minutes
+and CPU inference of a small phantom takes seconds. It is a demo, not a clinical model.
+Left-right mirroring and large in-plane rotations are off in training: they would teach the
+network that left and right are interchangeable (see the laterality issue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEMO_SPACING = [3.0, 0.54, 0.54]  # z, y, x: SegRap's median
+DEMO_PATCH = [16, 160, 160]
+DEMO_ARCH = {
+    "n_stages": 6,
+    "features_per_stage": [4, 8, 16, 32, 32, 32],
+    "kernel_sizes": [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+    "strides": [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+    "n_conv_per_stage": [1, 1, 2, 2, 2, 2],
+    "n_conv_per_stage_decoder": [1, 1, 1, 1, 1],
+}
+DATASETS = {"oar": 601, "gtv": 602}
+
+
+def _env(work: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"nnUNet_raw": str(work / "nnUNet_raw"), "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
+                "nnUNet_results": str(work / "nnUNet_results")})
+    env.setdefault("nnUNet_n_proc_DA", "1")
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, env=env, check=True)
+
+
+def edit_plans(plans_path: Path, configuration: str = "3d_fullres") -> None:
+    """Set the demo spacing, patch, batch size and tiny architecture in nnU-Net's plans file."""
+    plans = json.loads(plans_path.read_text())
+    conf = plans["configurations"][configuration]
+    conf["spacing"] = DEMO_SPACING
+    conf["patch_size"] = DEMO_PATCH
+    conf["batch_size"] = 2
+    conf["architecture"]["arch_kwargs"].update(DEMO_ARCH)
+    for name in list(plans["configurations"]):
+        if name != configuration:
+            del plans["configurations"][name]
+    plans_path.write_text(json.dumps(plans, indent=1))
+
+
+def prepare(work: Path, train_cases: int, seed: int) -> None:
+    """Write the phantom cohort, convert both tasks, plan, edit the plans and preprocess."""
+    from ..phantom import write_cohort
+    from .convert import convert_release
+
+    env = _env(work)
+    cohort = work / "phantom"
+    if not (cohort / "done").exists():
+        write_cohort(cohort, train_cases, seed=seed, size="small")
+        (cohort / "done").write_text("ok")
+    for task, dataset_id in DATASETS.items():
+        report = convert_release(cohort, work / "nnUNet_raw", task, dataset_id)
+        print(report.summary(), flush=True)
+        _run(["nnUNetv2_extract_fingerprint", "-d", str(dataset_id), "-np", "2", "--verify_dataset_integrity"], env)
+        _run(["nnUNetv2_plan_experiment", "-d", str(dataset_id)], env)
+        plans_dir = work / "nnUNet_preprocessed" / report.dataset_dir.name
+        edit_plans(plans_dir / "nnUNetPlans.json")
+        _run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "2"], env)
+
+
+def train(work: Path, task: str, epochs: int, iterations: int) -> Path:
+    """Train fold 'all' of a task on the CPU with the demo trainer; return the result folder."""
+    os.environ.update(_env(work))
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from .demo_trainer import SegRapDemoTrainer
+
+    dataset_id = DATASETS[task]
+    name = f"Dataset{dataset_id:03d}_SegRap{'OAR' if task == 'oar' else 'GTV'}"
+    pre = work / "nnUNet_preprocessed" / name
+    plans = load_json(str(pre / "nnUNetPlans.json"))
+    dataset_json = load_json(str(pre / "dataset.json"))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    plans["continue_training"] = False  # nnU-Net 2.8 reads this flag from the plans it is given
+    trainer = SegRapDemoTrainer(plans, "3d_fullres", "all", dataset_json, device=torch.device("cpu"))
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations
+    t0 = time.time()
+    trainer.run_training()
+    print(f"{task}: trained {epochs} x {iterations} iterations in {time.time() - t0:.0f} s", flush=True)
+    return Path(trainer.output_folder).parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder (datasets, preprocessing, results)")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the bundle folder")
+    parser.add_argument("--stage", choices=("prepare", "train", "export", "all"), default="all")
+    parser.add_argument("--task", choices=("oar", "gtv", "both"), default="both")
+    parser.add_argument("--cases", type=int, default=16, help="phantom training cases")
+    parser.add_argument("--seed", type=int, default=2023, help="phantom cohort seed (held-out cases use another)")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
+    args = parser.parse_args(argv)
+    tasks = ["oar", "gtv"] if args.task == "both" else [args.task]
+    if args.stage in ("prepare", "all"):
+        prepare(args.work, args.cases, args.seed)
+    if args.stage in ("train", "all"):
+        for task in tasks:
+            train(args.work, task, args.epochs, args.iterations)
+    if args.stage in ("export", "all"):
+        from ..models import build_bundle
+
+        results = args.work / "nnUNet_results"
+        folders = {task: next(results.glob(f"Dataset{DATASETS[task]:03d}_*/*__nnUNetPlans__3d_fullres"))
+                   for task in ("oar", "gtv")}
+        bundle = build_bundle(
+            args.out, name="segrap-demo", version="0.1.0", license="Apache-2.0",
+            description=("Demo model trained on the synthetic phantom only (SegRapSegmenterLib.training."
+                         "demo_bundle). Not for clinical use: it has never seen a real CT."),
+            result_folders=folders, folds={"oar": ["all"], "gtv": ["all"]},
+            training_mirroring={"oar": "none", "gtv": "none"})
+        print(f"bundle written to {bundle}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

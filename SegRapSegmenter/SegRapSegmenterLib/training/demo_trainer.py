@@ -1,0 +1,31 @@
+"""The nnU-Net trainer of the demo bundle: stock training without left-right mirroring or half-turn rotations."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class SegRapDemoTrainer(nnUNetTrainer):
+    """nnUNetTrainer whose augmentation keeps laterality: no mirroring, in-plane rotation within 15 degrees."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # explicit parameters: nnU-Net records them by name for its checkpoints
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_val_iterations_per_epoch = 5
+        self.save_every = 10
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """Stock nnU-Net mirrors every axis and, for flat patches, rotates up to 180 degrees in-plane:
+        both turn a left parotid into a right one still labelled left. Keep small rotations only."""
+        patch_size = self.configuration_manager.patch_size
+        rotation = (-15.0 / 360 * 2 * np.pi, 15.0 / 360 * 2 * np.pi)
+        do_dummy_2d = (max(patch_size) / patch_size[0]) > 3
+        initial = get_patch_size(patch_size, rotation, rotation, rotation, (0.85, 1.25))
+        if do_dummy_2d:
+            initial[0] = patch_size[0]
+        self.inference_allowed_mirroring_axes = None
+        return rotation, do_dummy_2d, initial, None

@@ -1,0 +1,111 @@
+"""The worker process: runs one pipeline request and speaks JSON lines on stdout.
+
+    python -m SegRapSegmenterLib.worker --request REQUEST.json
+
+Events, one JSON object per line: ``{"event": "start", ...}``, ``{"event": "progress", "stage": ...,
+"fraction": ..., "message": ...}``, ``{"event": "warning", "message": ...}``, then exactly one of
+``{"event": "done", "outputs": {...}, "warnings": [...]}``, ``{"event": "error", "kind": ...,
+"message": ...}`` or ``{"event": "cancelled"}``. Logs go to stderr. SIGTERM and SIGINT stop the run
+at the next Python instruction, remove the staging folder and exit with 130; nothing is left in the
+output folder. The CLI and the Slicer module both start this same worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+EXIT_CODES = {"InputError": 3, "GeometryError": 3, "DicomError": 3, "StructureNameError": 3,
+              "DecompositionConflictError": 3, "ModelError": 4, "OutputError": 5}
+EXIT_INTERNAL, EXIT_CANCELLED = 1, 130
+
+
+class _Emitter:
+    """Writes one JSON object per line to the real stdout, whatever libraries do to sys.stdout."""
+
+    def __init__(self) -> None:
+        self._out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, **fields) -> None:
+        with self._lock:
+            self._out.write(json.dumps({"event": event, **fields}) + "\n")
+            self._out.flush()
+
+
+def _raise_cancelled(signum, frame):  # noqa: ARG001 - signal handler signature
+    from .errors import Cancelled
+
+    raise Cancelled(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def run_request(request_path: Path) -> int:
+    """Run the request in ``request_path``; returns the exit code (see EXIT_CODES)."""
+    emit = _Emitter()
+    # stdout belongs to the protocol: everything else printed (nnU-Net, tqdm) goes to stderr
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+    signal.signal(signal.SIGINT, _raise_cancelled)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+    from .errors import Cancelled, SegRapError
+    from .pipeline import SegmentRequest, run, staging_path, default_case_id
+
+    staging = None
+    try:
+        try:
+            data = json.loads(Path(request_path).read_text())
+            req = SegmentRequest.from_json(data)
+        except (OSError, ValueError, TypeError) as exc:
+            emit("error", kind="InputError", message=f"{request_path}: not a valid request ({exc}).")
+            return 3
+        case_id = req.case_id or default_case_id(req.ct or req.contrast_ct or "case")
+        staging = Path(req.staging_dir) if req.staging_dir else staging_path(req.out_dir, case_id)
+        emit("start", pid=os.getpid(), case_id=case_id, request=data)
+        result = run(req,
+                     progress=lambda stage, fraction, message: emit("progress", stage=stage,
+                                                                    fraction=round(float(fraction), 4),
+                                                                    message=message),
+                     warn=lambda message: emit("warning", message=message))
+        emit("done", case_id=result.case_id, outputs=result.outputs, warnings=result.warnings)
+        return 0
+    except Cancelled as exc:
+        emit("cancelled", message=str(exc))
+        return EXIT_CANCELLED
+    except SegRapError as exc:
+        kind = type(exc).__name__
+        emit("error", kind=kind, message=str(exc))
+        return EXIT_CODES.get(kind, EXIT_INTERNAL)
+    except MemoryError:
+        emit("error", kind="MemoryError", message="Out of memory. Try --device cpu with fewer --threads, "
+                                                  "or a machine with more memory.")
+        return EXIT_INTERNAL
+    except Exception as exc:  # an internal bug: report it fully rather than die silently
+        emit("error", kind="InternalError", message=f"{type(exc).__name__}: {exc}",
+             traceback=traceback.format_exc())
+        return EXIT_INTERNAL
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if staging is not None and staging.exists():
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m SegRapSegmenterLib.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--request", required=True, type=Path, help="JSON file of a pipeline.SegmentRequest")
+    args = parser.parse_args(argv)
+    return run_request(args.request)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
