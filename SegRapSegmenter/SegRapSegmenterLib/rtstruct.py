@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -424,8 +425,11 @@ def write_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, path
     """Write the structures as an RTSTRUCT on the CT series of ``reference``; the file appears only when complete.
 
     ``masks``: name (any catalogue spelling; other names are written as given, without codes) ->
-    boolean (z, y, x) mask on ``reference.image``'s grid. ``roi_names``: ``tg263`` (default) or
-    ``segrap``. ``notes``: provenance sentences added to the structure set description.
+    boolean (z, y, x) mask on ``reference.image``'s grid; a mapping with ``crop(name)`` and
+    ``shape`` (``StructureMasks``, ``RoiMasks``) is read crop by crop. ``roi_names``: ``tg263``
+    (default) or ``segrap``. ``notes``: provenance sentences added to the structure set description.
+    Each slice gets one CLOSED_PLANAR contour per 4-connected region and one per hole; readers
+    must combine a slice's contours with the even-odd rule (holes are not keyhole-cut).
     """
     path = Path(path)
     ds = build_rtstruct(masks, reference, model_name=model_name, model_version=model_version, roi_names=roi_names,
@@ -435,9 +439,7 @@ def write_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
-        import warnings
-
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # explicit VR only: pydicom warns as it writes long ContourData as UN
             warnings.filterwarnings("ignore", message=".*exceeds the size of 64 kByte.*")
             ds.save_as(tmp, enforce_file_format=True)
         os.replace(tmp, path)

@@ -94,3 +94,30 @@ def test_roi_names_outside_the_catalogue_keep_their_name(standard, tmp_path):
     ds.save_as(path)
     back = read_rtstruct(path, standard.volume)
     assert list(back) == ["PTV_70"] and np.array_equal(back["PTV_70"], standard.masks["Brain"])
+
+
+def test_on_a_gantry_tilted_series_contours_lie_on_the_original_slices(standard, tmp_path, dciodvfy):
+    """The tilted series is resampled in-plane only, so each contour still lies on (and references) its slice."""
+    from SegRapSegmenterLib.dicom import read_ct_series
+
+    folder = tmp_path / "tilted"
+    folder.mkdir()
+    for path in sorted(standard.written.ct_dir.iterdir()):
+        ds = pydicom.dcmread(path)
+        k = round((float(ds.ImagePositionPatient[2]) - standard.volume.image.GetOrigin()[2]) / 3.0)
+        ds.ImagePositionPatient[1] = float(ds.ImagePositionPatient[1]) + 0.5 * k  # about 9.5 degrees
+        ds.save_as(folder / path.name)
+    volume = read_ct_series(folder)
+    assert any("gantry tilt" in n for n in volume.notes)
+    masks = {k: standard.masks[k] for k in ("Brain", "SpinalCord", "Lens_L")}
+    path = write_rtstruct(masks, volume, tmp_path / "rt.dcm", model_name="m", model_version="1", notes=volume.notes)
+    assert dciodvfy(path) == []
+    ds = pydicom.dcmread(path)
+    assert "gantry tilt" in ds.StructureSetDescription
+    planes = {s.sop_instance_uid: s.position[2] for s in volume.series.slices}
+    for roi in ds.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            z = np.array(contour.ContourData, dtype=float)[2::3]
+            assert np.allclose(z, planes[contour.ContourImageSequence[0].ReferencedSOPInstanceUID], atol=1e-3)
+    back = read_rtstruct(path, volume)
+    assert all(np.array_equal(back[k], masks[k]) for k in masks)
