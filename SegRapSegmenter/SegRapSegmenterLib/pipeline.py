@@ -307,6 +307,12 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
         inference_record[task] = {"folds": list(predictor.folds), "device": describe_device(predictor.device),
                                   "test_time_mirroring_axes": list(predictor.mirroring_axes or []),
                                   "tile_step_size": req.tile_step_size}
+        if predictor.device.type == "cuda":
+            import torch
+
+            inference_record[task]["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            torch.cuda.reset_peak_memory_stats()
+        del predictor
 
     progress("postprocess", 0.92, "post-processing and checking the structures")
     t0 = time.perf_counter()
@@ -367,8 +373,10 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: dict[str, np.ndarra
             from .dicom import write_rtstruct
 
             path = staging / f"{case_id}_RTSTRUCT.dcm"
+            notes = list(ct.notes) + [f"{name}: {'; '.join(steps)}" for name, steps in
+                                      provenance["postprocessing"]["changes"].items()]
             write_rtstruct(masks, ct.dicom, path, model_name=provenance["bundle"]["name"],
-                           model_version=provenance["bundle"]["version"], roi_names=req.roi_names)
+                           model_version=provenance["bundle"]["version"], roi_names=req.roi_names, notes=notes)
             names["rtstruct"] = path
         timings["write"] = time.perf_counter() - t_write
         timings["total"] = time.perf_counter() - t_start
