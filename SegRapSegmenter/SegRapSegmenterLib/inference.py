@@ -148,16 +148,39 @@ class TaskPredictor:
                                               checkpoints[0].get("trainer_name", model.trainer), allowed_axes)
         self.folds = folds
         self.task = task
+        self.orientation = model.orientation
+
+    def orientation_note(self, image: sitk.Image) -> str | None:
+        """How the image is reoriented for the network, for the provenance (None when it is not)."""
+        if not self.orientation:
+            return None
+        stored = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+        return f"stored {stored}, fed to the network as {self.orientation} (axis permutation/flip, no interpolation)"
 
     def predict(self, image: sitk.Image, progress: Progress | None = None) -> np.ndarray:
-        """Label map (uint8, z, y, x) of ``image`` on its own grid."""
-        array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)[None]
-        properties = {"spacing": list(image.GetSpacing())[::-1]}
+        """Label map (uint8, z, y, x) of ``image`` on its own grid.
+
+        When the bundle records its training orientation, the image is first reoriented to it (a
+        permutation and flip of axes) and the labels are mapped back exactly afterwards.
+        """
+        stored = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+        fed = sitk.DICOMOrient(image, self.orientation) if self.orientation and stored != self.orientation else image
+        array = sitk.GetArrayFromImage(fed).astype(np.float32, copy=False)[None]
+        properties = {"spacing": list(fed.GetSpacing())[::-1]}
         self._predictor.progress = progress
         self._predictor._tiles_done = 0
         with _quiet_nnunet():
-            labels = self._predictor.predict_single_npy_array(array, properties, None, None, False)
-        return np.asarray(labels, dtype=np.uint8)
+            labels = np.asarray(self._predictor.predict_single_npy_array(array, properties, None, None, False),
+                                dtype=np.uint8)
+        if fed is image:
+            return labels
+        label_image = sitk.GetImageFromArray(labels)
+        label_image.CopyInformation(fed)
+        back = sitk.DICOMOrient(label_image, stored)
+        if back.GetSize() != image.GetSize() or not np.allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-3):
+            raise ModelError(f"Reorienting the labels from {self.orientation} back to {stored} did not restore "
+                             f"the input grid; please report this with the image's geometry.")
+        return sitk.GetArrayFromImage(back)
 
 
 class _quiet_nnunet:

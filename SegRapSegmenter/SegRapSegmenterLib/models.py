@@ -57,6 +57,7 @@ class TaskModel:
     labels: dict[str, int]
     test_time_mirroring: bool = False
     training_mirroring: str = "none"  # how left-right mirroring was used in training (see MIRRORING_KINDS)
+    orientation: str | None = None  # axis orientation of the training images (DICOM letters, e.g. "LPS")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,12 @@ def _check_labels(task: str, labels: dict, where: Path) -> None:
                          f"{_label_difference(labels, expected)}.")
 
 
+def _valid_orientation(code: str) -> bool:
+    """Three DICOM axis letters naming each of the left-right, front-back and head-foot axes once."""
+    axes = [{"L": 0, "R": 0, "P": 1, "A": 1, "I": 2, "S": 2}.get(c) for c in str(code).upper()]
+    return len(axes) == 3 and sorted(a for a in axes if a is not None) == [0, 1, 2]
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -151,10 +158,14 @@ def load_bundle(root: str | Path) -> Bundle:
                 configuration=spec["configuration"], input=spec["input"],
                 folds=tuple(str(f) for f in spec["folds"]), labels=dict(spec["labels"]),
                 test_time_mirroring=bool(spec.get("test_time_mirroring", False)),
-                training_mirroring=spec.get("training_mirroring", "plain"))
+                training_mirroring=spec.get("training_mirroring", "plain"),
+                orientation=spec.get("orientation"))
             if model.input != TASK_INPUTS[task]:
                 raise ModelError(f"{manifest_path}: the {task} model's input is {model.input!r}; "
                                  f"it must be {TASK_INPUTS[task]!r}.")
+            if model.orientation is not None and not _valid_orientation(model.orientation):
+                raise ModelError(f"{manifest_path}: orientation {model.orientation!r} is not three DICOM axis "
+                                 f"letters such as 'LPS'.")
             if model.training_mirroring not in MIRRORING_KINDS:
                 raise ModelError(f"{manifest_path}: training_mirroring must be one of {MIRRORING_KINDS}.")
             _check_labels(task, model.labels, manifest_path)
@@ -239,11 +250,14 @@ def _slim_checkpoint(source: Path, target: Path, trainer_name: str | None = None
 
 def build_bundle(out: str | Path, *, name: str, version: str, license: str, description: str,
                  result_folders: dict[str, Path], folds: dict[str, list], training_mirroring: dict[str, str],
-                 test_time_mirroring: dict[str, bool] | None = None, trainer_name: str = "nnUNetTrainer") -> Path:
+                 test_time_mirroring: dict[str, bool] | None = None, trainer_name: str = "nnUNetTrainer",
+                 orientation: str | None = None) -> Path:
     """Write a bundle folder from nnU-Net result folders (one per task); returns its path.
 
     ``trainer_name`` is what the checkpoints record; nnU-Net builds the network from the plans for
     ``nnUNetTrainer`` and for trainers that do not override ``build_network_architecture``.
+    ``orientation``: the axis orientation the training images were stored in (e.g. "LPS"); inputs
+    are reoriented to it before inference, so a flipped storage cannot swap left and right.
     """
     out = Path(out)
     if out.exists():
@@ -269,6 +283,7 @@ def build_bundle(out: str | Path, *, name: str, version: str, license: str, desc
                 "labels": _expected_labels(task),
                 "test_time_mirroring": bool((test_time_mirroring or {}).get(task, False)),
                 "training_mirroring": training_mirroring[task],
+                "orientation": orientation,
             }
             _check_labels(task, _read_json(dest / "dataset.json")["labels"], result / "dataset.json")
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

@@ -306,7 +306,8 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
         timings[f"{task}_inference"] = time.perf_counter() - t0
         inference_record[task] = {"folds": list(predictor.folds), "device": describe_device(predictor.device),
                                   "test_time_mirroring_axes": list(predictor.mirroring_axes or []),
-                                  "tile_step_size": req.tile_step_size}
+                                  "tile_step_size": req.tile_step_size,
+                                  "orientation": predictor.orientation_note(image)}
         if predictor.device.type == "cuda":
             import torch
 

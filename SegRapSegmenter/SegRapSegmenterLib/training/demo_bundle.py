@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             description=("Demo model trained on the synthetic phantom only (SegRapSegmenterLib.training."
                          "demo_bundle). Not for clinical use: it has never seen a real CT."),
             result_folders=folders, folds={"oar": ["all"], "gtv": ["all"]},
-            training_mirroring={"oar": "none", "gtv": "none"})
+            training_mirroring={"oar": "none", "gtv": "none"}, orientation="LPS")
         print(f"bundle written to {bundle}", flush=True)
     return 0
 
