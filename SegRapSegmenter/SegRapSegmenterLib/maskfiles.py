@@ -514,11 +514,12 @@ def find_cases(root: str | Path) -> dict[str, CaseEntry]:
 
 
 def write_challenge_mha(path: str | Path, masks: Mapping[str, np.ndarray], task: str,
-                        spacing_zyx: Sequence[float]) -> Path:
+                        spacing_zyx: Sequence[float], reference: sitk.Image | None = None) -> Path:
     """Write masks as the challenge's 4D ``.mha``: one binary channel per structure in official order.
 
     Like the organizers' ``stacked_results_to_4d_mha.py``: ``JoinSeries`` of the 3D masks, spacing
-    (x, y, z, 1), compressed; absent structures are written empty.
+    (x, y, z, 1), compressed; absent structures are written empty. With ``reference`` the file also
+    keeps the CT's origin and direction (the organizers' writer drops them).
     """
     if task not in TASKS:
         raise InputError(f"task must be one of {TASKS}, got {task!r}.")
@@ -531,6 +532,11 @@ def write_challenge_mha(path: str | Path, masks: Mapping[str, np.ndarray], task:
         channels.append(sitk.GetImageFromArray(arr, isVector=False))
     image = sitk.JoinSeries(channels)
     image.SetSpacing((*[float(s) for s in spacing_zyx[::-1]], 1.0))
+    if reference is not None:
+        image.SetOrigin((*reference.GetOrigin(), 0.0))
+        direction = np.eye(4)
+        direction[:3, :3] = np.array(reference.GetDirection()).reshape(3, 3)
+        image.SetDirection(tuple(direction.ravel()))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.part.mha")
     sitk.WriteImage(image, str(tmp), True)

@@ -203,22 +203,6 @@ def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return img
 
 
-def write_challenge_4d(masks: dict[str, np.ndarray], names: tuple[str, ...], reference: sitk.Image, path: Path) -> None:
-    """The challenge's 4D .mha: one binary channel per structure in official order (absent ones empty)."""
-    shape = tuple(reversed(reference.GetSize()))
-    stack = np.zeros((len(names), *shape), dtype=np.uint8)
-    for k, name in enumerate(names):
-        if name in masks:
-            stack[k] = masks[name]
-    img = sitk.GetImageFromArray(stack, isVector=False)
-    img.SetSpacing(tuple(reference.GetSpacing()) + (1.0,))
-    img.SetOrigin(tuple(reference.GetOrigin()) + (0.0,))
-    direction = np.eye(4)
-    direction[:3, :3] = np.array(reference.GetDirection()).reshape(3, 3)
-    img.SetDirection(tuple(direction.ravel()))
-    sitk.WriteImage(img, str(path), useCompression=True)
-
-
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -346,6 +330,7 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
 def _write_outputs(req: SegmentRequest, case_id: str, masks: dict[str, np.ndarray], reference: sitk.Image,
                    ct: VolumeSource | None, provenance: dict, staging: Path, out_dir: Path, timings: dict,
                    t_start: float, t_write: float) -> dict[str, str]:
+    from .maskfiles import write_challenge_mha
     from .segfile import write_seg_nrrd
 
     if staging.exists():
@@ -368,7 +353,8 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: dict[str, np.ndarra
             for task, task_names in (("oar", S.OAR_NAMES), ("gtv", S.GTV_NAMES)):
                 if any(n in masks for n in task_names):
                     path = staging / f"{case_id}_{task}_4d.mha"
-                    write_challenge_4d(masks, task_names, reference, path)
+                    write_challenge_mha(path, {n: m for n, m in masks.items() if n in task_names}, task,
+                                        reference.GetSpacing()[::-1], reference)
                     names[f"challenge_{task}"] = path
         if req.rtstruct:
             from .dicom import write_rtstruct
