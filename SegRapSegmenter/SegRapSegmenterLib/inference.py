@@ -66,13 +66,40 @@ def describe_device(device) -> str:
     return device.type
 
 
+def mirrored_sum(network, x, axes: tuple[int, ...], lr_axis: int | None, permutation) -> "torch.Tensor":
+    """Mean of the network's logits over every combination of flips along ``axes`` (spatial indices).
+
+    A flip that includes the left-right axis ``lr_axis`` turns each left structure into a right one,
+    so its logits' class channels are permuted (``permutation[c]`` = the class c becomes) before
+    they are added; stock nnU-Net adds them unpermuted, which averages left with right.
+    """
+    import itertools
+
+    import torch
+
+    prediction = network(x)
+    combos = [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
+    if permutation is not None:
+        index = torch.as_tensor(permutation, device=prediction.device)
+    for combo in combos:
+        dims = [a + 2 for a in combo]
+        flipped = torch.flip(network(torch.flip(x, dims)), dims)
+        if permutation is not None and lr_axis in combo:
+            flipped = flipped.index_select(1, index)
+        prediction += flipped
+    return prediction / (len(combos) + 1)
+
+
 def _make_predictor_class():
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     class CountingPredictor(nnUNetPredictor):
-        """nnUNetPredictor that reports the fraction of sliding-window tiles done."""
+        """nnUNetPredictor with laterality-aware test-time mirroring that reports tiles done."""
 
         progress: Progress | None = None
+        mirror_axes: tuple[int, ...] = ()
+        lr_axis: int | None = None
+        permutation = None
         _tiles_total = 0
         _tiles_done = 0
 
@@ -82,13 +109,35 @@ def _make_predictor_class():
             return slicers
 
         def _internal_maybe_mirror_and_predict(self, x):
-            out = super()._internal_maybe_mirror_and_predict(x)
+            import torch
+
+            with torch.inference_mode():
+                out = mirrored_sum(self.network, x, self.mirror_axes, self.lr_axis, self.permutation)
             self._tiles_done += 1
             if self.progress is not None and self._tiles_total:
                 self.progress(min(1.0, self._tiles_done / self._tiles_total))
             return out
 
     return CountingPredictor
+
+
+def plan_mirroring(training: str, requested: bool, allowed: tuple[int, ...] | None, lr_axis: int | None,
+                   has_pairs: bool) -> tuple[tuple[int, ...], bool]:
+    """Test-time mirroring axes and whether left-right flips swap paired classes (README's matrix).
+
+    ``none`` (no mirroring in training): only the left-right flip, with the swap (the network learned
+    laterality from position, so a mirrored patient is a plausible patient). ``laterality-aware``:
+    every allowed axis, with the swap. ``plain`` (stock nnU-Net): every allowed axis, as stock does;
+    such a model was taught that a mirrored left structure is still left.
+    """
+    if not requested:
+        return (), False
+    allowed = tuple(allowed or ())
+    if training == "none":
+        return ((lr_axis,), has_pairs) if lr_axis is not None else ((), False)
+    if training == "laterality-aware":
+        return allowed, has_pairs and lr_axis in allowed
+    return allowed, False
 
 
 class TaskPredictor:
@@ -133,19 +182,33 @@ class TaskPredictor:
                              f"{result / 'plans.json'} ({exc}).") from exc
         allowed_axes = checkpoints[0].get("inference_allowed_mirroring_axes")
         mirror = model.test_time_mirroring if options.mirror is None else options.mirror
-        if mirror and model.training_mirroring == "none":
-            log.warning("Test-time mirroring asked for, but %s's %s model was trained without mirroring; "
-                        "mirroring would swap left and right structures, so it stays off.", bundle.name, task)
-            mirror = False
-        self.mirroring_axes = tuple(allowed_axes) if (mirror and allowed_axes) else None
+        # the network sees the image in the bundle's orientation, transposed by nnU-Net's plans:
+        # with an L/R-first orientation letter the left-right axis is array axis 2 (x)
+        lr_axis = None
+        if model.orientation:
+            lr_array_axis = 2 - [c in "LR" for c in model.orientation.upper()].index(True)
+            lr_axis = list(plans_manager.transpose_forward).index(lr_array_axis)
+        has_pairs = task == "oar"
+        axes, swap = plan_mirroring(model.training_mirroring, bool(mirror), allowed_axes, lr_axis, has_pairs)
+        if mirror and not axes:
+            log.warning("Test-time mirroring asked for, but %s's %s model records no orientation and was trained "
+                        "without mirroring; mirroring stays off.", bundle.name, task)
+        self.mirroring_axes = axes
+        self.swaps_left_right = swap
         predictor_class = _make_predictor_class()
         self._predictor = predictor_class(tile_step_size=options.tile_step_size, use_gaussian=True,
-                                          use_mirroring=bool(self.mirroring_axes), device=self.device,
+                                          use_mirroring=bool(axes), device=self.device,
                                           perform_everything_on_device=self.device.type == "cuda",
                                           verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         self._predictor.manual_initialization(network, plans_manager, configuration,
                                               [c["network_weights"] for c in checkpoints], dataset_json,
                                               checkpoints[0].get("trainer_name", model.trainer), allowed_axes)
+        self._predictor.mirror_axes = axes
+        self._predictor.lr_axis = lr_axis
+        if swap:
+            from .structures import class_mirror_permutation
+
+            self._predictor.permutation = list(class_mirror_permutation())
         self.folds = folds
         self.task = task
         self.orientation = model.orientation

@@ -290,6 +290,7 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
         timings[f"{task}_inference"] = time.perf_counter() - t0
         inference_record[task] = {"folds": list(predictor.folds), "device": describe_device(predictor.device),
                                   "test_time_mirroring_axes": list(predictor.mirroring_axes or []),
+                                  "test_time_mirroring_swaps_left_right": predictor.swaps_left_right,
                                   "tile_step_size": req.tile_step_size,
                                   "orientation": predictor.orientation_note(image)}
         if predictor.device.type == "cuda":
