@@ -121,6 +121,16 @@ def _make_predictor_class():
     return CountingPredictor
 
 
+def left_right_axis(orientation: str, transpose_forward=(0, 1, 2)) -> int:
+    """The network's spatial axis that runs left-right, for images stored in ``orientation`` (e.g. "LPS").
+
+    Orientation letters name the index axes i, j, k (x, y, z); arrays are z, y, x; nnU-Net then
+    transposes them by the plans' ``transpose_forward``.
+    """
+    letter = [c in "LR" for c in orientation.upper()].index(True)
+    return list(transpose_forward).index(2 - letter)
+
+
 def plan_mirroring(training: str, requested: bool, allowed: tuple[int, ...] | None, lr_axis: int | None,
                    has_pairs: bool) -> tuple[tuple[int, ...], bool]:
     """Test-time mirroring axes and whether left-right flips swap paired classes (README's matrix).
@@ -184,10 +194,7 @@ class TaskPredictor:
         mirror = model.test_time_mirroring if options.mirror is None else options.mirror
         # the network sees the image in the bundle's orientation, transposed by nnU-Net's plans:
         # with an L/R-first orientation letter the left-right axis is array axis 2 (x)
-        lr_axis = None
-        if model.orientation:
-            lr_array_axis = 2 - [c in "LR" for c in model.orientation.upper()].index(True)
-            lr_axis = list(plans_manager.transpose_forward).index(lr_array_axis)
+        lr_axis = left_right_axis(model.orientation, plans_manager.transpose_forward) if model.orientation else None
         has_pairs = task == "oar"
         axes, swap = plan_mirroring(model.training_mirroring, bool(mirror), allowed_axes, lr_axis, has_pairs)
         if mirror and not axes:
