@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import structures as S
-from ..errors import InputError
+from ..errors import DecompositionConflictError, InputError
 from ..imaging import check_file_complete
 
 TASK_INPUTS = {"oar": "image.nii.gz", "gtv": "image_contrast.nii.gz"}
@@ -35,6 +35,9 @@ class CaseReport:
     conflicts: list[str] = field(default_factory=list)
     onehot_checked: bool = False
     onehot_differing_voxels: int = 0
+    refused: str = ""  # why the case was left out of the dataset (DICOM exports), empty when converted
+    unmapped_rois: list[str] = field(default_factory=list)  # ROI names matching no catalogue structure
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +55,10 @@ class ConversionReport:
         lines = [f"{self.dataset_dir}: {len(self.cases)} cases ({sum(c.skipped for c in self.cases)} already done)"]
         lines += [f"  {c.case_id}: {len(c.conflicts)} conflicting combinations, first: {c.conflicts[0]}" for c in conflicted]
         lines += [f"  {c.case_id}: {c.onehot_differing_voxels} voxels differ from the one-hot map" for c in differing]
+        lines += [f"  {c.case_id}: REFUSED: {c.refused}" for c in self.cases if c.refused]
+        lines += [f"  {c.case_id}: ROI names matching no structure (ignored): {', '.join(c.unmapped_rois)}"
+                  for c in self.cases if c.unmapped_rois]
+        lines += [f"  {c.case_id}: {note}" for c in self.cases for note in c.notes]
         return "\n".join(lines)
 
 
@@ -118,8 +125,7 @@ def _write_label(labels: np.ndarray, reference: sitk.Image, path: Path) -> None:
 def _oar_labels(case_dir: Path, reference: sitk.Image, onehot: Path | None, on_conflict: str,
                 report: CaseReport) -> np.ndarray:
     masks = {name: _read_mask(case_dir / f"{name}.nii.gz", reference) for name in S.OAR_NAMES}
-    labels, conflicts = S.decompose_with_conflicts(masks, on_conflict=on_conflict)
-    report.conflicts = [c.describe() for c in conflicts]
+    labels = oar_labels_from_masks(masks, on_conflict, report, case_dir)
     if onehot is not None and onehot.is_file():
         official = sitk.GetArrayFromImage(sitk.ReadImage(str(onehot)))
         if official.shape != labels.shape:
@@ -129,9 +135,25 @@ def _oar_labels(case_dir: Path, reference: sitk.Image, onehot: Path | None, on_c
     return labels
 
 
+def oar_labels_from_masks(masks, on_conflict: str, report: CaseReport, where: Path) -> np.ndarray:
+    """The 54-class labels of the 45 OAR masks; conflicts go to the report (or raise, naming the case)."""
+    try:
+        labels, conflicts = S.decompose_with_conflicts(masks, on_conflict=on_conflict)
+    except DecompositionConflictError as exc:
+        raise DecompositionConflictError(f"{where}: {exc}\n(segrap train convert: --on-conflict nearest|background; "
+                                         f"each case's conflicts then go to conversion_report.json)", exc.conflicts) from None
+    report.conflicts = [c.describe() for c in conflicts]
+    return labels
+
+
 def _gtv_labels(case_dir: Path, reference: sitk.Image, report: CaseReport) -> np.ndarray:
     gtvp = _read_mask(case_dir / "GTVp.nii.gz", reference)
     gtvnd = _read_mask(case_dir / "GTVnd.nii.gz", reference)
+    return gtv_labels_from_masks(gtvp, gtvnd, report)
+
+
+def gtv_labels_from_masks(gtvp: np.ndarray, gtvnd: np.ndarray, report: CaseReport) -> np.ndarray:
+    """Task 2 labels: GTVp = 1, GTVnd = 2 (GTVnd where both are drawn, reported)."""
     both = int(np.count_nonzero(gtvp & gtvnd))
     if both:
         report.conflicts = [f"GTVp + GTVnd: {both} voxels labelled as both; given GTVnd (2)"]
@@ -155,10 +177,7 @@ def convert_release(segrap_root: str | Path, nnunet_raw: str | Path, task: str, 
         raise InputError(f"--task must be 'oar' or 'gtv', got {task!r}.")
     cases_dir, cases = find_cases(segrap_root)
     onehot_dir = cases_dir.parent / f"{cases_dir.name}_OneHot_Labels" / "Task001"
-    out = Path(nnunet_raw) / dataset_folder_name(dataset_id, task)
-    images, labels_dir = out / "imagesTr", out / "labelsTr"
-    images.mkdir(parents=True, exist_ok=True)
-    labels_dir.mkdir(parents=True, exist_ok=True)
+    out, images, labels_dir = dataset_dirs(nnunet_raw, task, dataset_id)
 
     reports: list[CaseReport] = []
     for case_dir in cases:
@@ -179,7 +198,23 @@ def convert_release(segrap_root: str | Path, nnunet_raw: str | Path, task: str, 
         _write_label(labels, reference, label_out)
         _link_or_copy(source, image_out)
         reports.append(report)
+    return finish_dataset(out, task, reports)
 
+
+def dataset_dirs(nnunet_raw: str | Path, task: str, dataset_id: int) -> tuple[Path, Path, Path]:
+    """The dataset folder and its imagesTr and labelsTr folders (created)."""
+    if task not in TASK_INPUTS:
+        raise InputError(f"--task must be 'oar' or 'gtv', got {task!r}.")
+    out = Path(nnunet_raw) / dataset_folder_name(dataset_id, task)
+    images, labels_dir = out / "imagesTr", out / "labelsTr"
+    images.mkdir(parents=True, exist_ok=True)
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    return out, images, labels_dir
+
+
+def finish_dataset(out: Path, task: str, reports: list[CaseReport]) -> ConversionReport:
+    """Write dataset.json for the cases present and merge this run's case reports into conversion_report.json."""
+    labels_dir = out / "labelsTr"
     done = sorted(p.name[: -len(".nii.gz")] for p in labels_dir.glob("*.nii.gz") if not p.name.startswith("."))
     dataset = {
         "name": out.name,
