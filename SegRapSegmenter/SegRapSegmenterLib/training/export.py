@@ -1,0 +1,91 @@
+"""Trained nnU-Net result folders (one per task) -> a model bundle that ``segrap models install`` takes.
+
+A result folder is nnU-Net's ``$nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>``
+with ``fold_X/checkpoint_final.pth``. The bundle records how each model was trained with respect
+to left-right mirroring: the trainer's ``training_mirroring`` where it says (ours do), else what
+its checkpoint recorded (mirroring axes: 'plain'; none: 'none'), unless given explicitly.
+Checkpoints record ``nnUNetTrainer`` so stock nnU-Net can load the bundle too (the network comes
+from the plans; our trainers do not change the architecture); the trainer actually used goes
+into the description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelError
+from ..models import CHECKPOINT_NAME, MIRRORING_KINDS, build_bundle
+
+
+@dataclass(frozen=True)
+class ResultFolder:
+    """One task's nnU-Net result folder and what its name and checkpoints say."""
+
+    path: Path
+    trainer: str
+    plans: str
+    configuration: str
+    folds: tuple[str, ...]  # folds with a final checkpoint
+
+
+def read_result_folder(path: str | Path) -> ResultFolder:
+    """Parse ``<Trainer>__<Plans>__<configuration>`` and list the folds that finished."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such result folder. Give $nnUNet_results/DatasetXXX_Name/"
+                         f"<Trainer>__<Plans>__<configuration>.")
+    parts = path.name.split("__")
+    if len(parts) != 3:
+        raise ModelError(f"{path}: not an nnU-Net result folder name (<Trainer>__<Plans>__<configuration>).")
+    for needed in ("dataset.json", "plans.json"):
+        if not (path / needed).is_file():
+            raise ModelError(f"{path / needed}: missing; nnU-Net writes it when training starts.")
+    folds = tuple(sorted(p.name[len("fold_"):] for p in path.glob("fold_*") if (p / CHECKPOINT_NAME).is_file()))
+    return ResultFolder(path, parts[0], parts[1], parts[2], folds)
+
+
+def training_mirroring_of(result: ResultFolder, fold: str) -> str:
+    """'none', 'plain' or 'laterality-aware': the trainer's declaration, else the checkpoint's mirroring axes."""
+    from .registry import find_trainer
+
+    trainer = find_trainer(result.trainer)
+    declared = getattr(trainer, "training_mirroring", None)
+    if declared in MIRRORING_KINDS:
+        return declared
+    import torch
+
+    checkpoint = torch.load(result.path / f"fold_{fold}" / CHECKPOINT_NAME, map_location="cpu", weights_only=False)
+    axes = checkpoint.get("inference_allowed_mirroring_axes")
+    return "plain" if axes else "none"
+
+
+def export_bundle(out: str | Path, *, results: dict[str, str | Path], folds: list[str] | None, name: str,
+                  version: str, license: str, description: str = "", training_mirroring: str | None = None,
+                  test_time_mirroring: bool = False) -> Path:
+    """Write a bundle from the result folders of the tasks given (``{"oar": path, "gtv": path}``)."""
+    if not results:
+        raise ModelError("Give at least one result folder (--oar and/or --gtv).")
+    parsed = {task: read_result_folder(path) for task, path in results.items()}
+    chosen: dict[str, list[str]] = {}
+    for task, result in parsed.items():
+        wanted = [str(f) for f in folds] if folds else list(result.folds)
+        missing = [f for f in wanted if f not in result.folds]
+        if not wanted or missing:
+            raise ModelError(f"{result.path}: no final checkpoint for fold(s) {', '.join(missing) or '(any)'}; "
+                             f"finished folds: {', '.join(result.folds) or 'none'}.")
+        chosen[task] = wanted
+    if training_mirroring is not None and training_mirroring not in MIRRORING_KINDS:
+        raise ModelError(f"--training-mirroring must be one of {', '.join(MIRRORING_KINDS)}.")
+    mirroring = {task: training_mirroring or training_mirroring_of(r, chosen[task][0]) for task, r in parsed.items()}
+    if test_time_mirroring and any(m == "none" for m in mirroring.values()):
+        raise ModelError("Test-time mirroring needs a model trained with mirroring; these were trained without "
+                         f"({mirroring}). Leave out --test-time-mirroring.")
+    trained = "; ".join(f"{task}: {r.trainer}, plans {r.plans}, {r.configuration}, folds {','.join(chosen[task])}"
+                        for task, r in parsed.items())
+    text = f"{description.strip()} " if description.strip() else ""
+    return build_bundle(out, name=name, version=version, license=license,
+                        description=f"{text}Trained with {trained}.",
+                        result_folders={t: r.path for t, r in parsed.items()}, folds=chosen,
+                        training_mirroring=mirroring,
+                        test_time_mirroring={t: test_time_mirroring for t in parsed})

@@ -1,0 +1,101 @@
+"""Pre-trained weights: matched by name and shape, heads kept or re-initialised by class count, all reported."""
+
+from __future__ import annotations
+
+import copy
+import fractions
+import json
+
+import pytest
+import torch
+from training_helpers import dataset_json, tiny_plans
+
+from SegRapSegmenterLib.errors import ModelError
+from SegRapSegmenterLib.training.pretrained import check_pretrained, is_head, load_pretrained, network_from_plans
+
+
+@pytest.fixture
+def plan_files(tmp_path):
+    """Plans and dataset.json files of the tiny plan, for Task 1 (55 outputs) and Task 2 (3 outputs)."""
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps(tiny_plans()))
+    files = {}
+    for task in ("oar", "gtv"):
+        files[task] = tmp_path / f"dataset_{task}.json"
+        files[task].write_text(json.dumps(dataset_json(task)))
+    return plans, files
+
+
+def _network(plan_files, task, seed):
+    torch.manual_seed(seed)
+    plans, files = plan_files
+    return network_from_plans(plans, files[task], "3d_fullres")
+
+
+def test_other_class_count_loads_the_body_and_reinitialises_the_heads(plan_files, tmp_path):
+    source = _network(plan_files, "gtv", seed=1)  # 3 classes: "pre-training" on another task
+    ckpt = tmp_path / "pretrained.pth"
+    torch.save({"network_weights": source.state_dict(), "current_epoch": 1000}, ckpt)
+    target = _network(plan_files, "oar", seed=2)  # 55 classes
+    fresh = copy.deepcopy(target.state_dict())
+
+    report = load_pretrained(target, ckpt)
+    after = target.state_dict()
+    heads = [n for n in after if is_head(n)]
+    assert heads and not report.heads_loaded
+    assert sorted(n for n, _, _ in report.shape_mismatch) == sorted(heads) and not report.missing
+    assert set(report.loaded) == set(after) - set(heads)
+    for name in report.loaded:
+        assert torch.equal(after[name], source.state_dict()[name]), name
+    for name in heads:
+        assert torch.equal(after[name], fresh[name]), name  # left as freshly initialised
+        assert after[name].shape[0] == 55
+    text = report.summary()
+    assert f"{len(report.loaded)} of {len(after)} tensors loaded" in text and "re-initialised" in text
+    assert "decoder.seg_layers.0.weight: checkpoint (3," in text
+
+
+def test_same_class_count_loads_the_heads_too_and_strips_wrapper_prefixes(plan_files, tmp_path):
+    source = _network(plan_files, "oar", seed=3)
+    ckpt = tmp_path / "ddp_compiled.pth"
+    torch.save({"network_weights": {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}}, ckpt)
+    target = _network(plan_files, "oar", seed=4)
+    report = load_pretrained(target, ckpt)
+    assert report.heads_loaded and not report.skipped and not report.unused
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value)
+
+
+def test_partly_matching_checkpoint_reports_each_skipped_and_unused_tensor(plan_files, tmp_path):
+    state = _network(plan_files, "oar", seed=5).state_dict()
+    first = next(n for n in state if n.endswith("weight") and not is_head(n))
+    state[first] = torch.zeros(7, 1, 1, 1, 1)  # wrong shape
+    dropped = next(n for n in state if n.endswith("bias") and not is_head(n))
+    del state[dropped]
+    state["extra.head.weight"] = torch.zeros(2)
+    ckpt = tmp_path / "partial.pth"
+    torch.save(state, ckpt)  # a bare state dict, as converted MultiTalent-style weights may be
+    report = load_pretrained(_network(plan_files, "oar", seed=6), ckpt)
+    assert (first, [7, 1, 1, 1, 1], list(_network(plan_files, "oar", 0).state_dict()[first].shape)) \
+        in [tuple(x) for x in report.shape_mismatch]
+    assert report.missing == [dropped] and report.unused == ["extra.head.weight"]
+    assert f"skipped {dropped}: not in the checkpoint" in report.summary()
+
+
+def test_foreign_architecture_and_pickled_objects_are_refused(plan_files, tmp_path):
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"network_weights": {"backbone.layer1.weight": torch.zeros(3)}}, foreign)
+    with pytest.raises(ModelError, match="no tensor of the network matches"):
+        load_pretrained(_network(plan_files, "oar", 0), foreign)
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"network_weights": {}, "trainer": fractions.Fraction(1, 3)}, pickled)
+    with pytest.raises(ModelError, match="refused"):
+        load_pretrained(_network(plan_files, "oar", 0), pickled)
+
+
+def test_check_pretrained_reports_without_training(plan_files, tmp_path):
+    plans, files = plan_files
+    ckpt = tmp_path / "gtv.pth"
+    torch.save({"network_weights": _network(plan_files, "gtv", 7).state_dict()}, ckpt)
+    report = check_pretrained(ckpt, plans, files["oar"], "3d_fullres")
+    assert report.loaded and not report.heads_loaded
