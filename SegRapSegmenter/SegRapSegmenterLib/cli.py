@@ -476,6 +476,186 @@ def _cmd_dicom_phantom(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# segrap train (the training recipe: docs/training.md)
+# --------------------------------------------------------------------------------------------
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="rebuild the models: datasets, trainers, plans edits, training, bundle export",
+                       description="The DKFZ training recipe on nnU-Net v2, step by step in docs/training.md.")
+    tsub = p.add_subparsers(dest="train_command", required=True, metavar="ACTION")
+
+    c = tsub.add_parser("convert", help="SegRap release and/or DICOM exports -> nnU-Net raw dataset")
+    c.add_argument("--segrap-root", type=Path, help="the SegRap release (folder of segrap_XXXX case folders)")
+    c.add_argument("--dicom-root", type=Path, help="an institution's exports: one subfolder per case with the CT "
+                   "series and its RTSTRUCT (ROI names mapped to the catalogue)")
+    c.add_argument("--out", type=Path, help="nnU-Net raw folder (default: $nnUNet_raw)")
+    c.add_argument("--task", choices=("oar", "gtv"), required=True, help="oar: Task 1 (CT, 54 classes); gtv: Task 2")
+    c.add_argument("--dataset-id", type=int, help="nnU-Net dataset number (default 601 oar, 602 gtv)")
+    c.add_argument("--on-conflict", choices=("error", "nearest", "background"), default="error",
+                   help="OAR overlaps that match no class: stop (default), nearest class, or background")
+
+    t = tsub.add_parser("trainers", help="list the SegRap trainers and make nnU-Net find them by name")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--path", action="store_true", help="print the folder for nnUNet_extTrainer (writes it if needed)")
+    g.add_argument("--install", action="store_true", help="nnU-Net < 2.7: write the one-line module into nnU-Net's "
+                   "trainer package")
+    g.add_argument("--uninstall", action="store_true", help="remove the module --install wrote")
+
+    e = tsub.add_parser("edit-plans", help="add a configuration with another patch/batch size (e.g. the poster's)")
+    e.add_argument("plans", type=Path, help="plans file, e.g. $nnUNet_preprocessed/Dataset601_SegRapOAR/"
+                   "nnUNetResEncUNetLPlans_40G.json")
+    e.add_argument("--name", required=True, help="new configuration name, e.g. 3d_fullres_p32x320x256")
+    e.add_argument("--base", default="3d_fullres", help="configuration it inherits from (default 3d_fullres)")
+    e.add_argument("--patch-size", type=int, nargs="+", metavar="N", help="z y x, e.g. 32 320 256")
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--arch", action="append", default=[], metavar="KEY=JSON",
+                   help="network setting, e.g. features_per_stage=[8,16,32,64] (repeatable)")
+    e.add_argument("--overwrite", action="store_true", help="replace a configuration of that name")
+
+    r = tsub.add_parser("run", help="train one fold with nnU-Net's run_training and the SegRap trainers")
+    r.add_argument("dataset", help="dataset id or DatasetXXX_Name")
+    r.add_argument("configuration", help="e.g. 3d_fullres or one added by edit-plans")
+    r.add_argument("fold", help="0-4 or all")
+    r.add_argument("-tr", "--trainer", default="SegRapStagedTrainer", help="trainer class (default SegRapStagedTrainer)")
+    r.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    r.add_argument("--pretrained", type=Path, help="nnU-Net checkpoint to start from (matched by name and shape)")
+    r.add_argument("--num-gpus", type=int, default=1, help="GPUs for nnU-Net's DDP training (default 1)")
+    r.add_argument("--device", choices=("cuda", "cpu", "mps"), default="cuda")
+    r.add_argument("--continue", dest="continue_training", action="store_true", help="resume from the latest checkpoint")
+    r.add_argument("--val-only", action="store_true", help="only run the final validation")
+    r.add_argument("--npz", action="store_true", help="also save validation probabilities (for ensembling)")
+    r.add_argument("--epochs", type=int, help="total epochs (short runs; the trainer's own by default)")
+    r.add_argument("--iterations", type=int, help="training iterations per epoch (default 250)")
+    r.add_argument("--val-iterations", type=int, help="validation iterations per epoch (default 50)")
+    r.add_argument("--stage-epochs", type=int, nargs=2, metavar=("HEADS", "WARMUP"),
+                   help="epochs of the heads-only and the whole-network warm-up stages (default 10 50)")
+
+    k = tsub.add_parser("check-pretrained", help="what a checkpoint would load into a plans' network, and skip")
+    k.add_argument("--checkpoint", required=True, type=Path)
+    k.add_argument("--plans", required=True, type=Path, help="plans file the fine-tuning uses")
+    k.add_argument("--dataset-json", type=Path, help="default: dataset.json beside the plans file")
+    k.add_argument("--configuration", default="3d_fullres")
+
+    x = tsub.add_parser("export-bundle", help="trained result folders -> a model bundle for `segrap models install`")
+    x.add_argument("--oar", type=Path, help="Task 1 result folder (<Trainer>__<Plans>__<configuration>)")
+    x.add_argument("--gtv", type=Path, help="Task 2 result folder")
+    x.add_argument("--folds", help="comma-separated folds (default: every fold with checkpoint_final.pth)")
+    x.add_argument("--name", required=True)
+    x.add_argument("--version", required=True)
+    x.add_argument("--license", required=True, help="license of the weights, e.g. CC-BY-NC-SA-4.0")
+    x.add_argument("--description", default="")
+    x.add_argument("--training-mirroring", choices=("none", "plain", "laterality-aware"),
+                   help="default: what the trainer declares, else what its checkpoint recorded")
+    x.add_argument("--test-time-mirroring", action="store_true", help="mirror at test time by default")
+    x.add_argument("--out", required=True, type=Path, help="bundle folder to write (must not exist)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _train_convert(args) -> int:
+    import os
+
+    from .errors import InputError
+    from .training.convert import convert_release
+    from .training.convert_dicom import convert_dicom
+
+    if args.segrap_root is None and args.dicom_root is None:
+        raise InputError("Give --segrap-root (the SegRap release) and/or --dicom-root (DICOM exports).")
+    out = args.out or (Path(os.environ["nnUNet_raw"]) if os.environ.get("nnUNet_raw") else None)
+    if out is None:
+        raise InputError("Give --out (the nnU-Net raw folder) or set nnUNet_raw.")
+    dataset_id = args.dataset_id or (601 if args.task == "oar" else 602)
+    if args.segrap_root is not None:
+        print(convert_release(args.segrap_root, out, args.task, dataset_id, args.on_conflict).summary())
+    if args.dicom_root is not None:
+        print(convert_dicom(args.dicom_root, out, args.task, dataset_id, args.on_conflict).summary())
+    return EXIT_OK
+
+
+def _train_trainers(args) -> int:
+    from .training import registry
+    from .training.trainers import TRAINERS
+
+    if args.path:
+        print(registry.trainer_folder())
+    elif args.install:
+        print(f"wrote {registry.install_shim()}; remove it with `segrap train trainers --uninstall`")
+    elif args.uninstall:
+        removed = registry.remove_shim()
+        print(f"removed {removed}" if removed else "nothing to remove")
+    else:
+        for name, cls in TRAINERS.items():
+            print(f"{name}\t{cls.__doc__.splitlines()[0]}")
+        print(f"nnUNetv2_train -tr NAME finds them with: export nnUNet_extTrainer={registry.trainer_folder()}")
+    return EXIT_OK
+
+
+def _train_edit_plans(args) -> int:
+    from .errors import InputError
+    from .training.plans import add_configuration
+
+    arch = {}
+    for item in args.arch:
+        key, sep, value = item.partition("=")
+        try:
+            arch[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            sep = ""
+        if not sep or not key.strip():
+            raise InputError(f"--arch {item!r}: write KEY=JSON, e.g. features_per_stage=[8,16,32,64].")
+    edit = add_configuration(args.plans, args.name, base=args.base, patch_size=args.patch_size,
+                             batch_size=args.batch_size, arch_kwargs=arch, overwrite=args.overwrite)
+    print(f"{edit.plans_path}: configuration {edit.name} (inherits {edit.base}): patch {list(edit.patch_size)}, "
+          f"batch size {edit.batch_size}, network downsampling {list(edit.divisors)}")
+    print(f"train it with: segrap train run DATASET {edit.name} FOLD -p {edit.plans_path.stem}")
+    return EXIT_OK
+
+
+def _train_run(args) -> int:
+    from .training.run import run
+
+    options = {}
+    if args.epochs is not None:
+        options["num_epochs"] = args.epochs
+    if args.iterations is not None:
+        options["num_iterations_per_epoch"] = args.iterations
+    if args.val_iterations is not None:
+        options["num_val_iterations_per_epoch"] = args.val_iterations
+    if args.stage_epochs is not None:
+        options["heads_epochs"], options["warmup_epochs"] = args.stage_epochs
+    folder = run(args.dataset, args.configuration, args.fold, trainer=args.trainer, plans=args.plans,
+                 pretrained=args.pretrained, options=options or None, num_gpus=args.num_gpus, device=args.device,
+                 continue_training=args.continue_training, validation_only=args.val_only, npz=args.npz)
+    print(f"result: {folder}")
+    return EXIT_OK
+
+
+def _train_check_pretrained(args) -> int:
+    from .training.pretrained import check_pretrained
+
+    dataset_json = args.dataset_json or args.plans.parent / "dataset.json"
+    print(check_pretrained(args.checkpoint, args.plans, dataset_json, args.configuration).summary())
+    return EXIT_OK
+
+
+def _train_export_bundle(args) -> int:
+    from .training.export import export_bundle
+
+    results = {task: path for task, path in (("oar", args.oar), ("gtv", args.gtv)) if path is not None}
+    bundle = export_bundle(args.out, results=results, folds=list(_split(args.folds) or ()) or None, name=args.name,
+                           version=args.version, license=args.license, description=args.description,
+                           training_mirroring=args.training_mirroring, test_time_mirroring=args.test_time_mirroring)
+    print(f"bundle written to {bundle}; install it with `segrap models install {bundle}`")
+    return EXIT_OK
+
+
+def _cmd_train(args) -> int:
+    actions = {"convert": _train_convert, "trainers": _train_trainers, "edit-plans": _train_edit_plans,
+               "run": _train_run, "check-pretrained": _train_check_pretrained, "export-bundle": _train_export_bundle}
+    return actions[args.train_command](args)
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -485,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_structures, _add_phantom, _add_segment, _add_models, _add_demo, _add_terminology, _add_evaluate, _add_export_rtstruct,
-                _add_dicom_phantom):
+                _add_dicom_phantom, _add_train):
         add(sub)
     return parser
 
