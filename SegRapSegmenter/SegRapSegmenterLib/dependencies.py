@@ -1,0 +1,206 @@
+"""What the worker's Python needs, whether it has it, and a pinned install plan that never replaces Slicer's own packages.
+
+The worker runs in a Python of the user's choice (Slicer's own by default, or an existing
+environment that already has torch with CUDA). ``probe_python`` asks that Python, in a
+subprocess, which packages it can import and which devices torch sees, so nothing heavy is
+imported into Slicer itself. ``install_plan`` turns what is missing into pinned ``pip``
+requirements plus a constraints file that holds the packages Slicer ships (SimpleITK, numpy,
+vtk) at the versions installed, so pip fails rather than replacing them. Installing is left to
+the caller (``slicer.util.pip_install`` in Slicer, after the user agreed); nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# import name -> pip requirement, pinned to what the core is tested with (pyproject.toml)
+REQUIREMENTS: dict[str, str] = {
+    "torch": "torch",  # installed through Slicer's PyTorch extension (right CUDA build), not pinned here
+    "nnunetv2": "nnunetv2==2.8.1",
+    "scipy": "scipy>=1.10,<2",
+    "pydicom": "pydicom>=3.0,<4",
+    "nrrd": "pynrrd>=1.0,<2",
+}
+# Packages Slicer ships and its own modules depend on: never installed, upgraded or replaced.
+SLICER_OWNED: dict[str, str] = {"SimpleITK": "SimpleITK", "numpy": "numpy", "vtk": "vtk"}
+# what the worker imports: the requirements and two of Slicer's packages (vtk it does not need)
+WORKER_IMPORTS: tuple[str, ...] = (*REQUIREMENTS, "numpy", "SimpleITK")
+# what Slicer's own process imports from the core (catalogue, result loading, RTSTRUCT export)
+IN_PROCESS_IMPORTS: tuple[str, ...] = ("scipy", "pydicom", "nrrd")
+
+_PROBE = r"""
+import importlib, json, sys
+names = json.loads(sys.argv[1])
+out = {"python": sys.version.split()[0], "executable": sys.executable, "packages": {}, "devices": [], "error": None}
+for name in names:
+    try:
+        module = importlib.import_module(name)
+        version = getattr(module, "__version__", None)
+        if version is None:
+            import importlib.metadata as md
+            try:
+                version = md.version({"nrrd": "pynrrd"}.get(name, name))
+            except Exception:
+                version = "installed"
+        out["packages"][name] = str(version)
+    except Exception as exc:
+        out["packages"][name] = None
+try:
+    import torch
+    out["torch_cuda"] = torch.version.cuda
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out["devices"].append("cuda:%d %s, %.1f GiB" % (i, p.name, p.total_memory / 2**30))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out["devices"].append("mps (Apple GPU)")
+except Exception as exc:
+    out["error"] = "%s: %s" % (type(exc).__name__, exc)
+print(json.dumps(out))
+"""
+
+
+@dataclass
+class PythonProbe:
+    """What one Python environment offers the worker."""
+
+    executable: str
+    python_version: str = ""
+    packages: dict[str, str | None] = field(default_factory=dict)  # import name -> version, None when missing
+    devices: list[str] = field(default_factory=list)  # GPUs torch can use ("cuda:0 NVIDIA ..., 24.0 GiB")
+    torch_cuda: str | None = None  # CUDA version torch was built with
+    error: str | None = None  # why the probe itself failed
+
+    @property
+    def missing(self) -> list[str]:
+        """Import names the worker needs and this Python cannot import."""
+        return [name for name in WORKER_IMPORTS if not self.packages.get(name)]
+
+    @property
+    def ready(self) -> bool:
+        return self.error is None and not self.missing
+
+    def device_text(self) -> str:
+        """One line for the panel: the GPUs found, or why the CPU will be used."""
+        if self.error:
+            return f"Cannot check {self.executable}: {self.error}"
+        if not self.packages.get("torch"):
+            return "PyTorch is not installed in this Python."
+        if self.devices:
+            return "; ".join(self.devices)
+        build = f"torch {self.packages['torch']}" + (f" (CUDA {self.torch_cuda})" if self.torch_cuda else " (CPU build)")
+        return f"No GPU found by {build}: the CPU will be used (slow: minutes per case)."
+
+
+def probe_python(python: str | None = None, timeout_s: float = 120.0) -> PythonProbe:
+    """Ask ``python`` (default: this one) which required packages import and which devices torch sees."""
+    python = python or sys.executable
+    names = list(WORKER_IMPORTS)
+    try:
+        proc = subprocess.run([python, "-c", _PROBE, json.dumps(names)], capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return PythonProbe(python, error=f"{type(exc).__name__}: {exc}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return PythonProbe(python, error=f"exit code {proc.returncode} ({tail})")
+    data = json.loads(lines[-1])
+    return PythonProbe(python, data.get("python", ""), data.get("packages", {}), data.get("devices", []),
+                       data.get("torch_cuda"), data.get("error"))
+
+
+def missing_here(names: tuple[str, ...] = IN_PROCESS_IMPORTS) -> list[str]:
+    """Import names this process cannot import (checked without importing them)."""
+    import importlib.util
+
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def installed_version(distribution: str) -> str | None:
+    """Version of an installed distribution in this Python, or None."""
+    import importlib.metadata as md
+
+    try:
+        return md.version(distribution)
+    except md.PackageNotFoundError:
+        return None
+
+
+def constraints_text() -> str:
+    """pip constraints holding Slicer's own packages at their installed versions (one ``name==version`` a line)."""
+    lines = []
+    for name, distribution in SLICER_OWNED.items():
+        version = installed_version(distribution)
+        if version:
+            lines.append(f"{distribution}=={version}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class InstallPlan:
+    """What to install with pip, and what must be installed some other way."""
+
+    requirements: list[str]  # pinned pip requirements, torch excluded
+    torch: bool  # torch is missing: install it with the PyTorch extension (right CUDA build)
+    refused: list[str]  # Slicer's own packages that are missing: a broken Slicer, not something to pip over
+
+    @property
+    def empty(self) -> bool:
+        return not (self.requirements or self.torch or self.refused)
+
+    def describe(self) -> str:
+        """What will happen, for the consent dialog."""
+        parts = []
+        if self.torch:
+            parts.append("PyTorch (through the PyTorch extension, which picks the build for your GPU)")
+        if self.requirements:
+            parts.append("pip packages: " + ", ".join(self.requirements))
+        if self.refused:
+            parts.append("NOT installed (Slicer's own, reinstall Slicer): " + ", ".join(self.refused))
+        return "; ".join(parts) or "nothing"
+
+
+def install_plan(missing: list[str]) -> InstallPlan:
+    """The install plan for missing import names (``PythonProbe.missing``)."""
+    return InstallPlan(
+        requirements=[REQUIREMENTS[name] for name in missing if name in REQUIREMENTS and name != "torch"],
+        torch="torch" in missing,
+        refused=[name for name in missing if name in SLICER_OWNED],
+    )
+
+
+def pip_arguments(plan: InstallPlan, constraints_file: str | Path) -> list[str]:
+    """The arguments for ``slicer.util.pip_install`` (a list: no shell quoting), constrained by Slicer's packages."""
+    return [*plan.requirements, "--constraint", str(Path(constraints_file))]
+
+
+def install_in_slicer(plan: InstallPlan, pip_install, work_dir: str | Path) -> None:
+    """Run ``plan`` with Slicer's ``pip_install`` (call only after the user agreed); torch via the PyTorch extension.
+
+    Only for Slicer's own Python: another environment is the user's to manage (the panel tells
+    them the ``pip install`` line instead). Slicer must be restarted afterwards.
+    """
+    if plan.torch:
+        try:
+            import PyTorchUtils  # the PyTorch extension: installs the torch build matching the GPU driver
+        except ImportError as exc:
+            raise RuntimeError("PyTorch is missing and the PyTorch extension is not installed: install "
+                               "'PyTorch' from the Extensions Manager, restart Slicer and try again.") from exc
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+            raise RuntimeError("The PyTorch extension could not install torch; see the log.")
+    if plan.requirements:
+        constraints = Path(work_dir) / "segrap-constraints.txt"
+        constraints.write_text(constraints_text())
+        pip_install(pip_arguments(plan, constraints))
+
+
+def manual_command(python: str, plan: InstallPlan) -> str:
+    """The command a user runs themselves to install the plan into another Python environment."""
+    items = (["torch"] if plan.torch else []) + plan.requirements
+    return f'"{python}" -m pip install ' + " ".join(f'"{r}"' for r in items)

@@ -1,0 +1,160 @@
+"""SegRapSegmenterLogic's work (SegRapSegmenterLib.slicer_logic) with the real worker process on real MRML scenes.
+
+Two worker runs in all: one cancelled on its first inference progress event (through the
+asynchronous path, polled by an injected scheduler as Slicer's qt timer would), and one complete
+run on a small CT crop. They use the packaged demo bundle, or an untrained development bundle at
+/tmp/dev-bundle where the demo bundle is not there yet (mechanics only: its contours are noise).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import unittest
+from pathlib import Path
+
+import slicer
+
+from SegRapSegmenterLib import models, phantom
+from SegRapSegmenterLib import scene as SC
+from SegRapSegmenterLib.errors import Cancelled, InputError, ModelError, SegRapError
+from SegRapSegmenterLib.slicer_logic import CANCELLED, DONE, SegmentationLogic
+
+DEV_BUNDLE = Path("/tmp/dev-bundle")
+
+
+def test_bundle() -> str | None:
+    """The demo bundle when it is packaged, else the development bundle, else None."""
+    if (models.DEMO_BUNDLE_PATH / models.MANIFEST_NAME).is_file():
+        return "demo"
+    if (DEV_BUNDLE / models.MANIFEST_NAME).is_file():
+        return str(DEV_BUNDLE)
+    return None
+
+
+test_bundle.__test__ = False  # a helper, not a test
+BUNDLE = test_bundle()
+
+
+def fresh_scene():
+    """Slicer's scene, cleared, inside Slicer; a new headless scene with slicer-core."""
+    if hasattr(slicer, "app"):
+        slicer.mrmlScene.Clear()
+        return slicer.mrmlScene
+    return SC.headless_scene()
+
+
+def node_ids(scene) -> list[str]:
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class LogicInputsTest(unittest.TestCase):
+    """Wrong inputs are refused before any worker starts, and leave the scene as it was."""
+
+    def setUp(self):
+        self.scene = fresh_scene()
+        self.ct = SC.add_volume_node(self.scene, phantom.make_case(0, seed=0, size="small").ct, "CT")
+
+    def test_gtvs_without_a_contrast_ct_are_refused(self):
+        before = node_ids(self.scene)
+        with self.assertRaisesRegex(InputError, "contrast CT"):
+            SegmentationLogic().segment(self.ct, None, tasks=("oar", "gtv"))
+        self.assertEqual(node_ids(self.scene), before)
+
+    def test_a_structure_subset_outside_the_tasks_is_refused(self):
+        with self.assertRaisesRegex(InputError, "None of the selected structures"):
+            SegmentationLogic().segment(self.ct, None, tasks=("oar",), structures=["GTVp"])
+
+    def test_worker_error_surfaces_as_the_cores_exception_and_the_scene_is_unchanged(self):
+        before = node_ids(self.scene)
+        logic = SegmentationLogic()
+        with self.assertRaisesRegex(ModelError, "not installed"):
+            logic.segment(self.ct, None, tasks=("oar",), bundle=str(Path(tempfile.gettempdir()) / "no-such-bundle"),
+                          device="cpu")
+        self.assertEqual(node_ids(self.scene), before)
+        self.assertFalse(logic.run.workdir.exists())
+
+
+@unittest.skipIf(BUNDLE is None, "no model bundle: neither the demo bundle nor /tmp/dev-bundle is there")
+class LogicWorkerRunTest(unittest.TestCase):
+    """Real worker runs through the logic: cancel mid-run, and a complete run into a segmentation node."""
+
+    def setUp(self):
+        self.scene = fresh_scene()
+
+    def test_cancel_on_the_first_inference_progress_leaves_the_scene_unchanged(self):
+        case = phantom.make_case(0, seed=0, size="small")
+        ct = SC.add_volume_node(self.scene, case.ct, "CT")
+        contrast = SC.add_volume_node(self.scene, case.contrast_ct, "Contrast CT")
+        before = node_ids(self.scene)
+        polls, events, finished = [], [], []
+        logic = SegmentationLogic(scheduler=polls.append)  # stands in for Slicer's qt timer
+
+        def progress(event):
+            events.append(event)
+            if event.get("event") == "progress" and event.get("stage", "").endswith("-inference"):
+                logic.cancel()
+
+        node = logic.segment(ct, contrast, bundle=BUNDLE, device="cpu", wait=False, progress=progress,
+                             finished=finished.append)
+        self.assertEqual(len(polls), 1)  # returned at once, with the run handed to the scheduler
+        self.assertTrue(logic.running)
+        self.assertIsNotNone(self.scene.GetNodeByID(node.GetID()))  # the output node exists while running
+        with self.assertRaisesRegex(SegRapError, "already running"):
+            logic.segment(ct, contrast, bundle=BUNDLE)
+        deadline = time.monotonic() + 120
+        while polls[0]():
+            self.assertLess(time.monotonic(), deadline, "the run neither reached inference nor stopped")
+            time.sleep(0.05)
+        run = logic.run
+        self.assertEqual(run.state, CANCELLED)
+        self.assertEqual(finished, [run])
+        self.assertTrue(any(e.get("stage", "").endswith("-inference") for e in events))
+        self.assertEqual(node_ids(self.scene), before)  # the output node is gone again
+        self.assertIsNotNone(run.worker.process.poll())
+        self.assertFalse(process_group_alive(run.worker.process.pid))  # worker and its children
+        self.assertFalse(run.workdir.exists())
+        with self.assertRaises(Cancelled):
+            run.result()
+
+    def test_a_complete_run_fills_a_new_segmentation_node_with_the_chosen_structures(self):
+        case = phantom.make_case(0, seed=0, size="small")
+        crop = case.ct[0:40, 20:60, 14:30]  # small, with air around the head: seconds, not a minute
+        ct = SC.add_volume_node(self.scene, crop, "Small CT")
+        before = set(node_ids(self.scene))
+        events = []
+        logic = SegmentationLogic()
+        node = logic.segment(ct, None, tasks=("oar", "gtv"), structures=["eye_l", "Lens_L", "Parotid_L"],
+                             bundle=BUNDLE, device="cpu", progress=events.append, show3D=True)
+        self.assertEqual(logic.run.state, DONE)
+        self.assertIn(node.GetID(), set(node_ids(self.scene)) - before)
+        segmentation = node.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        self.assertEqual(names, ["Eye_L", "Lens_L", "Parotid_L"])  # catalogue order and spelling; GTVs skipped
+        reference = node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+        self.assertEqual(reference.GetID(), ct.GetID())
+        self.assertTrue(segmentation.ContainsRepresentation("Closed surface"))  # shown in 3D
+        self.assertTrue(node.GetAttribute(SC.MODEL_ATTRIBUTE))
+        masks = SC.segmentation_masks(node, ct)
+        self.assertEqual(masks["Eye_L"].shape, tuple(reversed(crop.GetSize())))
+        self.assertFalse((masks["Lens_L"] & ~masks["Eye_L"]).any())  # recomposed: the lens lies in the eye
+        stages = [e["stage"] for e in events if e.get("event") == "progress"]
+        self.assertIn("oar-inference", stages)
+        self.assertNotIn("gtv-inference", stages)
+        fractions = [e["fraction"] for e in events if e.get("event") == "progress"]
+        self.assertEqual(fractions, sorted(fractions))
+        self.assertEqual(fractions[-1], 1.0)
+        self.assertFalse(logic.run.workdir.exists())
+
+
+if __name__ == "__main__":
+    unittest.main()

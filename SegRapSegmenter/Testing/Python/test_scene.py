@@ -1,0 +1,258 @@
+"""The MRML glue (SegRapSegmenterLib.scene) on real MRML scenes: volume nodes -> worker inputs, worker results ->
+segmentation nodes, edited segmentation nodes -> RTSTRUCT.
+
+Runs headless with the slicer-core package (pytest) and inside Slicer (its test runner). Geometry is
+checked against Slicer's own volume reader (vtkMRMLVolumeArchetypeStorageNode), not against the code
+under test; segments are checked voxel by voxel against the phantom truth.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from SegRapSegmenterLib import dicom, imaging, phantom, phantom_dicom, segfile, terminology
+from SegRapSegmenterLib import scene as SC
+from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.errors import DicomError, GeometryError
+from SegRapSegmenterLib.slicer_logic import SegmentationLogic
+
+DIRECTIONS = ("identity", "flipped", "rotated", "oblique")
+
+
+def fresh_scene():
+    """Slicer's scene, cleared, inside Slicer; a new headless scene with slicer-core."""
+    if hasattr(slicer, "app"):
+        slicer.mrmlScene.Clear()
+        return slicer.mrmlScene
+    return SC.headless_scene()
+
+
+def read_with_slicer(scene, path: Path, name: str = "CT"):
+    """A volume node loaded by Slicer's own reader (the reference for what Slicer shows)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        raise AssertionError(f"Slicer could not read {path}")
+    return node
+
+
+def all_masks(case: phantom.PhantomCase) -> dict[str, np.ndarray]:
+    return {**dict(case.oar_masks().items()), **case.gtv_masks()}
+
+
+def node_ids(scene) -> list[str]:
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+class VolumeNodeToWorkerInputTest(unittest.TestCase):
+    """What the worker reads is the volume Slicer shows: voxels, origin, spacing and direction."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.root = Path(self.tmp.name)
+        self.scene = fresh_scene()
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_every_direction_reaches_the_worker_intact(self):
+        for direction in DIRECTIONS:
+            with self.subTest(direction=direction):
+                case = phantom.make_case(0, seed=0, size="small", direction=direction)
+                source = self.root / f"{direction}.nrrd"
+                sitk.WriteImage(case.ct, str(source))
+                node = read_with_slicer(self.scene, source)
+                written = SC.write_volume(node, self.root / f"{direction}-worker.nrrd")
+                got = imaging.read_volume(written, "CT").image  # the worker's own reader
+                self.assertEqual(got.GetSize(), case.ct.GetSize())
+                np.testing.assert_allclose(got.GetOrigin(), case.ct.GetOrigin(), atol=1e-6)
+                np.testing.assert_allclose(got.GetSpacing(), case.ct.GetSpacing(), atol=1e-9)
+                np.testing.assert_allclose(got.GetDirection(), case.ct.GetDirection(), atol=1e-9)
+                np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(case.ct))
+
+    def test_a_voxel_lands_where_slicer_puts_it(self):
+        case = phantom.make_case(0, seed=0, size="small", direction="oblique")
+        sitk.WriteImage(case.ct, str(self.root / "ct.nrrd"))
+        node = read_with_slicer(self.scene, self.root / "ct.nrrd")
+        image = SC.volume_image(node)
+        ijk = (7, 60, 31)
+        ras = SC.ijk_to_ras(node) @ np.array([*ijk, 1.0])
+        lps = image.TransformIndexToPhysicalPoint(ijk)
+        np.testing.assert_allclose(lps, [-ras[0], -ras[1], ras[2]], atol=1e-6)
+
+    def test_volume_node_made_from_an_image_matches_slicers_reader(self):
+        case = phantom.make_case(0, seed=0, size="small", direction="rotated")
+        sitk.WriteImage(case.ct, str(self.root / "ct.nrrd"))
+        loaded = read_with_slicer(self.scene, self.root / "ct.nrrd")
+        made = SC.add_volume_node(self.scene, case.ct, "made")
+        np.testing.assert_allclose(SC.ijk_to_ras(made), SC.ijk_to_ras(loaded), atol=1e-9)
+
+    def test_volume_under_a_transform_is_refused_and_identity_is_not(self):
+        case = phantom.make_case(0, seed=0, size="small")
+        node = SC.add_volume_node(self.scene, case.ct, "CT")
+        transform = self.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+        node.SetAndObserveTransformNodeID(transform.GetID())
+        SC.write_volume(node, self.root / "identity.nrrd")  # an identity transform changes nothing
+        matrix = vtk.vtkMatrix4x4()
+        matrix.SetElement(0, 3, 12.5)
+        transform.SetMatrixTransformToParent(matrix)
+        with self.assertRaisesRegex(GeometryError, "Harden the transform"):
+            SC.write_volume(node, self.root / "moved.nrrd")
+        self.assertFalse((self.root / "moved.nrrd").exists())
+
+
+class WorkerResultToSegmentationNodeTest(unittest.TestCase):
+    """A worker's .seg.nrrd becomes 47 overlapping, named, colored, coded segments on the CT."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.root = Path(cls.tmp.name)
+        cls.case = phantom.make_case(0, seed=0, size="small", direction="oblique")
+        cls.truth = all_masks(cls.case)
+        sitk.WriteImage(cls.case.ct, str(cls.root / "ct.nrrd"))
+        cls.result = segfile.write_seg_nrrd(cls.root / "case.seg.nrrd", cls.truth, cls.case.ct,
+                                            provenance={"bundle": "segrap-demo", "version": "1.2.0", "case_id": "x"})
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def setUp(self):
+        self.scene = fresh_scene()
+        self.ct = read_with_slicer(self.scene, self.root / "ct.nrrd")
+
+    def test_47_segments_with_names_colors_and_terminology(self):
+        node = SC.load_segmentation(self.result, self.ct)
+        segmentation = node.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 47)
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(47)]
+        self.assertEqual(names, list(S.STRUCTURE_NAMES))
+        for name in S.STRUCTURE_NAMES:
+            segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
+            np.testing.assert_allclose(segment.GetColor(), [c / 255 for c in S.get(name).color], atol=1e-5)
+            tag = vtk.mutable("")
+            self.assertTrue(segment.GetTag("TerminologyEntry", tag), name)
+            self.assertEqual(str(tag), terminology.terminology_entry(name))
+        self.assertLess(segmentation.GetNumberOfLayers(), 6)  # shared layers, not one labelmap per structure
+        self.assertEqual(node.GetAttribute(SC.MODEL_ATTRIBUTE), "segrap-demo 1.2.0")
+        self.assertIsNone(node.GetStorageNode())  # not tied to the worker's temp file
+        self.assertIsNotNone(node.GetDisplayNode())
+
+    def test_segments_match_the_truth_voxel_by_voxel_with_overlaps_intact(self):
+        node = SC.load_segmentation(self.result, self.ct)
+        reference = node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+        self.assertEqual(reference.GetID(), self.ct.GetID())
+        masks = SC.segmentation_masks(node, self.ct)
+        self.assertEqual(set(masks), set(S.STRUCTURE_NAMES))
+        for name in S.STRUCTURE_NAMES:
+            np.testing.assert_array_equal(masks[name], self.truth[name], err_msg=name)
+        for inner, outer in (("Lens_L", "Eye_L"), ("Lens_R", "Eye_R"), ("Hippocampus_L", "Brain"), ("Larynx_Glottic", "Larynx")):
+            self.assertTrue(masks[inner].any())
+            self.assertFalse((masks[inner] & ~masks[outer]).any(), f"{inner} outside {outer}")
+
+    def test_loading_into_an_existing_node_replaces_same_names_and_keeps_the_others(self):
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+        node.SetReferenceImageGeometryParameterFromVolumeNode(self.ct)
+        mine = node.GetSegmentation().AddEmptySegment("", "Boost")
+        stale = node.GetSegmentation().AddEmptySegment("", "Brain")
+        box = np.zeros(self.truth["Brain"].shape, bool)
+        box[5:9, 10:20, 10:20] = True
+        SC.set_segment_mask(node, mine, box, self.ct)
+        SC.set_segment_mask(node, stale, box, self.ct)
+        same = SC.load_segmentation(self.result, self.ct, node)
+        self.assertIs(same, node)
+        masks = SC.segmentation_masks(node, self.ct)
+        self.assertEqual(len(masks), 48)
+        np.testing.assert_array_equal(masks["Boost"], box)
+        np.testing.assert_array_equal(masks["Brain"], self.truth["Brain"])
+
+    def test_a_result_on_another_grid_keeps_the_ct_as_reference(self):
+        ct = self.case.ct
+        # coarse voxel i covers fine voxels 2i and 2i+1 on each axis: its centre is half a fine voxel further
+        shift = np.array(ct.GetDirection()).reshape(3, 3) @ (0.5 * np.array(ct.GetSpacing()))
+        small = sitk.Resample(ct, [s // 2 for s in ct.GetSize()], sitk.Transform(), sitk.sitkLinear,
+                              (np.array(ct.GetOrigin()) + shift).tolist(), [2 * v for v in ct.GetSpacing()],
+                              ct.GetDirection())
+        box = np.zeros(tuple(reversed(small.GetSize())), bool)
+        box[4:8, 10:20, 10:20] = True
+        path = segfile.write_seg_nrrd(self.root / "coarse.seg.nrrd", {"Brain": box}, small)
+        node = SC.load_segmentation(path, self.ct)
+        mask = SC.segmentation_masks(node, self.ct)["Brain"]
+        self.assertEqual(mask.shape, self.truth["Brain"].shape)
+        self.assertEqual(int(mask.sum()), 8 * int(box.sum()))  # each coarse voxel covers 2 x 2 x 2 CT voxels
+
+
+class EditedSegmentationToRtStructTest(unittest.TestCase):
+    """An edited segmentation node becomes an RTSTRUCT on the CT's original DICOM files, edit included."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.root = Path(cls.tmp.name)
+        case = phantom_dicom.variant_case("oblique", size="small", slices=24)
+        cls.written = phantom_dicom.write_phantom_dicom(case, cls.root / "dicom", variant="oblique")
+        cls.series = dicom.read_ct_series(cls.written.ct_dir)
+        cls.truth = all_masks(cls.written.case)
+        cls.result = segfile.write_seg_nrrd(cls.root / "case.seg.nrrd", cls.truth, cls.series.image,
+                                            provenance={"bundle": "segrap-demo", "version": "1.2.0"})
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def setUp(self):
+        self.scene = fresh_scene()
+        self.ct = SC.add_volume_node(self.scene, self.series.image, "CT from DICOM")
+        self.ct.SetAttribute(SC.INSTANCE_UIDS_ATTRIBUTE, " ".join(s.sop_instance_uid for s in self.series.series.slices))
+
+    def test_a_segment_painted_bigger_is_exported_as_painted(self):
+        node = SC.load_segmentation(self.result, self.ct)
+        segment_id = node.GetSegmentation().GetSegmentIdBySegmentName("Parotid_L")
+        original = self.truth["Parotid_L"]
+        painted = original | np.roll(original, 3, axis=2) | np.roll(original, -3, axis=1)  # grown in-plane
+        self.assertGreater(int(painted.sum()), int(original.sum()) + 50)
+        SC.set_segment_mask(node, segment_id, painted, self.ct)
+
+        out = SegmentationLogic().exportRtStruct(node, self.ct, self.root / "out",
+                                                 dicomFolder=self.written.ct_dir)
+        self.assertEqual(out.name, "CT_from_DICOM_RTSTRUCT.dcm")
+        back = dicom.read_rtstruct(out, self.series)  # also checks the frame of reference
+        self.assertEqual(set(back), set(S.STRUCTURE_NAMES))
+        np.testing.assert_array_equal(back["Parotid_L"], painted)
+        for name in S.STRUCTURE_NAMES:
+            if name != "Parotid_L":
+                np.testing.assert_array_equal(back[name], self.truth[name], err_msg=name)
+        import pydicom
+
+        ds = pydicom.dcmread(out)
+        referenced = {c.ReferencedSOPInstanceUID for item in ds.ROIContourSequence
+                      for contour in item.get("ContourSequence", []) for c in contour.ContourImageSequence}
+        self.assertLessEqual(referenced, {s.sop_instance_uid for s in self.series.series.slices})
+        self.assertEqual(ds.ManufacturerModelName, "segrap-demo")  # recorded when the result was loaded
+
+    def test_a_ct_not_loaded_from_dicom_gets_a_clear_message(self):
+        node = SC.load_segmentation(self.result, self.ct)
+        self.ct.RemoveAttribute(SC.INSTANCE_UIDS_ATTRIBUTE)
+        with self.assertRaisesRegex(DicomError, "was not loaded from DICOM"):
+            SegmentationLogic().exportRtStruct(node, self.ct, self.root / "no.dcm")
+        self.assertFalse((self.root / "no.dcm").exists())
+
+    def test_dicom_files_gone_from_the_database_are_named(self):
+        node = SC.load_segmentation(self.result, self.ct)
+        empty = self.root / "empty"
+        empty.mkdir(exist_ok=True)
+        with self.assertRaisesRegex(DicomError, "not in the DICOM database"):
+            SegmentationLogic().exportRtStruct(node, self.ct, self.root / "x.dcm", dicomFolder=empty)
+
+
+if __name__ == "__main__":
+    unittest.main()
