@@ -22,9 +22,11 @@ from pathlib import Path
 
 DEMO_SPACING = [3.0, 0.54, 0.54]  # z, y, x: SegRap's median
 DEMO_PATCH = [16, 160, 160]
+# Task 1's last decoder stage feeds a 1x1 convolution to 55 classes: 4 features there cannot
+# separate them (training collapses to background), 8 can; Task 2 has 3 classes and needs fewer.
+DEMO_FEATURES = {"oar": [8, 16, 32, 32, 32, 32], "gtv": [4, 8, 16, 32, 32, 32]}
 DEMO_ARCH = {
     "n_stages": 6,
-    "features_per_stage": [4, 8, 16, 32, 32, 32],
     "kernel_sizes": [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
     "strides": [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
     "n_conv_per_stage": [1, 1, 2, 2, 2, 2],
@@ -46,14 +48,14 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
     subprocess.run(cmd, env=env, check=True)
 
 
-def edit_plans(plans_path: Path, configuration: str = "3d_fullres") -> None:
+def edit_plans(plans_path: Path, task: str, configuration: str = "3d_fullres") -> None:
     """Set the demo spacing, patch, batch size and tiny architecture in nnU-Net's plans file."""
     plans = json.loads(plans_path.read_text())
     conf = plans["configurations"][configuration]
     conf["spacing"] = DEMO_SPACING
     conf["patch_size"] = DEMO_PATCH
     conf["batch_size"] = 2
-    conf["architecture"]["arch_kwargs"].update(DEMO_ARCH)
+    conf["architecture"]["arch_kwargs"].update(DEMO_ARCH, features_per_stage=DEMO_FEATURES[task])
     for name in list(plans["configurations"]):
         if name != configuration:
             del plans["configurations"][name]
@@ -76,7 +78,7 @@ def prepare(work: Path, train_cases: int, seed: int) -> None:
         _run(["nnUNetv2_extract_fingerprint", "-d", str(dataset_id), "-np", "2", "--verify_dataset_integrity"], env)
         _run(["nnUNetv2_plan_experiment", "-d", str(dataset_id)], env)
         plans_dir = work / "nnUNet_preprocessed" / report.dataset_dir.name
-        edit_plans(plans_dir / "nnUNetPlans.json")
+        edit_plans(plans_dir / "nnUNetPlans.json", task)
         _run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "2"], env)
 
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=("oar", "gtv", "both"), default="both")
     parser.add_argument("--cases", type=int, default=16, help="phantom training cases")
     parser.add_argument("--seed", type=int, default=2023, help="phantom cohort seed (held-out cases use another)")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of the OAR model")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of the OAR model")
     parser.add_argument("--gtv-epochs", type=int, default=8, help="epochs of the GTV model (3 classes learn faster)")
     parser.add_argument("--heldout", type=int, default=4, help="held-out phantom cases (seed 99) to score")
     parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
