@@ -35,6 +35,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from . import __version__
 from . import structures as S
+from .arrays import EMPTY_BOX, bounding_box
 from .contours import Contours, fill, trace
 from .errors import DicomError, GeometryError, InputError, StructureNameError
 
@@ -221,7 +222,7 @@ class RoiMasks(Mapping):
                 else:
                     full = np.asarray(mapping[key], dtype=bool)
                     here = full.shape
-                    box = _bbox(full)
+                    box = bounding_box(full) or EMPTY_BOX
                     data = full[box]
                 if shape is not None and here != shape:
                     raise GeometryError(f"Mask {key!r} has shape {here}, the others {shape}.")
@@ -244,17 +245,6 @@ class RoiMasks(Mapping):
     def crop(self, key: str) -> tuple[tuple[slice, ...], np.ndarray]:
         """Bounding box (slices) and the mask inside it."""
         return self._crops[key]
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    """Bounding box of a mask as slices (empty slices for an empty mask)."""
-    if not mask.any():
-        return tuple(slice(0, 0) for _ in range(mask.ndim))
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
 
 
 # --------------------------------------------------------------------------------------------

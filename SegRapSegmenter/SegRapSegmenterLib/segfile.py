@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import structures as S
+from .arrays import bounding_box
 from .errors import GeometryError, InputError
 
 _LPS = "left-posterior-superior"
@@ -40,24 +41,13 @@ class SegmentationFile:
         return list(self.masks)
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of a boolean mask as slices, or None when it is empty."""
-    if not mask.any():
-        return None
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
 def pack_layers(masks: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> tuple[list[np.ndarray], dict[str, tuple[int, int]]]:
     """Assign each mask a (layer, label value) so that masks sharing a layer never share a voxel."""
     layers: list[np.ndarray] = []
     placed: dict[str, tuple[int, int]] = {}
     next_value: list[int] = []
     for name, mask in masks.items():
-        box = _bbox(mask)
+        box = bounding_box(mask)
         target = None
         for i, layer in enumerate(layers):
             if next_value[i] > 255:
@@ -91,7 +81,7 @@ def _segment_fields(i: int, name: str, display: str, color, layer: int, value: i
 
 def _extent(mask: np.ndarray) -> str:
     """Slicer's segment extent: i0 i1 j0 j1 k0 k1 (inclusive, x y z order); empty is 0 -1 0 -1 0 -1."""
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None:
         return "0 -1 0 -1 0 -1"
     z, y, x = box
