@@ -32,6 +32,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .arrays import EMPTY_BOX, bounding_box
 from .errors import DicomError, GeometryError, InputError
 
 log = logging.getLogger(__name__)
@@ -282,16 +283,6 @@ def _oriented_reference(volume_node) -> "slicer.vtkOrientedImageData":
     return reference
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    if not mask.any():
-        return tuple(slice(0, 0) for _ in range(mask.ndim))
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
 def segment_mask(segmentation_node, segment_id: str, reference_volume) -> np.ndarray:
     """One segment as a boolean (z, y, x) mask on the reference volume's grid (nearest neighbour)."""
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
@@ -377,7 +368,7 @@ def segmentation_masks(segmentation_node, reference_volume, names: Iterable[str]
             raise InputError(f"Segmentation {segmentation_node.GetName()!r} has two segments named {name!r}; "
                              f"rename one (the RTSTRUCT needs unique names).")
         mask = segment_mask(segmentation_node, segment_id, reference_volume)
-        box = _bbox(mask)
+        box = bounding_box(mask) or EMPTY_BOX
         crops[name] = (box, mask[box].copy())
     if wanted is not None and wanted - set(crops):
         raise InputError(f"Segmentation {segmentation_node.GetName()!r} has no segment named "
