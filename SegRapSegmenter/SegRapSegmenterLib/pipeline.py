@@ -343,7 +343,7 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: dict[str, np.ndarra
     try:
         names: dict[str, Path] = {"segmentation": staging / f"{case_id}.seg.nrrd"}
         write_seg_nrrd(names["segmentation"], masks, reference, provenance={
-            "bundle": provenance["bundle"]["name"], "version": provenance["bundle"]["version"],
+            "model": {"name": provenance["bundle"]["name"], "version": provenance["bundle"]["version"]},
             "case_id": case_id, "notice": provenance["notice"]})
         if req.nifti:
             folder = staging / f"{case_id}_structures"

@@ -125,6 +125,7 @@ class WorkerRun:
         tail = self.log_tail()
         if final is None:
             self._cleanup_staging()
+            shutil.rmtree(self._tmp, ignore_errors=True)
             how = f"killed by signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
             hint = " (out of memory?)" if returncode == -signal.SIGKILL else ""
             raise WorkerError(f"The segmentation worker died ({how}){hint} before finishing; no output was written. "

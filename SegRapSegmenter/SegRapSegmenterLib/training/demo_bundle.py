@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=16, help="phantom training cases")
     parser.add_argument("--seed", type=int, default=2023, help="phantom cohort seed (held-out cases use another)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of the OAR model")
-    parser.add_argument("--gtv-epochs", type=int, default=8, help="epochs of the GTV model (3 classes learn faster)")
+    parser.add_argument("--gtv-epochs", type=int, default=24, help="epochs of the GTV model")
     parser.add_argument("--heldout", type=int, default=4, help="held-out phantom cases (seed 99) to score")
     parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     args = parser.parse_args(argv)
