@@ -93,6 +93,16 @@ def test_foreign_architecture_and_pickled_objects_are_refused(plan_files, tmp_pa
         load_pretrained(_network(plan_files, "oar", 0), pickled)
 
 
+def test_nnunet_checkpoint_with_numpy_scalars_in_its_log_loads(plan_files, tmp_path):
+    import numpy as np
+
+    source = _network(plan_files, "oar", seed=8)
+    ckpt = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": source.state_dict(), "logging": {"mean_fg_dice": [np.float64(0.5), np.float32(0.6)]},
+                "current_epoch": np.int64(1000)}, ckpt)
+    assert load_pretrained(_network(plan_files, "oar", seed=9), ckpt).heads_loaded
+
+
 def test_check_pretrained_reports_without_training(plan_files, tmp_path):
     plans, files = plan_files
     ckpt = tmp_path / "gtv.pth"

@@ -70,6 +70,15 @@ class PretrainedReport:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
 
 
+def _numpy_scalar_globals() -> list:
+    """What unpickling numpy scalars needs: the scalar constructor, ``dtype`` and the dtype classes."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [core.multiarray.scalar, np.dtype, *dtype_classes]
+
+
 def read_state_dict(path: str | Path) -> dict:
     """A checkpoint's network tensors, read without running pickled code (``weights_only=True``)."""
     import torch
@@ -78,7 +87,9 @@ def read_state_dict(path: str | Path) -> dict:
     if not path.is_file():
         raise ModelError(f"{path}: no such checkpoint file for the pre-trained weights.")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        # nnU-Net's checkpoints log numpy scalars: their reconstruction from bytes runs no code, so allow it
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelError(f"{path}: refused: it holds Python objects beyond tensors, and loading them could run "
                          f"code. Save only the weights: torch.save({{'network_weights': ckpt['network_weights']}}, "
