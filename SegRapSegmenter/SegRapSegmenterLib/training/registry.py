@@ -97,7 +97,6 @@ def find_trainer(name: str):
 
     if name in TRAINERS:
         return TRAINERS[name]
-    register_trainers()
     try:
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 

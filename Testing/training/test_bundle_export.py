@@ -1,0 +1,56 @@
+"""Bundle export from result folders: folds found or checked, mirroring recorded, the bundle loads and verifies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from training_helpers import dataset_json, tiny_plans
+
+from SegRapSegmenterLib.errors import ModelError
+from SegRapSegmenterLib.models import load_bundle, verify_bundle
+from SegRapSegmenterLib.training.export import export_bundle
+from SegRapSegmenterLib.training.pretrained import network_from_plans
+
+
+def _result_folder(root, trainer, task, folds, mirror_axes):
+    """An nnU-Net result folder with final checkpoints of the tiny network, as training leaves it."""
+    folder = root / f"Dataset60{1 if task == 'oar' else 2}_X" / f"{trainer}__nnUNetPlans__3d_fullres"
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(tiny_plans()))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json(task)))
+    weights = network_from_plans(folder / "plans.json", folder / "dataset.json", "3d_fullres").state_dict()
+    for fold in folds:
+        (folder / f"fold_{fold}").mkdir()
+        torch.save({"network_weights": weights, "trainer_name": trainer, "current_epoch": 1000,
+                    "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": mirror_axes},
+                   folder / f"fold_{fold}" / "checkpoint_final.pth")
+    (folder / "fold_4").mkdir()  # a fold still training: no final checkpoint
+    return folder
+
+
+def test_export_takes_the_finished_folds_and_records_how_each_model_mirrored(tmp_path):
+    oar = _result_folder(tmp_path, "SegRapStagedTrainer_2000ep_fg33", "oar", ["0", "1"], None)
+    gtv = _result_folder(tmp_path, "nnUNetTrainer", "gtv", ["0", "1"], (0, 1, 2))
+    out = export_bundle(tmp_path / "bundle", results={"oar": oar, "gtv": gtv}, folds=None, name="test",
+                        version="1.0.0", license="CC-BY-4.0", description="Test models.")
+    bundle = load_bundle(out)
+    verify_bundle(bundle)
+    assert bundle.tasks["oar"].folds == ("0", "1") and bundle.tasks["gtv"].folds == ("0", "1")
+    assert bundle.tasks["oar"].training_mirroring == "none"  # what the SegRap trainer declares
+    assert bundle.tasks["gtv"].training_mirroring == "plain"  # stock nnU-Net: from the checkpoint's axes
+    assert bundle.description.startswith("Test models. Trained with oar: SegRapStagedTrainer_2000ep_fg33")
+    assert bundle.license == "CC-BY-4.0"
+
+
+def test_export_refuses_unfinished_folds_and_mirroring_a_model_never_saw(tmp_path):
+    oar = _result_folder(tmp_path, "SegRapStagedTrainer", "oar", ["0"], None)
+    with pytest.raises(ModelError, match="no final checkpoint for fold\\(s\\) 4; finished folds: 0"):
+        export_bundle(tmp_path / "b1", results={"oar": oar}, folds=["0", "4"], name="t", version="1", license="x")
+    with pytest.raises(ModelError, match="Test-time mirroring needs a model trained with mirroring"):
+        export_bundle(tmp_path / "b2", results={"oar": oar}, folds=None, name="t", version="1", license="x",
+                      test_time_mirroring=True)
+    with pytest.raises(ModelError, match="not an nnU-Net result folder name"):
+        export_bundle(tmp_path / "b3", results={"oar": oar.parent}, folds=None, name="t", version="1", license="x")
+    assert not any(tmp_path.glob("b[123]"))
