@@ -498,7 +498,8 @@ def _add_train(sub) -> None:
     t = tsub.add_parser("trainers", help="list the SegRap trainers and make nnU-Net find them by name")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--path", action="store_true", help="print the folder for nnUNet_extTrainer (writes it if needed)")
-    g.add_argument("--install", action="store_true", help="nnU-Net < 2.7: write the one-line module into nnU-Net's "
+    g.add_argument("--install", action="store_true", help="older nnU-Net without nnUNet_extTrainer: write the "
+                   "one-line module into nnU-Net's "
                    "trainer package")
     g.add_argument("--uninstall", action="store_true", help="remove the module --install wrote")
 
@@ -517,12 +518,14 @@ def _add_train(sub) -> None:
     r.add_argument("dataset", help="dataset id or DatasetXXX_Name")
     r.add_argument("configuration", help="e.g. 3d_fullres or one added by edit-plans")
     r.add_argument("fold", help="0-4 or all")
-    r.add_argument("-tr", "--trainer", default="SegRapStagedTrainer", help="trainer class (default SegRapStagedTrainer)")
+    r.add_argument("-tr", "--trainer", default="SegRapStagedTrainer",
+                   help="trainer class (default SegRapStagedTrainer)")
     r.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     r.add_argument("--pretrained", type=Path, help="nnU-Net checkpoint to start from (matched by name and shape)")
     r.add_argument("--num-gpus", type=int, default=1, help="GPUs for nnU-Net's DDP training (default 1)")
     r.add_argument("--device", choices=("cuda", "cpu", "mps"), default="cuda")
-    r.add_argument("--continue", dest="continue_training", action="store_true", help="resume from the latest checkpoint")
+    r.add_argument("--continue", dest="continue_training", action="store_true",
+                   help="resume from the latest checkpoint (a fold without one starts afresh)")
     r.add_argument("--val-only", action="store_true", help="only run the final validation")
     r.add_argument("--npz", action="store_true", help="also save validation probabilities (for ensembling)")
     r.add_argument("--epochs", type=int, help="total epochs (short runs; the trainer's own by default)")

@@ -1,4 +1,4 @@
-"""The whole recipe on the CPU in minutes: convert, plan, preprocess, staged training from a checkpoint, bundle, segment.
+"""The whole recipe on the CPU in minutes: convert, plan, preprocess, staged training, bundle, segment.
 
 Three small phantom cases, nnU-Net's own planning and preprocessing, then a plans edit to a tiny
 network (features 2-16, patch 16 x 64 x 64) and 3 epochs of 2 iterations (1 heads-only, 1 warm-up,

@@ -141,7 +141,8 @@ def oar_labels_from_masks(masks, on_conflict: str, report: CaseReport, where: Pa
         labels, conflicts = S.decompose_with_conflicts(masks, on_conflict=on_conflict)
     except DecompositionConflictError as exc:
         raise DecompositionConflictError(f"{where}: {exc}\n(segrap train convert: --on-conflict nearest|background; "
-                                         f"each case's conflicts then go to conversion_report.json)", exc.conflicts) from None
+                                         f"each case's conflicts then go to conversion_report.json)",
+                                         exc.conflicts) from None
     report.conflicts = [c.describe() for c in conflicts]
     return labels
 

@@ -75,7 +75,8 @@ def _numpy_scalar_globals() -> list:
     import numpy as np
 
     core = getattr(np, "_core", None) or np.core
-    dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    dtypes = getattr(np, "dtypes", None)
+    dtype_classes = [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")] if dtypes else []
     return [core.multiarray.scalar, np.dtype, *dtype_classes]
 
 

@@ -1,7 +1,7 @@
 """Making nnU-Net find the SegRap trainers by name, without editing nnU-Net's files by hand.
 
 nnU-Net looks a trainer up by class name (``recursive_find_trainer_class_by_name``): first in its
-own package ``nnunetv2.training.nnUNetTrainer``, then (nnU-Net >= 2.7) in each folder listed in
+own package ``nnunetv2.training.nnUNetTrainer``, then (recent nnU-Net; 2.8 does) in each folder listed in
 the environment variable ``nnUNet_extTrainer``, importing every module there. So:
 
 - Primary mechanism: ``trainer_folder()`` writes a folder holding one module,
@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import OutputError
 
 SHIM_NAME = "segrap_trainers.py"
-SHIM_TEXT = ("# Written by SegRapSegmenterLib (segrap train trainers): makes nnU-Net find the SegRap trainers by name.\n"
+SHIM_TEXT = ("# Written by SegRapSegmenterLib (segrap train trainers): nnU-Net finds the SegRap trainers here.\n"
              "from SegRapSegmenterLib.training.trainers import *  # noqa: F401,F403\n")
 EXT_TRAINER_ENV = "nnUNet_extTrainer"
 
@@ -62,7 +62,7 @@ def register_trainers(folder: str | Path | None = None) -> Path:
 
 
 def nnunet_supports_ext_trainer() -> bool:
-    """True when this nnU-Net searches ``nnUNet_extTrainer`` (2.7 and later)."""
+    """True when this nnU-Net searches ``nnUNet_extTrainer`` (recent versions; 2.8 does)."""
     import nnunetv2.paths as paths
 
     return hasattr(paths, EXT_TRAINER_ENV)

@@ -77,7 +77,7 @@ def run(dataset: str, configuration: str, fold: str, *, trainer: str = "SegRapSt
         from .registry import nnunet_trainer_package, SHIM_NAME
 
         if not (nnunet_trainer_package() / SHIM_NAME).is_file():
-            raise InputError("This nnU-Net does not search nnUNet_extTrainer (added in nnU-Net 2.7); run "
+            raise InputError("This nnU-Net does not search nnUNet_extTrainer (older nnU-Net versions do not); run "
                              "`segrap train trainers --install` once, or upgrade nnU-Net.")
     elif find_trainer(trainer) is None:
         raise InputError(f"nnU-Net has no trainer named {trainer!r}; SegRap's are {', '.join(TRAINERS)}.")

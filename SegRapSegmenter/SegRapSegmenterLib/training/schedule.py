@@ -31,7 +31,8 @@ class StagedSchedule:
 
     def __post_init__(self):
         if self.heads_epochs < 0 or self.warmup_epochs < 0:
-            raise InputError(f"Stage lengths must be >= 0, got heads {self.heads_epochs}, warm-up {self.warmup_epochs}.")
+            raise InputError(f"Stage lengths must be >= 0, got heads {self.heads_epochs}, "
+                             f"warm-up {self.warmup_epochs}.")
         if self.num_epochs <= self.poly_start:
             raise InputError(f"{self.num_epochs} epochs leave none for the poly stage after {self.heads_epochs} "
                              f"heads-only and {self.warmup_epochs} warm-up epochs; train for more epochs.")

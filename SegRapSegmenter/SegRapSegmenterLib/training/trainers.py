@@ -148,7 +148,8 @@ class SegRapStagedTrainer(nnUNetTrainer):
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """nnU-Net's augmentation, without mirroring when ``training_mirroring`` is 'none'."""
-        rotation, dummy_2d, initial_patch, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        base = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        rotation, dummy_2d, initial_patch, mirror_axes = base
         if self.training_mirroring == "none":
             mirror_axes = None
             self.inference_allowed_mirroring_axes = None
