@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,14 +17,14 @@ from SegRapSegmenterLib.training.trainers import (TRAINERS, SegRapStagedTrainer,
                                                   SegRapStagedTrainer_2000ep_fg33, SegRapStagedTrainer_fg33)
 
 
-def make_trainer(cls, nnunet_dirs, task="oar"):
+def make_trainer(cls, nnunet_dirs, task="oar", continue_training=False):
     """A trainer initialised by nnU-Net's own initialize() (network, optimizer, loss) on the tiny plan."""
     plans = tiny_plans()
     # initialize() only infers the dataset format from the preprocessed folder's file endings
     data = nnunet_dirs["nnUNet_preprocessed"] / plans["dataset_name"] / "nnUNetPlans_3d_fullres"
     data.mkdir(parents=True, exist_ok=True)
     (data / "case.b2nd").write_bytes(b"")
-    plans["continue_training"] = False
+    plans["continue_training"] = continue_training
     trainer = cls(plans, "3d_fullres", 0, dataset_json(task), device=torch.device("cpu"))
     trainer.initialize()
     return trainer
@@ -86,6 +87,23 @@ def test_resume_in_the_heads_stage_refreezes_the_body(nnunet_dirs):
     body = [p for n, p in trainer.network.named_parameters() if not is_head(n)]
     assert not any(p.requires_grad for p in body)
     assert trainer.optimizer.param_groups[1]["lr"] == 0.0
+
+
+def test_pretrained_weights_load_unless_a_checkpoint_of_the_fold_will_be_resumed(nnunet_dirs, tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    donor = make_trainer(SegRapStagedTrainer, nnunet_dirs, task="gtv")
+    ckpt = tmp_path / "pretrained.pth"
+    torch.save({"network_weights": donor.network.state_dict()}, ckpt)
+    monkeypatch.setenv("SEGRAP_PRETRAINED_WEIGHTS", str(ckpt))
+    fresh = make_trainer(SegRapStagedTrainer, nnunet_dirs)
+    assert fresh.pretrained_report.loaded and not fresh.pretrained_report.heads_loaded
+    report = json.loads((Path(fresh.output_folder) / "pretrained_weights.json").read_text())
+    assert report["loaded"] == fresh.pretrained_report.loaded
+    continued_without_checkpoint = make_trainer(SegRapStagedTrainer, nnunet_dirs, continue_training=True)
+    assert continued_without_checkpoint.pretrained_report is not None  # nothing to resume: start from pre-training
+    (Path(fresh.output_folder) / "checkpoint_latest.pth").write_bytes(b"")
+    resumed = make_trainer(SegRapStagedTrainer, nnunet_dirs, continue_training=True)
+    assert resumed.pretrained_report is None  # nnU-Net loads the fold's own checkpoint instead
 
 
 def test_variants_set_epochs_oversampling_and_keep_mirroring_off(nnunet_dirs):
