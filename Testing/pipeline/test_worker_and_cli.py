@@ -1,0 +1,125 @@
+"""The worker protocol, cancellation, a killed worker, bad inputs and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from SegRapSegmenterLib import cli
+from SegRapSegmenterLib.errors import WorkerError
+from SegRapSegmenterLib.pipeline import SegmentRequest
+from SegRapSegmenterLib.runner import WorkerRun
+
+
+def _request(paths, out, **kw) -> SegmentRequest:
+    return SegmentRequest(ct=str(paths.ct), contrast_ct=str(paths.contrast_ct), out_dir=str(out), bundle="demo",
+                          device="cpu", **kw)
+
+
+def _run_until(run: WorkerRun, stage_prefix: str) -> list[dict]:
+    seen = []
+    for event in run.events():
+        seen.append(event)
+        if event.get("event") == "progress" and event.get("stage", "").startswith(stage_prefix):
+            return seen
+        if event.get("event") in ("done", "error", "cancelled"):
+            break
+    raise AssertionError(f"the worker never reached {stage_prefix}: {seen}")
+
+
+def test_cancel_mid_run_stops_quickly_and_leaves_nothing(heldout_case, tmp_path):
+    _, paths = heldout_case
+    out = tmp_path / "out"
+    run = WorkerRun(_request(paths, out)).start()
+    _run_until(run, "oar-inference")
+    t0 = time.monotonic()
+    os.killpg(run.process.pid, signal.SIGTERM)
+    rest = list(run.events())
+    code = run.process.wait(timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert code == 130 and rest[-1]["event"] == "cancelled"
+    assert list(out.iterdir()) == []  # not even the staging folder
+
+
+def test_killed_worker_is_reported_and_its_staging_removed(heldout_case, tmp_path):
+    _, paths = heldout_case
+    out = tmp_path / "out"
+    run = WorkerRun(_request(paths, out, tasks=("gtv",))).start()
+    _run_until(run, "gtv-inference")
+    os.killpg(run.process.pid, signal.SIGKILL)
+    with pytest.raises(WorkerError, match="killed by signal SIGKILL"):
+        run.wait()
+    assert list(out.iterdir()) == []
+
+
+def test_structure_subset_runs_only_the_needed_task(heldout_case, tmp_path, capsys):
+    _, paths = heldout_case
+    out = tmp_path / "out"
+    rc = cli.main(["segment", "--ct", str(paths.ct), "--contrast-ct", str(paths.contrast_ct), "--out", str(out),
+                   "--bundle", "demo", "--device", "cpu", "--structures", "gtv_p,GTVn", "--json"])
+    assert rc == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    stages = {e.get("stage") for e in events if e["event"] == "progress"}
+    assert "gtv-inference" in stages and "oar-inference" not in stages
+    from SegRapSegmenterLib.segfile import read_seg_nrrd
+
+    assert read_seg_nrrd(events[-1]["outputs"]["segmentation"]).segment_names == ["GTVp", "GTVnd"]
+
+
+def _segment(*args) -> int:
+    return cli.main(["segment", "--bundle", "demo", "--device", "cpu", *args])
+
+
+def test_bad_inputs_give_specific_errors_and_exit_codes(heldout_case, tmp_path, capsys):
+    _, paths = heldout_case
+    out = tmp_path / "out"
+    assert _segment("--ct", str(tmp_path / "missing.nii.gz"), "--tasks", "oar", "--out", str(out)) == cli.EXIT_INPUT
+    assert "missing.nii.gz: no such file" in capsys.readouterr().err
+    assert _segment("--ct", str(paths.ct), "--tasks", "gtv", "--out", str(out)) == cli.EXIT_INPUT
+    assert "give --contrast-ct" in capsys.readouterr().err
+    assert _segment("--ct", str(paths.ct), "--structures", "Spleen", "--out", str(out)) == cli.EXIT_INPUT
+    assert "Unknown structure name 'Spleen'" in capsys.readouterr().err
+    assert cli.main(["segment", "--ct", str(paths.ct), "--tasks", "oar", "--out", str(out),
+                     "--bundle", "not-installed-model"]) == cli.EXIT_MODEL
+    assert "not installed" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert _segment("--ct", str(paths.ct), "--tasks", "oar", "--out", str(blocker / "sub")) == cli.EXIT_OUTPUT
+    assert "cannot be created" in capsys.readouterr().err
+    assert _segment("--ct", str(paths.ct), "--tasks", "oar", "--rtstruct", "--out", str(out)) == cli.EXIT_INPUT
+    assert "DICOM series folder" in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_cohort_selection_is_resumable_and_split_by_part(tmp_path):
+    for name in ("segrap_0001", "segrap_0002", "segrap_0003"):
+        (tmp_path / "in" / name).mkdir(parents=True)
+        (tmp_path / "in" / name / "image.nii.gz").write_bytes(b"")
+        (tmp_path / "in" / name / "image_contrast.nii.gz").write_bytes(b"")
+    (tmp_path / "in" / "notes").mkdir()
+    cases = cli._cohort_cases(tmp_path / "in", "1/1")
+    assert [c[0] for c in cases] == ["segrap_0001", "segrap_0002", "segrap_0003"]
+    assert [c[0] for c in cli._cohort_cases(tmp_path / "in", "2/2")] == ["segrap_0002"]
+    assert cli.main(["segment", "--input-dir", str(tmp_path / "in"), "--part", "3/2", "--out", str(tmp_path)]) \
+        == cli.EXIT_INPUT
+    # finished cases are skipped: with every case done, nothing runs and the command succeeds
+    for name in ("segrap_0001", "segrap_0002", "segrap_0003"):
+        (tmp_path / "out" / name).mkdir(parents=True)
+        (tmp_path / "out" / name / f"{name}.provenance.json").write_text("{}")
+    assert cli.main(["segment", "--input-dir", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                     "--bundle", "demo"]) == 0
+
+
+def test_worker_reports_an_invalid_request(tmp_path):
+    bad = tmp_path / "request.json"
+    bad.write_text("{not json")
+    proc = subprocess.run([sys.executable, "-m", "SegRapSegmenterLib.worker", "--request", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    event = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 3 and event["event"] == "error" and "not a valid request" in event["message"]
