@@ -1,8 +1,9 @@
 """Benchmark: `segrap segment` against stock `nnUNetv2_predict_from_modelfolder` on the same model and input.
 
 A `full` phantom case (126 x 512 x 512 at 3 x 0.54 x 0.54 mm), both tasks, the same bundle, folds and
-device, no test-time mirroring. Wall time and peak resident memory of the whole process tree
-(sampled from /proc every 0.1 s) are printed per method and as ratios ours / stock.
+device, no test-time mirroring. Wall time and peak memory of the whole process tree (proportional
+set size, so pages shared between nnU-Net's worker processes count once; sampled from /proc every
+0.1 s) are printed per method and as ratios ours / stock.
 
     python Testing/benchmarks/bench_segment.py [--bundle demo] [--device cpu] [--size full] [--work DIR]
 """
@@ -39,12 +40,13 @@ def _children(pid: int) -> list[int]:
 
 
 def _tree_rss_bytes(pid: int) -> int:
+    """Proportional set size (PSS) summed over the process tree: shared pages counted once in total."""
     total = 0
     for p in _children(pid):
         try:
-            with open(f"/proc/{p}/status") as fh:
+            with open(f"/proc/{p}/smaps_rollup") as fh:
                 for line in fh:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("Pss:"):
                         total += int(line.split()[1]) * 1024
                         break
         except OSError:
@@ -107,7 +109,7 @@ def main() -> int:
                "-m", str(bundle.result_path(task)), "-f", *model.folds, "-device", args.device, "--disable_tta",
                "-npp", "1", "-nps", "1"]
         wall, peak, rc = measure(cmd)
-        print(f"stock nnU-Net {task}: {wall:7.1f} s  peak RSS {peak / 2**30:6.2f} GiB  (exit {rc})", flush=True)
+        print(f"stock nnU-Net {task}: {wall:7.1f} s  peak PSS {peak / 2**30:6.2f} GiB  (exit {rc})", flush=True)
         stock_wall += wall
         stock_peak = max(stock_peak, peak)
 
@@ -115,9 +117,9 @@ def main() -> int:
            str(paths.contrast_ct), "--out", str(work / "ours"), "--bundle", args.bundle, "--device", args.device,
            "--no-mirror", "--tasks", args.tasks, "--json"]
     ours_wall, ours_peak, rc = measure(cmd)
-    print(f"segrap segment ({'+'.join(tasks)}): {ours_wall:7.1f} s  peak RSS {ours_peak / 2**30:6.2f} GiB  (exit {rc})")
-    print(f"stock nnU-Net ({'+'.join(tasks)}): {stock_wall:7.1f} s  peak RSS {stock_peak / 2**30:6.2f} GiB")
-    print(f"ratios ours/stock: wall time {ours_wall / stock_wall:.2f}, peak RSS {ours_peak / stock_peak:.2f}")
+    print(f"segrap segment ({'+'.join(tasks)}): {ours_wall:7.1f} s  peak PSS {ours_peak / 2**30:6.2f} GiB  (exit {rc})")
+    print(f"stock nnU-Net ({'+'.join(tasks)}): {stock_wall:7.1f} s  peak PSS {stock_peak / 2**30:6.2f} GiB")
+    print(f"ratios ours/stock: wall time {ours_wall / stock_wall:.2f}, peak PSS {ours_peak / stock_peak:.2f}")
     return 0
 
 
