@@ -262,8 +262,11 @@ def load_segmentation(path: str | Path, reference_volume, segmentation_node=None
     provenance = _file_provenance(path)
     if provenance:
         segmentation_node.SetAttribute(PROVENANCE_ATTRIBUTE, json.dumps(provenance, sort_keys=True))
-        if provenance.get("bundle"):
-            segmentation_node.SetAttribute(MODEL_ATTRIBUTE, f"{provenance['bundle']} {provenance.get('version', '')}".strip())
+        model = provenance.get("model") if isinstance(provenance.get("model"), dict) else {}
+        name = model.get("name") or provenance.get("bundle")
+        if name:
+            version = model.get("version") or provenance.get("version", "")
+            segmentation_node.SetAttribute(MODEL_ATTRIBUTE, f"{name} {version}".strip())
     _place_in_study(segmentation_node, reference_volume)
     if show_3d:
         segmentation_node.CreateClosedSurfaceRepresentation()
