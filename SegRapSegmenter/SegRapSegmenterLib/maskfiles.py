@@ -124,6 +124,18 @@ class CaseSource:
         return InputError(f"{self.path}: holds no {S.get(name).name}.")
 
 
+class CroppedCase(CaseSource):
+    """A case whose reader has put every structure's cropped mask in ``self.crops`` (SegRap name -> Crop)."""
+
+    crops: dict[str, Crop]
+
+    def crop(self, name: str) -> Crop:
+        key = S.get(name).name
+        if key not in self.crops:
+            raise self._missing(name)
+        return self.crops[key]
+
+
 def _structure_order(names) -> tuple[str, ...]:
     present = set(names)
     return tuple(n for n in S.STRUCTURE_NAMES if n in present)
@@ -177,7 +189,7 @@ class StructureFolder(CaseSource):
         return None
 
 
-class SegNrrdCase(CaseSource):
+class SegNrrdCase(CroppedCase):
     """A Slicer ``.seg.nrrd``; segments named with any known spelling, others ignored."""
 
     format = "seg.nrrd"
@@ -200,18 +212,13 @@ class SegNrrdCase(CaseSource):
     def names(self) -> tuple[str, ...]:
         return _structure_order(self.crops)
 
-    def crop(self, name: str) -> Crop:
-        key = S.get(name).name
-        if key not in self.crops:
-            raise self._missing(name)
-        return self.crops[key]
 
 
 def _task_names(task: str) -> tuple[str, ...]:
     return S.OAR_NAMES if task == "oar" else S.GTV_NAMES
 
 
-class ChallengeMha(CaseSource):
+class ChallengeMha(CroppedCase):
     """The challenge's 4D ``.mha``: 45 (Task 1) or 2 (Task 2) binary channels in official order.
 
     The whole file is read once (peak memory: its size) and each channel kept as a crop.
@@ -245,11 +252,6 @@ class ChallengeMha(CaseSource):
     def names(self) -> tuple[str, ...]:
         return _task_names(self.task)
 
-    def crop(self, name: str) -> Crop:
-        key = S.get(name).name
-        if key not in self.crops:
-            raise self._missing(name)
-        return self.crops[key]
 
 
 def _task_from_path(path: Path) -> str | None:
@@ -262,7 +264,7 @@ def _task_from_path(path: Path) -> str | None:
     return None
 
 
-class LabelMapCase(CaseSource):
+class LabelMapCase(CroppedCase):
     """A one-hot label map: Task001 (54 classes, recomposed into the 45 OARs) or Task002 (1 GTVp, 2 GTVnd)."""
 
     def __init__(self, case_id: str, path: Path, image: sitk.Image, task: str | None):
@@ -291,11 +293,6 @@ class LabelMapCase(CaseSource):
     def names(self) -> tuple[str, ...]:
         return _task_names(self.task)
 
-    def crop(self, name: str) -> Crop:
-        key = S.get(name).name
-        if key not in self.crops:
-            raise self._missing(name)
-        return self.crops[key]
 
     def labelmap(self) -> np.ndarray | None:
         return self.array if self.task == "oar" else None
@@ -379,7 +376,7 @@ def _referenced_series(ds) -> str | None:
     return None
 
 
-class DicomCase(CaseSource):
+class DicomCase(CroppedCase):
     """An RTSTRUCT with the CT series it references, its contours filled on the CT grid."""
 
     format = "RTSTRUCT"
@@ -411,11 +408,6 @@ class DicomCase(CaseSource):
     def names(self) -> tuple[str, ...]:
         return _structure_order(self.crops)
 
-    def crop(self, name: str) -> Crop:
-        key = S.get(name).name
-        if key not in self.crops:
-            raise self._missing(name)
-        return self.crops[key]
 
     def background(self) -> np.ndarray | None:
         return sitk.GetArrayFromImage(self._ct)
