@@ -22,20 +22,19 @@ from .trainers import OPTIONS_ENV, PRETRAINED_ENV, TRAINERS, parse_options
 @contextmanager
 def _environment(values: dict[str, str | None]):
     """Set (or with None, unset) environment variables for the duration; restore them after."""
+    def apply(settings: dict[str, str | None]) -> None:
+        for key, value in settings.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
     saved = {k: os.environ.get(k) for k in values}
     try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        apply(values)
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        apply(saved)
 
 
 def _require_env(*names: str) -> None:
