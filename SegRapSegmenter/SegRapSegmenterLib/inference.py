@@ -34,6 +34,10 @@ class InferenceOptions:
     mirror: bool | None = None
     tile_step_size: float = 0.5
     threads: int | None = None
+    # how test-time mirroring treats left and right; None: as the bundle's training_mirroring says
+    # (README's matrix). "plain": stock nnU-Net (every axis, no swap); "laterality-aware": every axis,
+    # paired classes swapped after a left-right flip. For benchmarks and for bundles that record too little.
+    mirror_policy: str | None = None
 
 
 def pick_device(name: str):
@@ -196,7 +200,12 @@ class TaskPredictor:
         # with an L/R-first orientation letter the left-right axis is array axis 2 (x)
         lr_axis = left_right_axis(model.orientation, plans_manager.transpose_forward) if model.orientation else None
         has_pairs = task == "oar"
-        axes, swap = plan_mirroring(model.training_mirroring, bool(mirror), allowed_axes, lr_axis, has_pairs)
+        if options.mirror_policy not in (None, "plain", "laterality-aware"):
+            raise InputError(f"Unknown mirroring policy {options.mirror_policy!r}; use 'plain' or 'laterality-aware'.")
+        if options.mirror_policy:
+            allowed_axes = tuple(allowed_axes or (0, 1, 2))
+        axes, swap = plan_mirroring(options.mirror_policy or model.training_mirroring, bool(mirror), allowed_axes,
+                                    lr_axis, has_pairs)
         if mirror and not axes:
             log.warning("Test-time mirroring asked for, but %s's %s model records no orientation and was trained "
                         "without mirroring; mirroring stays off.", bundle.name, task)
