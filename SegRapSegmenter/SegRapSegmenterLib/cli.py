@@ -126,6 +126,9 @@ def _add_segment(sub) -> None:
     mirror.add_argument("--no-mirror", dest="mirror", action="store_false", help="test-time mirroring off")
     p.add_argument("--step", type=float, default=0.5, help="sliding-window tile step, fraction of a tile")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--low-memory", action="store_true", help="for GPUs with little memory: class scores and the "
+                   "image stay in CPU memory, only tiles go to the GPU (slower); out-of-memory errors switch "
+                   "to this by themselves, with a warning")
     align = p.add_mutually_exclusive_group()
     align.add_argument("--assume-aligned", dest="register", action="store_false", default=False,
                        help="the contrast CT is in the CT's patient space: resample only (default)")
@@ -154,7 +157,7 @@ def _request_from_args(args, ct, contrast, case_id, out_dir):
         ct=str(ct) if ct else None, contrast_ct=str(contrast) if contrast else None, out_dir=str(out_dir),
         case_id=case_id, bundle=args.bundle, tasks=_split(args.tasks) or (), structures=_split(args.structures),
         device=args.device, folds=_split(args.folds), mirror=args.mirror, tile_step_size=args.step,
-        threads=args.threads, register=args.register, ct_series=args.ct_series,
+        threads=args.threads, low_memory=args.low_memory, register=args.register, ct_series=args.ct_series,
         contrast_series=args.contrast_series, nifti=args.nifti, rtstruct=args.rtstruct, roi_names=args.roi_names,
         keep_largest_component=args.largest, fill_holes=args.fill_holes)
 

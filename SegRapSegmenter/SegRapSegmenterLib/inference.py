@@ -1,4 +1,12 @@
-"""One task of a bundle on one image with nnU-Net v2's predictor, returning labels on the image's grid.
+"""One task of a bundle on one image with nnU-Net v2's network, preprocessing and tiling, returning labels.
+
+Frugal path (default): the body's box is found first (``body``), tiles that miss it are skipped,
+class scores are held only for the slices tiles are still adding to (``tiles``) and each finished
+slice is reduced to labels on the input grid straight away (``scores``), so the scores of the
+whole volume never exist, at the network's resolution or the input's. The labels equal stock
+nnU-Net's inside the box (same preprocessing, tiles, weights and resampling) and are background
+outside it. Plans whose score resampling is not nnU-Net's default fall back to nnU-Net's own
+predictor for the whole volume, with a warning.
 
 The network is built from the bundle's plans (nnU-Net's ``get_network_from_plans``) instead of
 nnU-Net's search for the trainer class by name, and checkpoints are loaded with
@@ -8,6 +16,7 @@ bundle only.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable
@@ -16,8 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .body import BodyBox, body_box_of_image, reoriented_box
 from .errors import InputError, ModelError
 from .models import Bundle, load_checkpoint
+from .scores import SliceLabeler, axis_map, axis_orders
+from .tiles import Region, stream_scores, tile_slicers
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +46,8 @@ class InferenceOptions:
     mirror: bool | None = None
     tile_step_size: float = 0.5
     threads: int | None = None
+    low_memory: bool = False  # scores and the image stay in CPU memory; only tiles go to the GPU
+    crop_to_body: bool = True
     # how test-time mirroring treats left and right; None: as the bundle's training_mirroring says
     # (README's matrix). "plain": stock nnU-Net (every axis, no swap); "laterality-aware": every axis,
     # paired classes swapped after a left-right flip. For benchmarks and for bundles that record too little.
@@ -228,6 +242,15 @@ class TaskPredictor:
         self.folds = folds
         self.task = task
         self.orientation = model.orientation
+        self.options = options
+        self.plans_manager, self.configuration, self.dataset_json = plans_manager, configuration, dataset_json
+        self.label_manager = plans_manager.get_label_manager(dataset_json)
+        self._networks = []
+        for c in checkpoints:  # one network per fold: no reloading of weights for every tile
+            fold_network = copy.deepcopy(network)
+            fold_network.load_state_dict(c["network_weights"])
+            self._networks.append(fold_network.to(self.device).eval())
+        self.last_run: dict = {}
 
     def orientation_note(self, image: sitk.Image) -> str | None:
         """How the image is reoriented for the network, for the provenance (None when it is not)."""
@@ -236,21 +259,29 @@ class TaskPredictor:
         stored = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
         return f"stored {stored}, fed to the network as {self.orientation} (axis permutation/flip, no interpolation)"
 
-    def predict(self, image: sitk.Image, progress: Progress | None = None) -> np.ndarray:
+    def predict(self, image: sitk.Image, progress: Progress | None = None, box: BodyBox | None = None,
+                warn: Callable[[str], None] | None = None) -> np.ndarray:
         """Label map (uint8, z, y, x) of ``image`` on its own grid.
 
         When the bundle records its training orientation, the image is first reoriented to it (a
-        permutation and flip of axes) and the labels are mapped back exactly afterwards.
+        permutation and flip of axes) and the labels are mapped back exactly afterwards. ``box``: the
+        body's box on ``image``'s grid (found here when None; the pipeline finds it once on the CT and
+        shares it between tasks). Running out of GPU memory switches to low-memory mode with a warning.
         """
         stored = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
         fed = sitk.DICOMOrient(image, self.orientation) if self.orientation and stored != self.orientation else image
+        if not self.options.crop_to_body:
+            box = BodyBox((0, 0, 0), tuple(image.GetSize()[::-1]))
+        elif box is None:
+            box = body_box_of_image(image)
+        fed_box = box if fed is image else reoriented_box(box, image, fed)
         array = sitk.GetArrayFromImage(fed).astype(np.float32, copy=False)[None]
-        properties = {"spacing": list(fed.GetSpacing())[::-1]}
-        self._predictor.progress = progress
-        self._predictor._tiles_done = 0
+        spacing = list(fed.GetSpacing())[::-1]
+        self.last_run = {"body_box_zyx": [list(fed_box.start), list(fed_box.stop)], "body_found": box.found,
+                         "box_fraction": round(box.fraction_of(array.shape[1:]), 4),
+                         "low_memory": self.options.low_memory}
         with _quiet_nnunet():
-            labels = np.asarray(self._predictor.predict_single_npy_array(array, properties, None, None, False),
-                                dtype=np.uint8)
+            labels = self._predict_array(array, spacing, fed_box, progress, warn)
         if fed is image:
             return labels
         label_image = sitk.GetImageFromArray(labels)
@@ -260,6 +291,125 @@ class TaskPredictor:
             raise ModelError(f"Reorienting the labels from {self.orientation} back to {stored} did not restore "
                              f"the input grid; please report this with the image's geometry.")
         return sitk.GetArrayFromImage(back)
+
+    def _predict_array(self, array: np.ndarray, spacing, box: BodyBox, progress, warn) -> np.ndarray:
+        """Labels of ``array`` (1, z, y, x; the fed orientation) on its grid, background outside ``box``."""
+        import torch
+
+        pm, cm = self.plans_manager, self.configuration
+        forward = list(pm.transpose_forward)
+        network_spacing = list(cm.spacing)
+        input_spacing = [spacing[i] for i in forward]
+        orders = axis_orders(cm, network_spacing, input_spacing) if len(network_spacing) == 3 else None
+        if orders is None or self.label_manager.has_regions:
+            message = (f"{self.task}: the plans' score resampling ({cm.configuration.get('resampling_fn_probabilities')}) "
+                       f"or region labels are not supported by the frugal path; using nnU-Net's predictor for the "
+                       f"whole volume, which needs far more memory.")
+            log.warning(message)
+            if warn:
+                warn(message)
+            self.last_run["path"] = "stock"
+            return self._predict_stock(array, spacing, progress)
+        preprocessor = cm.preprocessor_class(verbose=False)
+        data, _, props = preprocessor.run_case_npy(array, None, {"spacing": list(spacing)}, pm, cm, self.dataset_json)
+        del array
+        low_memory = self.options.low_memory
+        try:
+            labels = self._stream(data, props, orders, box, progress, low_memory)
+        except torch.OutOfMemoryError as exc:
+            if low_memory:
+                raise ModelError(f"{self.task}: out of memory on {describe_device(self.device)} even in low-memory "
+                                 f"mode ({exc}); use --device cpu.") from exc
+            message = (f"{self.task}: out of GPU memory on {describe_device(self.device)}; continuing in low-memory "
+                       f"mode (scores kept in CPU memory, slower). Pass --low-memory to start that way.")
+            log.warning(message)
+            if warn:
+                warn(message)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.last_run["low_memory"] = self.last_run["low_memory_fallback"] = True
+            labels = self._stream(data, props, orders, box, progress, True)
+        self.last_run["path"] = "frugal"
+        return labels
+
+    def _stream(self, data: np.ndarray, props: dict, orders, box: BodyBox, progress, low_memory: bool) -> np.ndarray:
+        """Tiles over the body's box, slice by slice, to labels on the fed grid (z, y, x)."""
+        import torch
+        from acvl_utils.cropping_and_padding.padding import pad_nd_image
+        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+        pm, cm = self.plans_manager, self.configuration
+        forward = list(pm.transpose_forward)
+        shape_out = [int(n) for n in props["shape_after_cropping_and_before_resampling"]]
+        crop = [[int(a), int(b)] for a, b in props["bbox_used_for_cropping"]]
+        # the body's box in nnU-Net's coordinates (transposed, after its crop to non-zero voxels)
+        out_start = [min(max(box.start[forward[a]] - crop[a][0], 0), shape_out[a]) for a in range(3)]
+        out_stop = [min(max(box.stop[forward[a]] - crop[a][0], 0), shape_out[a]) for a in range(3)]
+        result = np.zeros([int(n) for n in props["shape_before_cropping"]], np.uint8)
+        if any(b <= a for a, b in zip(out_start, out_stop)):
+            self.last_run["tiles"] = [0, 0]
+            return result.transpose(pm.transpose_backward)
+        maps = [axis_map(int(data.shape[a + 1]), shape_out[a], orders[a]).part(out_start[a], out_stop[a])
+                for a in range(3)]
+        region_start = [int(m.lo[0]) for m in maps]
+        region_stop = [int(m.hi[-1]) + 1 for m in maps]
+        labeler = SliceLabeler(tuple(m.shifted(r) for m, r in zip(maps, region_start)))
+        needs_scores = any(m.linear for m in maps)
+
+        store = torch.device("cpu") if low_memory or self.device.type != "cuda" else self.device
+        image = torch.from_numpy(data)
+        padded, revert = pad_nd_image(image, cm.patch_size, "constant", {"value": 0}, True, None)
+        offset = [int(revert[a + 1].start) for a in range(3)]
+        padded = padded.to(store)
+        region = Region(tuple(r + o for r, o in zip(region_start, offset)),
+                        tuple(r + o for r, o in zip(region_stop, offset)))
+        tiles = tile_slicers(padded.shape[1:], cm.patch_size, self.options.tile_step_size)
+        gaussian = compute_gaussian(tuple(cm.patch_size), sigma_scale=1. / 8, value_scaling_factor=10, device=store)
+        evaluated = [0, len(tiles)]
+
+        def tile_progress(done: int, total: int) -> None:
+            evaluated[0] = done
+            if progress is not None:
+                progress(done / total)
+
+        labels = np.zeros([b - a for a, b in zip(out_start, out_stop)], np.uint8)
+        scores_of = self.label_manager.num_segmentation_heads
+        for z, scores in stream_scores(self._evaluate, padded, tiles, region, gaussian, scores_of, store,
+                                       tile_progress):
+            slice_labels = scores.argmax(0).to(torch.uint8).cpu().numpy()
+            slice_scores = scores.cpu().numpy() if needs_scores else None
+            for j, out in labeler.add(z - region.start[0], slice_scores, slice_labels):
+                labels[j] = out
+        if not labeler.complete:
+            raise ModelError(f"{self.task}: the sliding window ended before every slice was labelled; please report this.")
+        self.last_run["tiles"] = evaluated
+        self.last_run["interpolated_voxels"] = labeler.interpolated
+        inner = tuple(slice(crop[a][0] + out_start[a], crop[a][0] + out_stop[a]) for a in range(3))
+        result[inner] = labels
+        return result.transpose(pm.transpose_backward)
+
+    def _evaluate(self, tile):
+        """Class scores of one tile (1, C, *patch): the mean over folds of the (mirrored) network outputs."""
+        import contextlib
+
+        import torch
+
+        tile = tile.to(self.device, non_blocking=True)
+        autocast = torch.autocast("cuda", enabled=True) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            total = None
+            for network in self._networks:
+                scores = mirrored_sum(network, tile, self.mirroring_axes, self._predictor.lr_axis,
+                                      self._predictor.permutation)
+                total = scores if total is None else total + scores
+        return total / len(self._networks)
+
+    def _predict_stock(self, array: np.ndarray, spacing, progress) -> np.ndarray:
+        """nnU-Net's own predictor over the whole volume (plans the frugal path does not cover)."""
+        self._predictor.progress = progress
+        self._predictor._tiles_done = 0
+        return np.asarray(self._predictor.predict_single_npy_array(array, {"spacing": list(spacing)}, None, None,
+                                                                   False), dtype=np.uint8)
 
 
 class _quiet_nnunet:
