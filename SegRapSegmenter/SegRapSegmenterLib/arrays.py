@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import numpy as np
 
-from .errors import InputError
+from .errors import GeometryError, InputError
 
 Box = tuple[slice, slice, slice]
 EMPTY_BOX: Box = (slice(0, 0), slice(0, 0), slice(0, 0))
@@ -22,3 +24,69 @@ def bounding_box(mask: np.ndarray) -> Box | None:
     y = np.flatnonzero(plane.any(axis=1))
     x = np.flatnonzero(plane.any(axis=0))
     return (slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(x[0]), int(x[-1]) + 1))
+
+
+def crop_of(masks: Mapping[str, np.ndarray], key: str) -> tuple[Box, np.ndarray]:
+    """Box and cropped mask of one entry of any mask mapping (cropped ones are not expanded)."""
+    if hasattr(masks, "crop"):
+        box, data = masks.crop(key)
+        return box, np.asarray(data, dtype=bool)
+    full = np.asarray(masks[key], dtype=bool)
+    box = bounding_box(full) or EMPTY_BOX
+    return box, full[box]
+
+
+class CroppedMasks(Mapping):
+    """Masks held cropped to their bounding boxes; ``masks[name]`` builds the full (z, y, x) mask on demand.
+
+    47 full masks of a 126 x 1024 x 1024 CT take 6 GB; their crops a small part of that.
+    ``crop(name)`` gives the box (slices) and the cropped mask.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], crops: dict[str, tuple[Box, np.ndarray]] | None = None):
+        self.shape = tuple(int(n) for n in shape)
+        self._crops = dict(crops or {})
+
+    @classmethod
+    def of(cls, *mappings: Mapping[str, np.ndarray]) -> "CroppedMasks":
+        """The masks of one or more mappings (full masks, or anything with ``crop`` and ``shape``), cropped."""
+        out: CroppedMasks | None = None
+        for mapping in mappings:
+            for key in mapping:
+                here = tuple(mapping.shape) if hasattr(mapping, "crop") else np.shape(mapping[key])
+                if out is None:
+                    out = cls(here)
+                elif tuple(here) != out.shape:
+                    raise GeometryError(f"Mask {key!r} has shape {tuple(here)}, the others {out.shape}.")
+                out.put(str(key), *crop_of(mapping, key))
+        return out if out is not None else cls((0, 0, 0))
+
+    def put(self, key: str, box: Box, data: np.ndarray) -> None:
+        """Store a cropped mask (box on this grid, data of the box's shape)."""
+        self._crops[key] = (box, np.asarray(data, dtype=bool))
+
+    def put_full(self, key: str, mask: np.ndarray) -> None:
+        """Store a full-size mask, cropped to its bounding box."""
+        if np.shape(mask) != self.shape:
+            raise GeometryError(f"Mask {key!r} has shape {np.shape(mask)}, the grid {self.shape}.")
+        self.put(key, *crop_of({key: mask}, key))
+
+    def subset(self, keys: Iterable[str]) -> "CroppedMasks":
+        keep = set(keys)
+        return CroppedMasks(self.shape, {k: v for k, v in self._crops.items() if k in keep})
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        box, data = self._crops[key]
+        full = np.zeros(self.shape, dtype=bool)
+        full[box] = data
+        return full
+
+    def __iter__(self):
+        return iter(self._crops)
+
+    def __len__(self) -> int:
+        return len(self._crops)
+
+    def crop(self, key: str) -> tuple[Box, np.ndarray]:
+        """Bounding box (slices) and the mask inside it."""
+        return self._crops[key]

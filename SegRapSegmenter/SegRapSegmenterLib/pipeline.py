@@ -13,6 +13,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,10 @@ from scipy import ndimage
 
 from . import __version__
 from . import structures as S
+from .arrays import CroppedMasks
 from .errors import InputError, OutputError
+from .body import THRESHOLD_HU as BODY_THRESHOLD_HU
+from .body import body_box_of_image
 from .imaging import VolumeSource, contrast_on_ct_grid, read_volume
 from .inference import InferenceOptions, TaskPredictor, describe_device
 from .models import Bundle, resolve_bundle, sha256_file, verify_bundle
@@ -50,6 +54,7 @@ class SegmentRequest:
     mirror: bool | None = None
     tile_step_size: float = 0.5
     threads: int | None = None
+    low_memory: bool = False
     register: bool = False
     ct_series: str | None = None
     contrast_series: str | None = None
@@ -143,37 +148,44 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
-def postprocess(masks: dict[str, np.ndarray], keep_largest: bool, fill: bool) -> dict[str, list[str]]:
-    """Per-structure clean-up in place; returns what was done to each structure."""
+def postprocess(masks: CroppedMasks, keep_largest: bool, fill: bool) -> dict[str, list[str]]:
+    """Per-structure clean-up in place, each on its own crop; returns what was done to each structure.
+
+    Both steps give the same result on the bounding box as on the full grid: components do not
+    change, and background touching the box's edge is outside the structure either way.
+    """
     done: dict[str, list[str]] = {}
-    for name, mask in masks.items():
+    for name in list(masks):
+        box, mask = masks.crop(name)
         steps = []
         if keep_largest and S.get(name).single_component and mask.any():
             kept = keep_largest_component(mask)
             removed = int(mask.sum() - kept.sum())
             if removed:
-                masks[name] = mask = kept
+                mask = kept
                 steps.append(f"removed {removed} voxels outside the largest component")
         if fill and mask.any():
             filled = ndimage.binary_fill_holes(mask)
             added = int(filled.sum() - mask.sum())
             if added:
-                masks[name] = filled
+                mask = filled
                 steps.append(f"filled {added} hole voxels")
         if steps:
+            masks.put(name, box, mask)
             done[name] = steps
     return done
 
 
-def structure_report(masks: dict[str, np.ndarray], reference: sitk.Image) -> tuple[dict, list[str]]:
+def structure_report(masks: CroppedMasks, reference: sitk.Image) -> tuple[dict, list[str]]:
     """Volume (ml), voxel count, centroid (LPS) and QA flags per structure; and the warnings they raise."""
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
     report: dict[str, dict] = {}
-    for name, mask in masks.items():
+    for name in masks:
+        box, mask = masks.crop(name)
         count = int(np.count_nonzero(mask))
         entry = {"voxels": count, "volume_ml": round(count * voxel_ml, 3), "flags": []}
         if count:
-            zyx = np.argwhere(mask).mean(axis=0)
+            zyx = np.argwhere(mask).mean(axis=0) + [b.start for b in box]
             entry["centroid_lps_mm"] = [round(v, 2) for v in reference.TransformContinuousIndexToPhysicalPoint(
                 [float(v) for v in zyx[::-1]])]
         else:
@@ -190,6 +202,19 @@ def structure_report(masks: dict[str, np.ndarray], reference: sitk.Image) -> tup
                 warnings.append(f"{name} lies to the patient's right of {s.partner}: left and right may be swapped "
                                 f"(check the image orientation and the contours)")
     return report, warnings
+
+
+def _structures_of(task: str, labels: np.ndarray, shape, req: SegmentRequest) -> tuple[CroppedMasks, dict]:
+    """A task's label map as cropped structure masks, cleaned up (``postprocess``)."""
+    masks = CroppedMasks(shape)
+    if task == "oar":
+        recomposed = S.recompose(labels)
+        for name in S.OAR_NAMES:
+            masks.put(name, *recomposed.crop(name))
+    else:
+        for name, mask in S.recompose_gtv(labels).items():
+            masks.put_full(name, mask)
+    return masks, postprocess(masks, req.keep_largest_component, req.fill_holes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,9 +286,19 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     timings["read"] = time.perf_counter() - t0
 
     options = InferenceOptions(device=req.device, folds=req.folds, mirror=req.mirror,
-                               tile_step_size=req.tile_step_size, threads=req.threads)
-    masks: dict[str, np.ndarray] = {}
+                               tile_step_size=req.tile_step_size, threads=req.threads, low_memory=req.low_memory)
+    # the body is found once, on the CT (the contrast CT is put on its grid), and both tasks skip the rest
+    t0 = time.perf_counter()
+    box = body_box_of_image(reference)
+    if not box.found:
+        warning(f"No patient body found in {req.ct or req.contrast_ct} (nothing above {BODY_THRESHOLD_HU:.0f} HU "
+                f"after the opening): the whole image is processed.")
+    timings["body"] = time.perf_counter() - t0
+    masks = CroppedMasks(sitk.GetArrayViewFromImage(reference).shape)
     inference_record: dict[str, dict] = {}
+    # Task 1's labels are turned into structures and cleaned up on a second thread while Task 2 runs
+    background = ThreadPoolExecutor(max_workers=1)
+    pending = []
     alignment = None
     span = {"oar": (0.05, 0.75), "gtv": (0.75, 0.92)} if len(tasks) == 2 else {tasks[0]: (0.05, 0.92)}
     for task in tasks:
@@ -281,18 +316,16 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
                 image = contrast.image
         progress(f"{task}-inference", lo, f"running the {task} model on {describe_device(predictor.device)}")
         labels = predictor.predict(image, lambda f, lo=lo, hi=hi, task=task: progress(
-            f"{task}-inference", lo + (hi - lo) * f, f"{task}: {f:.0%} of the sliding window"))
-        if task == "oar":
-            recomposed = S.recompose(labels)
-            masks.update({n: recomposed[n] for n in S.OAR_NAMES})
-        else:
-            masks.update(S.recompose_gtv(labels))
+            f"{task}-inference", lo + (hi - lo) * f, f"{task}: {f:.0%} of the sliding window"),
+            box=box if task == "oar" or ct is not None else None, warn=warning)
         timings[f"{task}_inference"] = time.perf_counter() - t0
+        pending.append(background.submit(_structures_of, task, labels, masks.shape, req))
+        del labels
         inference_record[task] = {"folds": list(predictor.folds), "device": describe_device(predictor.device),
                                   "test_time_mirroring_axes": list(predictor.mirroring_axes or []),
                                   "test_time_mirroring_swaps_left_right": predictor.swaps_left_right,
                                   "tile_step_size": req.tile_step_size,
-                                  "orientation": predictor.orientation_note(image)}
+                                  "orientation": predictor.orientation_note(image), **predictor.last_run}
         if predictor.device.type == "cuda":
             import torch
 
@@ -302,10 +335,18 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
 
     progress("postprocess", 0.92, "post-processing and checking the structures")
     t0 = time.perf_counter()
-    cleanup = postprocess(masks, req.keep_largest_component, req.fill_holes)
+    cleanup: dict[str, list[str]] = {}
+    try:
+        for future in pending:
+            task_masks, task_cleanup = future.result()
+            for name in task_masks:
+                masks.put(name, *task_masks.crop(name))
+            cleanup.update(task_cleanup)
+    finally:
+        background.shutdown(cancel_futures=True)
     if req.structures is not None:
         keep = {s.name for s in S.select(list(req.structures))}
-        masks = {n: m for n, m in masks.items() if n in keep}
+        masks = masks.subset(keep)
     structures, qa_warnings = structure_report(masks, reference)
     for message in qa_warnings:
         warning(message)
@@ -328,7 +369,7 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     return SegmentResult(case_id, outputs, warnings)
 
 
-def _write_outputs(req: SegmentRequest, case_id: str, masks: dict[str, np.ndarray], reference: sitk.Image,
+def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, reference: sitk.Image,
                    ct: VolumeSource | None, provenance: dict, staging: Path, out_dir: Path, timings: dict,
                    t_start: float, t_write: float) -> dict[str, str]:
     from .maskfiles import write_challenge_mha
@@ -348,13 +389,13 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: dict[str, np.ndarra
         if req.nifti:
             folder = staging / f"{case_id}_structures"
             folder.mkdir()
-            for name, mask in masks.items():
-                sitk.WriteImage(_mask_image(mask, reference), str(folder / f"{name}.nii.gz"), useCompression=True)
+            for name in masks:
+                sitk.WriteImage(_mask_image(masks[name], reference), str(folder / f"{name}.nii.gz"), useCompression=True)
             names["nifti"] = folder
             for task, task_names in (("oar", S.OAR_NAMES), ("gtv", S.GTV_NAMES)):
                 if any(n in masks for n in task_names):
                     path = staging / f"{case_id}_{task}_4d.mha"
-                    write_challenge_mha(path, {n: m for n, m in masks.items() if n in task_names}, task,
+                    write_challenge_mha(path, masks.subset(task_names), task,
                                         reference.GetSpacing()[::-1], reference)
                     names[f"challenge_{task}"] = path
         if req.rtstruct:

@@ -35,7 +35,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from . import __version__
 from . import structures as S
-from .arrays import EMPTY_BOX, bounding_box
+from .arrays import EMPTY_BOX, CroppedMasks, bounding_box
 from .contours import Contours, fill, trace
 from .errors import DicomError, GeometryError, InputError, StructureNameError
 
@@ -198,53 +198,7 @@ def _trace_roi(masks: Mapping[str, np.ndarray], key: str) -> Contours:
     return trace(np.asarray(data, dtype=bool)).shifted(*(b.start or 0 for b in box))
 
 
-class RoiMasks(Mapping):
-    """Masks held cropped to their bounding boxes; ``masks[name]`` builds the full (z, y, x) mask on demand.
-
-    What ``read_rtstruct`` returns: 47 full masks of a 1024 x 1024 CT would take gigabytes, their
-    crops a few megabytes. ``crop(name)`` gives the box (slices) and the cropped mask.
-    """
-
-    def __init__(self, shape: tuple[int, int, int], crops: dict[str, tuple[tuple[slice, ...], np.ndarray]]):
-        self.shape = tuple(shape)
-        self._crops = crops
-
-    @classmethod
-    def of(cls, *mappings: Mapping[str, np.ndarray]) -> "RoiMasks":
-        """The masks of one or more mappings (full masks, or anything with ``crop`` and ``shape``), cropped."""
-        crops: dict[str, tuple[tuple[slice, ...], np.ndarray]] = {}
-        shape: tuple[int, ...] | None = None
-        for mapping in mappings:
-            for key in mapping:
-                if hasattr(mapping, "crop"):
-                    box, data = mapping.crop(key)
-                    here = tuple(mapping.shape)
-                else:
-                    full = np.asarray(mapping[key], dtype=bool)
-                    here = full.shape
-                    box = bounding_box(full) or EMPTY_BOX
-                    data = full[box]
-                if shape is not None and here != shape:
-                    raise GeometryError(f"Mask {key!r} has shape {here}, the others {shape}.")
-                shape = here
-                crops[str(key)] = (box, np.asarray(data, dtype=bool))
-        return cls(shape or (0, 0, 0), crops)
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        box, data = self._crops[key]
-        full = np.zeros(self.shape, dtype=bool)
-        full[box] = data
-        return full
-
-    def __iter__(self):
-        return iter(self._crops)
-
-    def __len__(self) -> int:
-        return len(self._crops)
-
-    def crop(self, key: str) -> tuple[tuple[slice, ...], np.ndarray]:
-        """Bounding box (slices) and the mask inside it."""
-        return self._crops[key]
+RoiMasks = CroppedMasks  # what ``read_rtstruct`` returns: 47 full masks of a 1024 x 1024 CT would take gigabytes
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import structures as S
-from .arrays import bounding_box
+from .arrays import CroppedMasks, bounding_box, crop_of
 from .errors import GeometryError, InputError
 
 _LPS = "left-posterior-superior"
@@ -46,13 +46,14 @@ def pack_layers(masks: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> tupl
     layers: list[np.ndarray] = []
     placed: dict[str, tuple[int, int]] = {}
     next_value: list[int] = []
-    for name, mask in masks.items():
-        box = bounding_box(mask)
+    for name in masks:
+        box, crop = crop_of(masks, name)
+        box = box if crop.any() else None
         target = None
         for i, layer in enumerate(layers):
             if next_value[i] > 255:
                 continue
-            if box is None or not layer[box][mask[box]].any():
+            if box is None or not layer[box][crop].any():
                 target = i
                 break
         if target is None:
@@ -62,7 +63,7 @@ def pack_layers(masks: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> tupl
         value = next_value[target]
         next_value[target] += 1
         if box is not None:
-            layers[target][box][mask[box]] = value
+            layers[target][box][crop] = value
         placed[name] = (target, value)
     if not layers:
         layers.append(np.zeros(shape, dtype=np.uint8))
@@ -79,25 +80,30 @@ def _segment_fields(i: int, name: str, display: str, color, layer: int, value: i
     }
 
 
-def _extent(mask: np.ndarray) -> str:
+def _extent(box, crop: np.ndarray) -> str:
     """Slicer's segment extent: i0 i1 j0 j1 k0 k1 (inclusive, x y z order); empty is 0 -1 0 -1 0 -1."""
-    box = bounding_box(mask)
-    if box is None:
+    if not crop.any():
         return "0 -1 0 -1 0 -1"
+    box = tuple(slice(b.start + a.start, b.start + a.stop) for a, b in zip(bounding_box(crop), box))
     z, y, x = box
     return f"{x.start} {x.stop - 1} {y.start} {y.stop - 1} {z.start} {z.stop - 1}"
 
 
-def _check_masks(masks: Mapping[str, np.ndarray], reference: sitk.Image) -> dict[str, np.ndarray]:
+def _check_masks(masks: Mapping[str, np.ndarray], reference: sitk.Image) -> CroppedMasks:
+    """The masks, cropped (a cropped mapping is taken as it is), after checking they are on the reference grid."""
     shape = tuple(reversed(reference.GetSize()))
     if reference.GetDimension() != 3:
         raise GeometryError(f"The reference image must be 3D, got {reference.GetDimension()}D.")
-    out: dict[str, np.ndarray] = {}
+    if hasattr(masks, "crop"):
+        if tuple(masks.shape) != shape:
+            raise GeometryError(f"The masks have shape {tuple(masks.shape)} (z, y, x) but the reference grid is {shape}.")
+        return CroppedMasks.of(masks)
+    out = CroppedMasks(shape)
     for key, mask in masks.items():
         arr = np.asarray(mask)
         if arr.shape != shape:
             raise GeometryError(f"Mask {key!r} has shape {arr.shape} (z, y, x) but the reference grid is {shape}.")
-        out[key] = arr.astype(bool, copy=False)
+        out.put_full(key, arr.astype(bool, copy=False))
     return out
 
 
@@ -114,12 +120,14 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
     checked = _check_masks(masks, reference)
     known = {}
     other = {}
-    for key, mask in checked.items():
+    for key in checked:
         try:
-            known[S.get(key).name] = mask
+            known[S.get(key).name] = key
         except KeyError:
-            other[key] = mask
-    ordered = {s.name: known[s.name] for s in S.STRUCTURES if s.name in known} | other
+            other[key] = key
+    ordered = CroppedMasks(checked.shape)
+    for name, key in [(s.name, known[s.name]) for s in S.STRUCTURES if s.name in known] + list(other.items()):
+        ordered.put(name, *checked.crop(key))
     shape = tuple(reversed(reference.GetSize()))
     layers, placed = pack_layers(ordered, shape)
 
@@ -136,7 +144,7 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
         "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
         "Segmentation_ReferenceImageExtentOffset": "0 0 0",
     }
-    for i, (name, mask) in enumerate(ordered.items()):
+    for i, name in enumerate(ordered):
         layer, value = placed[name]
         if name in known:
             s = S.get(name)
@@ -144,7 +152,7 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
             tag = f"TerminologyEntry:{terminology_entry(s)}|"
         else:
             color, tag = (0.5, 0.5, 0.5), ""
-        custom.update(_segment_fields(i, name, name, color, layer, value, _extent(mask), tag))
+        custom.update(_segment_fields(i, name, name, color, layer, value, _extent(*ordered.crop(name)), tag))
     if provenance is not None:
         custom["SegRap_Provenance"] = json.dumps(provenance, separators=(",", ":"), sort_keys=True)
     data = np.stack(layers, axis=-1)  # z, y, x, layer -> NRRD axes layer, i, j, k with C index order
