@@ -4,7 +4,8 @@ nnU-Net's tiles (same positions, Gaussian weights and order as its predictor) ar
 of their first slice; once a tile starts at slice z, no later tile touches any slice before z, so
 those slices are final: they are normalised, handed on and forgotten. Tiles that miss the region of
 interest (the body's box) are skipped; inside the region every voxel gets the same tiles as stock.
-Scores accumulate in half precision, as in nnU-Net; the weights in float32.
+Scores and weights accumulate in half precision with nnU-Net's operations in nnU-Net's order, so a
+single fold's scores are bit-identical to stock's.
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ def stream_scores(evaluate: Callable, data, tiles: list[Slicer], region: Region,
     (z0, y0, x0), (z1, y1, x1) = region.start, region.stop
     plane = (y1 - y0, x1 - x0)
     pending: dict[int, tuple] = {}
-    gaussian_here = gaussian.to(store_device, torch.float32)
+    gaussian_here = gaussian.to(store_device)
     following = z0
 
     def finished(z):
         scores, weights = pending.pop(z)
-        return z, torch.div(scores.float(), weights).half()
+        return z, torch.div(scores, weights, out=scores)
 
     for n, tile in enumerate(todo):
         while following < min(tile[0].start, z1):
@@ -65,14 +66,14 @@ def stream_scores(evaluate: Callable, data, tiles: list[Slicer], region: Region,
         hi = [min(s.stop, b) for s, b in zip(tile, region.stop)]
         inner = tuple(slice(a - s.start, b - s.start) for s, a, b in zip(tile, lo, hi))
         weights = gaussian_here[inner]
-        part = prediction[(slice(None), *inner)].float() * weights
+        part = prediction[(slice(None), *inner)] * weights
         target = (slice(lo[1] - y0, hi[1] - y0), slice(lo[2] - x0, hi[2] - x0))
         for k, z in enumerate(range(lo[0], hi[0])):
             if z not in pending:
                 pending[z] = (torch.zeros((num_classes, *plane), dtype=torch.half, device=store_device),
-                              torch.zeros(plane, dtype=torch.float32, device=store_device))
+                              torch.zeros(plane, dtype=torch.half, device=store_device))
             scores, total = pending[z]
-            scores[(slice(None), *target)] += part[:, k].half()
+            scores[(slice(None), *target)] += part[:, k]
             total[target] += weights[k]
         if progress is not None:
             progress(n + 1, len(todo))
