@@ -374,8 +374,9 @@ class TaskPredictor:
 
         labels = np.zeros([b - a for a, b in zip(out_start, out_stop)], np.uint8)
         scores_of = self.label_manager.num_segmentation_heads
+        stats: dict = {}
         for z, scores in stream_scores(self._evaluate, padded, tiles, region, gaussian, scores_of, store,
-                                       tile_progress):
+                                       tile_progress, stats):
             slice_labels = scores.argmax(0).to(torch.uint8).cpu().numpy()
             slice_scores = scores.cpu().numpy() if needs_scores else None
             for j, out in labeler.add(z - region.start[0], slice_scores, slice_labels):
@@ -383,6 +384,7 @@ class TaskPredictor:
         if not labeler.complete:
             raise ModelError(f"{self.task}: the sliding window ended before every slice was labelled; please report this.")
         self.last_run["tiles"] = evaluated
+        self.last_run["score_slices_held"] = [stats.get("held_slices", 0), int(padded.shape[1])]
         self.last_run["interpolated_voxels"] = labeler.interpolated
         inner = tuple(slice(crop[a][0] + out_start[a], crop[a][0] + out_stop[a]) for a in range(3))
         result[inner] = labels

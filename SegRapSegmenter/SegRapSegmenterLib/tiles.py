@@ -37,11 +37,13 @@ def tile_slicers(shape, patch, step: float) -> list[Slicer]:
 
 
 def stream_scores(evaluate: Callable, data, tiles: list[Slicer], region: Region, gaussian, num_classes: int,
-                  store_device, progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, "object"]]:
+                  store_device, progress: Callable[[int, int], None] | None = None,
+                  stats: dict | None = None) -> Iterator[tuple[int, "object"]]:
     """Yield ``(z, scores)`` for every slice z of ``region`` in order; scores: (C, region y, region x) float16.
 
     ``evaluate(tile)`` returns the tile's class scores (1, C, *patch) on any device; ``data`` is the
-    preprocessed image (channels, z, y, x) as a torch tensor.
+    preprocessed image (channels, z, y, x) as a torch tensor. ``stats`` (optional) receives the most
+    slices held at once (``held_slices``), which tests use to show that the whole volume never is.
     """
     import torch
 
@@ -75,6 +77,8 @@ def stream_scores(evaluate: Callable, data, tiles: list[Slicer], region: Region,
             scores, total = pending[z]
             scores[(slice(None), *target)] += part[:, k]
             total[target] += weights[k]
+        if stats is not None:
+            stats["held_slices"] = max(stats.get("held_slices", 0), len(pending))
         if progress is not None:
             progress(n + 1, len(todo))
     while following < z1:
