@@ -58,11 +58,11 @@ def test_killed_worker_is_reported_and_its_staging_removed(heldout_case, tmp_pat
     assert list(out.iterdir()) == []
 
 
-def test_structure_subset_runs_only_the_needed_task(heldout_case, tmp_path, capsys):
+def test_structure_subset_runs_only_the_needed_task_and_low_memory_is_recorded(heldout_case, tmp_path, capsys):
     _, paths = heldout_case
     out = tmp_path / "out"
     rc = cli.main(["segment", "--ct", str(paths.ct), "--contrast-ct", str(paths.contrast_ct), "--out", str(out),
-                   "--bundle", "demo", "--device", "cpu", "--structures", "gtv_p,GTVn", "--json"])
+                   "--bundle", "demo", "--device", "cpu", "--structures", "gtv_p,GTVn", "--json", "--low-memory"])
     assert rc == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     stages = {e.get("stage") for e in events if e["event"] == "progress"}
@@ -70,6 +70,9 @@ def test_structure_subset_runs_only_the_needed_task(heldout_case, tmp_path, caps
     from SegRapSegmenterLib.segfile import read_seg_nrrd
 
     assert read_seg_nrrd(events[-1]["outputs"]["segmentation"]).segment_names == ["GTVp", "GTVnd"]
+    record = json.loads(open(events[-1]["outputs"]["provenance"]).read())["inference"]["gtv"]
+    assert record["low_memory"] is True and record["path"] == "frugal"
+    assert record["body_found"] and 0 < record["box_fraction"] <= 1
 
 
 def _segment(*args) -> int:
