@@ -10,8 +10,7 @@ SimpleITK or scipy).
 
 What only real Slicer can check (headless tests cover everything below the widgets): the panel
 wiring, the qt timer, the consent dialogs and ``slicer.util.pip_install``, the DICOM database
-import of an exported RTSTRUCT. The "Low memory" choice is shown disabled: the core has no
-low-memory inference mode yet.
+import of an exported RTSTRUCT.
 """
 
 from __future__ import annotations
@@ -39,8 +38,9 @@ from SegRapSegmenterLib.slicer_logic import CANCELLED, DONE, SegmentationLogic
 LIBRARY = "SegRapSegmenterLib"
 TERMINOLOGY_FILE = os.path.join(os.path.dirname(__file__), "Resources", "SegRapSegmenter.term.json")
 SETTINGS_PREFIX = "SegRapSegmenter/"
-PERSISTENT = ("bundle", "device", "folds", "mirror", "pythonExecutable")  # kept in the application settings
-LOW_MEMORY_NOTE = "Not available yet: the SegRap core has no low-memory inference mode."
+PERSISTENT = ("bundle", "device", "folds", "mirror", "lowMemory", "pythonExecutable")  # kept in the application settings
+LOW_MEMORY_NOTE = ("For GPUs with little memory: class scores and the image stay in CPU memory and only tiles go "
+                   "to the GPU (slower). Running out of GPU memory switches to this by itself, with a warning.")
 
 
 def registerTerminology() -> str:
@@ -156,7 +156,6 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportRtStructToFolderButton.connect("clicked(bool)", self.onExportToFolder)
         self.ui.exportRtStructToDatabaseButton.connect("clicked(bool)", self.onExportToDatabase)
         self.ui.pythonExecutablePathLineEdit.connect("currentPathChanged(QString)", lambda _: self._forgetProbe())
-        self.ui.lowMemoryCheckBox.enabled = False
         self.ui.lowMemoryCheckBox.toolTip = LOW_MEMORY_NOTE
         self.ui.progressBar.setValue(0)
         self.ui.statusLabel.text = ""
@@ -348,7 +347,7 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node = self.logic.segment(
                 p.ctVolume, p.contrastCtVolume if p.segmentGtvs else None, p.outputSegmentation, tasks=tasks,
                 structures=self.selectedStructures(), device=p.device, folds=p.folds or None,
-                mirror=p.mirror, bundle=p.bundle or None, wait=False, progress=self._onEvent,
+                mirror=p.mirror, bundle=p.bundle or None, lowMemory=p.lowMemory, wait=False, progress=self._onEvent,
                 finished=self._onFinished)
             p.outputSegmentation = node
             self._startElapsedTimer()

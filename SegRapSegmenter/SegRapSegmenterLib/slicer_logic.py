@@ -240,7 +240,7 @@ class SegmentationLogic:
 
     def segment(self, ctNode, contrastCtNode=None, segmentationNode=None, tasks: Sequence[str] = ("oar", "gtv"),
                 structures: Sequence[str] | None = None, device: str = "auto", folds: Sequence[str] | str | None = None,
-                mirror: bool | None = None, bundle: str | None = None, wait: bool = True,
+                mirror: bool | None = None, bundle: str | None = None, lowMemory: bool = False, wait: bool = True,
                 progress: Progress | None = None, finished: Callable[[SegmentationRun], None] | None = None,
                 tile_step_size: float = 0.5, threads: int | None = None, register: bool = False,
                 show3D: bool = True):
@@ -248,7 +248,8 @@ class SegmentationLogic:
 
         ``segmentationNode`` None: a new node is made. ``tasks``: "oar", "gtv" or both; ``structures``:
         a subset by name (any spelling), None for all. ``folds``: e.g. ("0", "1") or "0,1"; None for the
-        bundle's folds. ``mirror``: test-time mirroring (None: the bundle's default). ``bundle``: an
+        bundle's folds. ``mirror``: test-time mirroring (None: the bundle's default). ``lowMemory``: scores
+        kept in CPU memory (for small GPUs; out-of-memory switches to it anyway). ``bundle``: an
         installed name, a folder, or "demo"; None for the only installed one. ``progress(event)`` gets
         every worker event. ``wait=False`` returns at once (the node fills when the run is done,
         ``finished(run)`` is called then; errors are in ``run.error``); ``wait=True`` blocks and raises
@@ -286,7 +287,7 @@ class SegmentationLogic:
                 ct=ct_path, contrast_ct=contrast_path, out_dir=str(workdir / "out"), case_id=case_id, bundle=bundle,
                 tasks=tasks, structures=tuple(structures) if structures is not None else None, device=device,
                 folds=tuple(str(f) for f in folds) if folds else None, mirror=mirror, tile_step_size=tile_step_size,
-                threads=threads, register=register, staging_dir=str(workdir / "staging"))
+                threads=threads, low_memory=lowMemory, register=register, staging_dir=str(workdir / "staging"))
             worker = WorkerRun(request, python=self.python or default_python())
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
