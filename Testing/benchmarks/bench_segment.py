@@ -1,11 +1,17 @@
-"""Benchmark: `segrap segment` against stock `nnUNetv2_predict_from_modelfolder` on the same model and input.
+"""Benchmark: `segrap segment` against stock nnU-Net (`nnUNetv2_predict_from_modelfolder`) on the same model and input.
 
-A `full` phantom case (126 x 512 x 512 at 3 x 0.54 x 0.54 mm), both tasks, the same bundle, folds and
-device, no test-time mirroring. Wall time and peak memory of the whole process tree (proportional
-set size, so pages shared between nnU-Net's worker processes count once; sampled from /proc every
-0.1 s) are printed per method and as ratios ours / stock.
+A `full` phantom case (126 x 512 x 512 at 3 x 0.54 x 0.54 mm; `--size 1024`: the same case resampled
+to 126 x 1024 x 1024 at 0.27 mm), both tasks, the same bundle, folds and device, no test-time
+mirroring. Wall time and peak memory of the whole process tree (proportional set size, so pages
+shared between nnU-Net's worker processes count once; sampled from /proc every 0.1 s) are printed
+per method and as ratios ours / stock. A run whose memory passes `--cap-gib` is killed and reported
+as such (stock nnU-Net on a 1024 x 1024 case needs more than this machine has).
 
-    python Testing/benchmarks/bench_segment.py [--bundle demo] [--device cpu] [--size full] [--work DIR]
+Agreement: ours is run without the largest-component clean-up, so both outputs are the networks'
+labels; the 54-class map of our Task 1 structures (``decompose``) and our GTV labels are compared
+voxel by voxel with stock's, and every structure's Dice between the two is printed.
+
+    python Testing/benchmarks/bench_segment.py [--bundle demo] [--device cpu] [--size full|1024|small]
 """
 
 from __future__ import annotations
@@ -54,17 +60,23 @@ def _tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
-    """Wall time (s), peak tree RSS (bytes) and exit code of a command."""
+def measure(cmd: list[str], env: dict | None = None, cap_bytes: int | None = None) -> tuple[float, int, int]:
+    """Wall time (s), peak tree PSS (bytes) and exit code of a command (-9: killed above ``cap_bytes``)."""
+    import signal
+
     peak = 0
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     done = threading.Event()
 
     def sample():
         nonlocal peak
         while not done.is_set():
             peak = max(peak, _tree_rss_bytes(proc.pid))
+            if cap_bytes and peak > cap_bytes:
+                os.killpg(proc.pid, signal.SIGKILL)
+                return
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -78,29 +90,89 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
     return wall, peak, proc.returncode
 
 
+def _simulated_1024(case):
+    """The phantom case resampled in-plane to 1024 x 1024 (0.27 mm), as a high-resolution planning CT."""
+    import SimpleITK as sitk
+
+    def finer(image, fill):
+        spacing = (image.GetSpacing()[0] / 2, image.GetSpacing()[1] / 2, image.GetSpacing()[2])
+        size = (image.GetSize()[0] * 2, image.GetSize()[1] * 2, image.GetSize()[2])
+        origin = image.TransformContinuousIndexToPhysicalPoint((-0.25, -0.25, 0.0))
+        return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin, spacing, image.GetDirection(),
+                             fill, image.GetPixelID())
+
+    return finer(case.ct, -1000.0), finer(case.contrast_ct, -1000.0)
+
+
+def agreement(ours_seg: Path, stock: dict[str, Path]) -> None:
+    """Voxel agreement of the label maps and per-structure Dice, ours vs stock."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from SegRapSegmenterLib import structures as S
+    from SegRapSegmenterLib.segfile import read_seg_nrrd
+
+    ours = read_seg_nrrd(ours_seg).masks
+    dices = {}
+    for task, path in stock.items():
+        theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        if task == "oar":
+            mine = S.decompose({n: ours[n] for n in S.OAR_NAMES})
+            theirs_masks = S.recompose(theirs)
+        else:
+            mine = np.zeros_like(theirs)
+            for s in S.GTVS:
+                mine[ours[s.name]] = s.label
+            theirs_masks = S.recompose_gtv(theirs)
+        same = float(np.mean(mine == theirs))
+        print(f"  {task}: labels identical on {same:.5%} of voxels ({int((mine != theirs).sum())} differ)")
+        for name in theirs_masks:
+            a, b = ours[name], np.asarray(theirs_masks[name])
+            total = int(a.sum()) + int(b.sum())
+            dices[name] = 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+    worst = sorted(dices.items(), key=lambda kv: kv[1])[:5]
+    print(f"  per-structure Dice ours vs stock: min {worst[0][1]:.4f} ({worst[0][0]}); lowest five: "
+          + ", ".join(f"{n} {d:.4f}" for n, d in worst))
+    print(f"  structures with Dice >= 0.99: {sum(d >= 0.99 for d in dices.values())} of {len(dices)}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default="demo")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--size", default="full", choices=("small", "full"))
+    parser.add_argument("--size", default="full", choices=("small", "full", "1024"))
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--tasks", default="oar,gtv")
+    parser.add_argument("--cap-gib", type=float, default=20.0, help="kill a run whose memory passes this")
+    parser.add_argument("--skip-stock", action="store_true")
     args = parser.parse_args()
+
+    import SimpleITK as sitk
 
     from SegRapSegmenterLib import phantom
     from SegRapSegmenterLib.models import resolve_bundle
 
     bundle = resolve_bundle(args.bundle)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-segment-"))
-    case = phantom.make_case(0, seed=99, size=args.size)
+    case = phantom.make_case(0, seed=99, size="small" if args.size == "small" else "full")
     paths = phantom.write_case(case, work / "case")
-    tasks = args.tasks.split(",")
     inputs = {"oar": paths.ct, "gtv": paths.contrast_ct}
-    print(f"case {case.ct.GetSize()} spacing {case.ct.GetSpacing()}; bundle {bundle.name} {bundle.version}; "
-          f"device {args.device}; tasks {tasks}", flush=True)
+    size = case.ct.GetSize()
+    if args.size == "1024":
+        ct, contrast = _simulated_1024(case)
+        inputs = {"oar": work / "ct_1024.nii.gz", "gtv": work / "contrast_1024.nii.gz"}
+        sitk.WriteImage(ct, str(inputs["oar"]), useCompression=True)
+        sitk.WriteImage(contrast, str(inputs["gtv"]), useCompression=True)
+        size = ct.GetSize()
+        del ct, contrast
+    del case
+    tasks = args.tasks.split(",")
+    cap = int(args.cap_gib * 2**30)
+    print(f"case {size} (x, y, z); bundle {bundle.name} {bundle.version}; device {args.device}; tasks {tasks}; "
+          f"memory cap {args.cap_gib} GiB", flush=True)
 
-    stock_wall, stock_peak = 0.0, 0
-    for task in tasks:
+    stock_wall, stock_peak, stock_ok, stock_out = 0.0, 0, True, {}
+    for task in ([] if args.skip_stock else tasks):
         folder = work / f"stock_in_{task}"
         folder.mkdir(exist_ok=True)
         shutil.copyfile(inputs[task], folder / "case_0000.nii.gz")
@@ -108,18 +180,26 @@ def main() -> int:
         cmd = ["nnUNetv2_predict_from_modelfolder", "-i", str(folder), "-o", str(work / f"stock_out_{task}"),
                "-m", str(bundle.result_path(task)), "-f", *model.folds, "-device", args.device, "--disable_tta",
                "-npp", "1", "-nps", "1"]
-        wall, peak, rc = measure(cmd)
-        print(f"stock nnU-Net {task}: {wall:7.1f} s  peak PSS {peak / 2**30:6.2f} GiB  (exit {rc})", flush=True)
+        wall, peak, rc = measure(cmd, cap_bytes=cap)
+        state = "killed above the cap" if rc == -9 else f"exit {rc}"
+        print(f"stock nnU-Net {task}: {wall:7.1f} s  peak PSS {peak / 2**30:6.2f} GiB  ({state})", flush=True)
         stock_wall += wall
         stock_peak = max(stock_peak, peak)
+        stock_ok = stock_ok and rc == 0
+        stock_out[task] = work / f"stock_out_{task}" / "case.nii.gz"
 
-    cmd = [sys.executable, "-m", "SegRapSegmenterLib.cli", "segment", "--ct", str(paths.ct), "--contrast-ct",
-           str(paths.contrast_ct), "--out", str(work / "ours"), "--bundle", args.bundle, "--device", args.device,
-           "--no-mirror", "--tasks", args.tasks, "--json"]
-    ours_wall, ours_peak, rc = measure(cmd)
+    cmd = [sys.executable, "-m", "SegRapSegmenterLib.cli", "segment", "--ct", str(inputs["oar"]), "--contrast-ct",
+           str(inputs["gtv"]), "--out", str(work / "ours"), "--case-id", "case", "--bundle", args.bundle,
+           "--device", args.device, "--no-mirror", "--tasks", args.tasks, "--json", "--no-largest-component"]
+    ours_wall, ours_peak, rc = measure(cmd, cap_bytes=cap)
     print(f"segrap segment ({'+'.join(tasks)}): {ours_wall:7.1f} s  peak PSS {ours_peak / 2**30:6.2f} GiB  (exit {rc})")
-    print(f"stock nnU-Net ({'+'.join(tasks)}): {stock_wall:7.1f} s  peak PSS {stock_peak / 2**30:6.2f} GiB")
+    if args.skip_stock:
+        return 0
+    print(f"stock nnU-Net ({'+'.join(tasks)}): {stock_wall:7.1f} s  peak PSS {stock_peak / 2**30:6.2f} GiB"
+          + ("" if stock_ok else "  (did not finish: figures are up to where it stopped)"))
     print(f"ratios ours/stock: wall time {ours_wall / stock_wall:.2f}, peak PSS {ours_peak / stock_peak:.2f}")
+    if stock_ok and rc == 0:
+        agreement(work / "ours" / "case.seg.nrrd", stock_out)
     return 0
 
 
