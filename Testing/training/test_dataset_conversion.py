@@ -1,4 +1,5 @@
-"""SegRap release -> nnU-Net raw dataset on phantom cases: labels, links, conflicts, resuming, nnU-Net's own check."""
+"""SegRap release -> nnU-Net raw dataset on phantom cases: labels, links, conflicts, resuming, orientation,
+nnU-Net's own check."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SegRapSegmenterLib import cli
+from SegRapSegmenterLib import cli, phantom
 from SegRapSegmenterLib import structures as S
 from SegRapSegmenterLib.errors import DecompositionConflictError, InputError
 from SegRapSegmenterLib.phantom import CASES_DIR
-from SegRapSegmenterLib.training.convert import convert_release
+from SegRapSegmenterLib.training.convert import ORIENTATION, ORIENTATION_KEY, convert_release, orientation_of
 
 
 def _array(path):
@@ -116,3 +117,35 @@ def test_cli_convert_prints_the_summary(phantom_release, tmp_path, capsys):
                      "--dataset-id", "702"])
     assert code == 0
     assert "Dataset702_SegRapGTV: 3 cases (0 already done)" in capsys.readouterr().out
+
+
+def _centroid_x(labels, value):
+    return float(np.nonzero(labels == value)[2].mean())
+
+
+@pytest.mark.parametrize("direction", ["flipped", "rotated"])
+def test_cases_stored_flipped_or_rotated_are_written_in_lps_on_the_same_anatomy(direction, tmp_path):
+    identity = phantom.make_case(0, seed=5, size="small")
+    case = phantom.make_case(0, seed=5, size="small", direction=direction)
+    root = tmp_path / "release"
+    phantom.write_case(case, root)
+    report = convert_release(root, tmp_path / "raw", "oar", 601)
+    out = report.dataset_dir
+    image = sitk.ReadImage(str(out / "imagesTr" / f"{case.case_id}_0000.nii.gz"))
+    label_image = sitk.ReadImage(str(out / "labelsTr" / f"{case.case_id}.nii.gz"))
+    assert orientation_of(case.ct) != "LPS"
+    assert orientation_of(image) == orientation_of(label_image) == ORIENTATION == "LPS"
+    labels = sitk.GetArrayFromImage(label_image)
+    # the exact permutation/flip of the stored labels, and the same anatomy as the case stored in LPS
+    assert np.array_equal(labels, sitk.GetArrayFromImage(sitk.DICOMOrient(case.label_image(case.labelmap), "LPS")))
+    assert np.array_equal(labels, identity.labelmap)
+    assert np.allclose(image.GetOrigin(), identity.ct.GetOrigin()) and image.GetSize() == identity.ct.GetSize()
+    assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(sitk.DICOMOrient(case.ct, "LPS")))
+    for left in ("Parotid_L", "Eye_L", "Cochlea_L"):
+        right = S.get(left).partner
+        # in LPS storage +x (higher index) is the patient's left
+        assert _centroid_x(labels, S.class_labels()[left]) > _centroid_x(labels, S.class_labels()[right])
+    assert json.loads((out / "dataset.json").read_text())[ORIENTATION_KEY] == "LPS"
+    again = convert_release(root, tmp_path / "raw", "oar", 601)
+    assert [c.skipped for c in again.cases] == [True]  # written in LPS: resuming keeps it
+    _verify(out)

@@ -2,8 +2,14 @@
 
 Task 1 labels are built with ``structures.decompose`` from the 45 per-OAR files and cross-checked
 against the organisers' one-hot Task001 map where it exists; conflicts are reported per case.
-Images are hard-linked where the filesystem allows (else copied). A case whose outputs are already
-there is skipped, so an interrupted conversion resumes.
+Every case is written in one orientation (``ORIENTATION``, "LPS": index x runs to the patient's left,
+y to the back, z to the head), whatever the release stored: nnU-Net feeds the voxel array as
+stored, so a case stored right-to-left would teach the network a mirrored patient. Reorienting is
+an exact permutation/flip of axes (``sitk.DICOMOrient``, no interpolation); the orientation goes
+into dataset.json (``ORIENTATION_KEY``), where the trainers find the left-right axis and bundle
+export finds what to write into the manifest. Images already in that orientation are hard-linked
+where the filesystem allows (else copied). A case whose outputs are already there in that
+orientation is skipped, so an interrupted conversion resumes.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from ..errors import DecompositionConflictError, InputError
 from ..imaging import check_file_complete
 
 TASK_INPUTS = {"oar": "image.nii.gz", "gtv": "image_contrast.nii.gz"}
+ORIENTATION = "LPS"  # the orientation cases are written in (DICOM letters of the index axes x, y, z)
+ORIENTATION_KEY = "segrap_orientation"  # dataset.json key recording it
 # nnU-Net applies its CT normalisation to channels named "CT"
 CHANNEL_NAMES = {"oar": {"0": "CT"}, "gtv": {"0": "CT"}}
 
@@ -114,12 +122,55 @@ def _read_mask(path: Path, reference: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(img) > 0
 
 
-def _write_label(labels: np.ndarray, reference: sitk.Image, path: Path) -> None:
+def orientation_of(image: sitk.Image) -> str:
+    """The DICOM letters of an image's index axes (the nearest ones for an oblique image), e.g. "LPS"."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def reoriented(image: sitk.Image, orientation: str) -> sitk.Image:
+    """``image`` stored in ``orientation``: its axes permuted and flipped (no interpolation), same anatomy."""
+    return image if orientation_of(image) == orientation else sitk.DICOMOrient(image, orientation)
+
+
+def dataset_orientation(dataset_json: dict) -> str | None:
+    """The orientation a converted dataset's cases are stored in; None for datasets converted without one."""
+    return dataset_json.get(ORIENTATION_KEY)
+
+
+def _stored_in(path: Path, orientation: str) -> bool:
+    """True when the image file at ``path`` exists and is stored in ``orientation`` (header read only)."""
+    if not path.exists():
+        return False
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reader.GetDirection()) == orientation
+
+
+def _case_done(image_out: Path, label_out: Path, orientation: str) -> bool:
+    """A case converted before (both files there, in the dataset's orientation): skipped when resuming."""
+    return _stored_in(image_out, orientation) and _stored_in(label_out, orientation)
+
+
+def _write_image(image: sitk.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.part.nii.gz")
+    sitk.WriteImage(image, str(tmp), useCompression=True)
+    os.replace(tmp, path)
+
+
+def _write_label(labels: np.ndarray, reference: sitk.Image, path: Path, orientation: str | None = None) -> None:
+    """Write a label map on ``reference``'s grid, reoriented to ``orientation`` when given."""
     img = sitk.GetImageFromArray(labels.astype(np.uint8, copy=False))
     img.CopyInformation(reference)
-    tmp = path.with_name(f".{path.name}.part.nii.gz")
-    sitk.WriteImage(img, str(tmp), useCompression=True)
-    os.replace(tmp, path)
+    _write_image(reoriented(img, orientation) if orientation else img, path)
+
+
+def write_case_image(image: sitk.Image, source: Path | None, path: Path, orientation: str) -> None:
+    """Write a case's image in ``orientation``: the ``source`` file linked when it already is, else rewritten."""
+    if source is not None and orientation_of(image) == orientation:
+        _link_or_copy(source, path)
+    else:
+        _write_image(reoriented(image, orientation), path)
 
 
 def _oar_labels(case_dir: Path, reference: sitk.Image, onehot: Path | None, on_conflict: str,
@@ -172,8 +223,8 @@ def dataset_folder_name(dataset_id: int, task: str) -> str:
 
 
 def convert_release(segrap_root: str | Path, nnunet_raw: str | Path, task: str, dataset_id: int,
-                    on_conflict: str = "error") -> ConversionReport:
-    """Convert every case under ``segrap_root`` into ``nnunet_raw/DatasetXXX_SegRap{OAR,GTV}``."""
+                    on_conflict: str = "error", orientation: str = ORIENTATION) -> ConversionReport:
+    """Convert every case under ``segrap_root`` into ``nnunet_raw/DatasetXXX_SegRap{OAR,GTV}``, stored in ``orientation``."""
     if task not in TASK_INPUTS:
         raise InputError(f"--task must be 'oar' or 'gtv', got {task!r}.")
     cases_dir, cases = find_cases(segrap_root)
@@ -185,7 +236,7 @@ def convert_release(segrap_root: str | Path, nnunet_raw: str | Path, task: str, 
         case_id = case_dir.name
         report = CaseReport(case_id)
         image_out, label_out = images / f"{case_id}_0000.nii.gz", labels_dir / f"{case_id}.nii.gz"
-        if image_out.exists() and label_out.exists():
+        if _case_done(image_out, label_out, orientation):
             report.skipped = True
             reports.append(report)
             continue
@@ -196,10 +247,10 @@ def convert_release(segrap_root: str | Path, nnunet_raw: str | Path, task: str, 
             labels = _oar_labels(case_dir, reference, onehot_dir / f"{case_id}.nii.gz", on_conflict, report)
         else:
             labels = _gtv_labels(case_dir, reference, report)
-        _write_label(labels, reference, label_out)
-        _link_or_copy(source, image_out)
+        _write_label(labels, reference, label_out, orientation)
+        write_case_image(reference, source, image_out, orientation)
         reports.append(report)
-    return finish_dataset(out, task, reports)
+    return finish_dataset(out, task, reports, orientation)
 
 
 def dataset_dirs(nnunet_raw: str | Path, task: str, dataset_id: int) -> tuple[Path, Path, Path]:
@@ -213,8 +264,9 @@ def dataset_dirs(nnunet_raw: str | Path, task: str, dataset_id: int) -> tuple[Pa
     return out, images, labels_dir
 
 
-def finish_dataset(out: Path, task: str, reports: list[CaseReport]) -> ConversionReport:
-    """Write dataset.json for the cases present and merge this run's case reports into conversion_report.json."""
+def finish_dataset(out: Path, task: str, reports: list[CaseReport], orientation: str = ORIENTATION) -> ConversionReport:
+    """Write dataset.json (with the cases' orientation) for the cases present; merge the case reports into
+    conversion_report.json."""
     labels_dir = out / "labelsTr"
     done = sorted(p.name[: -len(".nii.gz")] for p in labels_dir.glob("*.nii.gz") if not p.name.startswith("."))
     dataset = {
@@ -225,6 +277,7 @@ def finish_dataset(out: Path, task: str, reports: list[CaseReport]) -> Conversio
         "labels": S.class_labels() if task == "oar" else S.gtv_class_labels(),
         "numTraining": len(done),
         "file_ending": ".nii.gz",
+        ORIENTATION_KEY: orientation,
     }
     (out / "dataset.json").write_text(json.dumps(dataset, indent=1))
     report_path = out / "conversion_report.json"

@@ -9,11 +9,13 @@ organ that was not contoured would be labelled background, and the network would
 that organ out. Such a case is refused (left out, reason in the report), never guessed. Task 2
 needs GTVp; an absent GTVnd is taken as node-negative (empty), and the report says so. For Task 2
 export the contrast-enhanced CT with the structure set drawn on it (or registered to it).
+
+Images and label maps are written in the dataset's orientation (``convert.ORIENTATION``, by an
+exact permutation/flip of axes), as for the release conversion.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -24,8 +26,8 @@ import SimpleITK as sitk
 from .. import structures as S
 from ..dicom import discover_series, read_ct_series, read_rtstruct
 from ..errors import DicomError
-from .convert import (CaseReport, ConversionReport, _write_label, dataset_dirs, finish_dataset,
-                      gtv_labels_from_masks, oar_labels_from_masks)
+from .convert import (ORIENTATION, CaseReport, ConversionReport, _case_done, _write_label, dataset_dirs,
+                      finish_dataset, gtv_labels_from_masks, oar_labels_from_masks, write_case_image)
 
 
 def case_id_for(folder_name: str) -> str:
@@ -102,23 +104,22 @@ def convert_dicom_case(case_dir: Path, task: str, on_conflict: str, report: Case
 
 
 def convert_dicom(dicom_root: str | Path, nnunet_raw: str | Path, task: str, dataset_id: int,
-                  on_conflict: str = "error") -> ConversionReport:
-    """Convert every case folder under ``dicom_root`` into the task's dataset; refused cases are reported."""
+                  on_conflict: str = "error", orientation: str = ORIENTATION) -> ConversionReport:
+    """Convert every case folder under ``dicom_root`` into the task's dataset, stored in ``orientation``;
+    refused cases are reported."""
     out, images, labels_dir = dataset_dirs(nnunet_raw, task, dataset_id)
     reports: list[CaseReport] = []
     for case_dir in find_dicom_cases(dicom_root):
         report = CaseReport(case_id_for(case_dir.name))
         image_out = images / f"{report.case_id}_0000.nii.gz"
         label_out = labels_dir / f"{report.case_id}.nii.gz"
-        if image_out.exists() and label_out.exists():
+        if _case_done(image_out, label_out, orientation):
             report.skipped = True
         else:
             converted = convert_dicom_case(case_dir, task, on_conflict, report)
             if converted is not None:
                 image, labels = converted
-                _write_label(labels, image, label_out)
-                tmp = image_out.with_name(f".{image_out.name}.part.nii.gz")
-                sitk.WriteImage(image, str(tmp), useCompression=True)
-                os.replace(tmp, image_out)
+                _write_label(labels, image, label_out, orientation)
+                write_case_image(image, None, image_out, orientation)
         reports.append(report)
-    return finish_dataset(out, task, reports)
+    return finish_dataset(out, task, reports, orientation)
