@@ -251,13 +251,13 @@ def _slim_checkpoint(source: Path, target: Path, trainer_name: str | None = None
 def build_bundle(out: str | Path, *, name: str, version: str, license: str, description: str,
                  result_folders: dict[str, Path], folds: dict[str, list], training_mirroring: dict[str, str],
                  test_time_mirroring: dict[str, bool] | None = None, trainer_name: str = "nnUNetTrainer",
-                 orientation: str | None = None) -> Path:
+                 orientation: str | dict[str, str | None] | None = None) -> Path:
     """Write a bundle folder from nnU-Net result folders (one per task); returns its path.
 
     ``trainer_name`` is what the checkpoints record; nnU-Net builds the network from the plans for
     ``nnUNetTrainer`` and for trainers that do not override ``build_network_architecture``.
-    ``orientation``: the axis orientation the training images were stored in (e.g. "LPS"); inputs
-    are reoriented to it before inference, so a flipped storage cannot swap left and right.
+    ``orientation``: the axis orientation the training images were stored in (e.g. "LPS"; or one per
+    task); inputs are reoriented to it before inference, so a flipped storage cannot swap left and right.
     """
     out = Path(out)
     if out.exists():
@@ -283,7 +283,7 @@ def build_bundle(out: str | Path, *, name: str, version: str, license: str, desc
                 "labels": _expected_labels(task),
                 "test_time_mirroring": bool((test_time_mirroring or {}).get(task, False)),
                 "training_mirroring": training_mirroring[task],
-                "orientation": orientation,
+                "orientation": orientation.get(task) if isinstance(orientation, dict) else orientation,
             }
             _check_labels(task, _read_json(dest / "dataset.json")["labels"], result / "dataset.json")
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

@@ -14,12 +14,15 @@ from SegRapSegmenterLib.training.export import export_bundle
 from SegRapSegmenterLib.training.pretrained import network_from_plans
 
 
-def _result_folder(root, trainer, task, folds, mirror_axes):
+def _result_folder(root, trainer, task, folds, mirror_axes, orientation=None):
     """An nnU-Net result folder with final checkpoints of the tiny network, as training leaves it."""
     folder = root / f"Dataset60{1 if task == 'oar' else 2}_X" / f"{trainer}__nnUNetPlans__3d_fullres"
     folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(tiny_plans()))
-    (folder / "dataset.json").write_text(json.dumps(dataset_json(task)))
+    dataset = dataset_json(task)
+    if orientation:
+        dataset["segrap_orientation"] = orientation
+    (folder / "dataset.json").write_text(json.dumps(dataset))
     weights = network_from_plans(folder / "plans.json", folder / "dataset.json", "3d_fullres").state_dict()
     for fold in folds:
         (folder / f"fold_{fold}").mkdir()
@@ -38,14 +41,16 @@ def test_export_takes_the_finished_folds_and_records_how_each_model_mirrored(tmp
     bundle = load_bundle(out)
     verify_bundle(bundle)
     assert bundle.tasks["oar"].folds == ("0", "1") and bundle.tasks["gtv"].folds == ("0", "1")
-    assert bundle.tasks["oar"].training_mirroring == "none"  # what the SegRap trainer declares
+    assert bundle.tasks["oar"].training_mirroring == "laterality-aware"  # what the SegRap trainer did on Task 1
     assert bundle.tasks["gtv"].training_mirroring == "plain"  # stock nnU-Net: from the checkpoint's axes
+    assert bundle.tasks["oar"].orientation == "LPS"  # our trainer assumed LPS for a dataset recording none
+    assert bundle.tasks["gtv"].orientation is None  # stock trainer, dataset without orientation: unknown
     assert bundle.description.startswith("Test models. Trained with oar: SegRapStagedTrainer_2000ep_fg33")
     assert bundle.license == "CC-BY-4.0"
 
 
 def test_export_refuses_unfinished_folds_and_mirroring_a_model_never_saw(tmp_path):
-    oar = _result_folder(tmp_path, "SegRapStagedTrainer", "oar", ["0"], None)
+    oar = _result_folder(tmp_path, "SegRapStagedTrainer_noMirroring", "oar", ["0"], None)
     with pytest.raises(ModelError, match="no final checkpoint for fold\\(s\\) 4; finished folds: 0"):
         export_bundle(tmp_path / "b1", results={"oar": oar}, folds=["0", "4"], name="t", version="1", license="x")
     with pytest.raises(ModelError, match="Test-time mirroring needs a model trained with mirroring"):
@@ -54,3 +59,12 @@ def test_export_refuses_unfinished_folds_and_mirroring_a_model_never_saw(tmp_pat
     with pytest.raises(ModelError, match="not an nnU-Net result folder name"):
         export_bundle(tmp_path / "b3", results={"oar": oar.parent}, folds=None, name="t", version="1", license="x")
     assert not any(tmp_path.glob("b[123]"))
+
+
+def test_staged_trainers_record_laterality_aware_task1_plain_task2_and_the_dataset_orientation(tmp_path):
+    oar = _result_folder(tmp_path, "SegRapStagedTrainer_fg33", "oar", ["0"], (0, 1, 2), orientation="RAS")
+    gtv = _result_folder(tmp_path, "SegRapStagedTrainer_fg33", "gtv", ["0"], (0, 1, 2), orientation="LPS")
+    bundle = load_bundle(export_bundle(tmp_path / "bundle", results={"oar": oar, "gtv": gtv}, folds=None, name="t",
+                                       version="1", license="x", test_time_mirroring=True))
+    assert {t: (m.training_mirroring, m.orientation) for t, m in bundle.tasks.items()} == {
+        "oar": ("laterality-aware", "RAS"), "gtv": ("plain", "LPS")}

@@ -106,7 +106,7 @@ def test_pretrained_weights_load_unless_a_checkpoint_of_the_fold_will_be_resumed
     assert resumed.pretrained_report is None  # nnU-Net loads the fold's own checkpoint instead
 
 
-def test_variants_set_epochs_oversampling_and_keep_mirroring_off(nnunet_dirs):
+def test_variants_set_epochs_and_oversampling(nnunet_dirs):
     base = make_trainer(SegRapStagedTrainer, nnunet_dirs)
     assert base.num_epochs == 1000 and not base.probabilistic_oversampling
     assert base.oversample_foreground_percent == pytest.approx(0.33)  # nnU-Net's default: last third of a batch
@@ -117,7 +117,7 @@ def test_variants_set_epochs_oversampling_and_keep_mirroring_off(nnunet_dirs):
     assert both.num_epochs == 2000 and both.probabilistic_oversampling
     assert both.schedule().lr(1999) == pytest.approx(1e-2 * (1 / 1940) ** 0.9)
     *_, mirror_axes = base.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-    assert mirror_axes is None and base.inference_allowed_mirroring_axes is None
+    assert mirror_axes == (0, 1, 2) and base.training_mirroring == "laterality-aware"  # see test_trainer_mirroring
 
 
 def test_settings_come_from_the_environment_and_are_checked(nnunet_dirs, monkeypatch):

@@ -85,6 +85,7 @@ def test_recipe_from_phantom_release_to_segmenting_with_the_installed_bundle(pha
     log = next(fold.glob("training_log_*.txt")).read_text()
     for stage, epoch in (("heads", 0), ("warmup", 1), ("poly", 2)):
         assert f"stage {stage} from epoch {epoch}" in log
+    assert "mirroring in training: laterality-aware (cases stored LPS" in log
     # a trained nnU-Net checkpoint is itself usable as pre-training (read without pickled code)
     assert check_pretrained(fold / "checkpoint_final.pth", plans, dataset_dir / "dataset.json", "3d_smoke").heads_loaded
 
@@ -93,7 +94,9 @@ def test_recipe_from_phantom_release_to_segmenting_with_the_installed_bundle(pha
     assert cli.main(["train", "export-bundle", "--oar", str(result), "--name", "smoke", "--version", "0.0.1",
                      "--license", "CC0-1.0", "--out", str(bundle)]) == 0
     manifest = json.loads((bundle / "segrap-model.json").read_text())
-    assert manifest["tasks"]["oar"]["folds"] == ["all"] and manifest["tasks"]["oar"]["training_mirroring"] == "none"
+    assert manifest["tasks"]["oar"]["folds"] == ["all"]
+    assert manifest["tasks"]["oar"]["training_mirroring"] == "laterality-aware"  # trained with flip-and-swap
+    assert manifest["tasks"]["oar"]["orientation"] == "LPS"  # from the converted dataset's dataset.json
     assert "SegRapStagedTrainer" in manifest["description"]
     assert cli.main(["models", "install", str(bundle)]) == 0
     print(f"smoke run: exported and installed at {time.monotonic() - t0:.0f} s")

@@ -2,8 +2,11 @@
 
 A result folder is nnU-Net's ``$nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>``
 with ``fold_X/checkpoint_final.pth``. The bundle records how each model was trained with respect
-to left-right mirroring: the trainer's ``training_mirroring`` where it says (ours do), else what
-its checkpoint recorded (mirroring axes: 'plain'; none: 'none'), unless given explicitly.
+to left-right mirroring: what the trainer did on that dataset where it says (ours do:
+``training_mirroring_for``, "laterality-aware" for Task 1, "plain" for Task 2), else what its
+checkpoint recorded (mirroring axes: 'plain'; none: 'none'), unless given explicitly. And the
+orientation the training cases were stored in: the dataset.json's ``segrap_orientation`` (written
+by the conversion); for our trainers "LPS" when it is missing, as they assumed it; otherwise unknown.
 Checkpoints record ``nnUNetTrainer`` so stock nnU-Net can load the bundle too (the network comes
 from the plans; our trainers do not change the architecture); the trainer actually used goes
 into the description.
@@ -11,11 +14,13 @@ into the description.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError
 from ..models import CHECKPOINT_NAME, MIRRORING_KINDS, build_bundle
+from .convert import ORIENTATION, dataset_orientation
 
 
 @dataclass(frozen=True)
@@ -45,11 +50,27 @@ def read_result_folder(path: str | Path) -> ResultFolder:
     return ResultFolder(path, parts[0], parts[1], parts[2], folds)
 
 
+def _dataset_json(result: ResultFolder) -> dict:
+    return json.loads((result.path / "dataset.json").read_text())
+
+
+def orientation_of(result: ResultFolder) -> str | None:
+    """The orientation the task's training cases were stored in; None when nothing says."""
+    from .registry import find_trainer
+
+    recorded = dataset_orientation(_dataset_json(result))
+    if recorded:
+        return recorded
+    return ORIENTATION if hasattr(find_trainer(result.trainer), "training_mirroring_for") else None
+
+
 def training_mirroring_of(result: ResultFolder, fold: str) -> str:
-    """'none', 'plain' or 'laterality-aware': the trainer's declaration, else the checkpoint's mirroring axes."""
+    """'none', 'plain' or 'laterality-aware': what the trainer did on this dataset, else the checkpoint's axes."""
     from .registry import find_trainer
 
     trainer = find_trainer(result.trainer)
+    if hasattr(trainer, "training_mirroring_for"):
+        return trainer.training_mirroring_for(_dataset_json(result))
     declared = getattr(trainer, "training_mirroring", None)
     if declared in MIRRORING_KINDS:
         return declared
@@ -88,4 +109,5 @@ def export_bundle(out: str | Path, *, results: dict[str, str | Path], folds: lis
                         description=f"{text}Trained with {trained}.",
                         result_folders={t: r.path for t, r in parsed.items()}, folds=chosen,
                         training_mirroring=mirroring,
-                        test_time_mirroring={t: test_time_mirroring for t in parsed})
+                        test_time_mirroring={t: test_time_mirroring for t in parsed},
+                        orientation={t: orientation_of(r) for t, r in parsed.items()})

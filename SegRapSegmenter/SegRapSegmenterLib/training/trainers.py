@@ -6,8 +6,16 @@ staged schedule; 1000 epochs. Variants: ``_2000ep`` (2000 epochs, the poster's b
 ``_fg33`` (every patch drawn around foreground with probability 0.33, instead of nnU-Net's
 default of forcing the last third of each batch, which is one patch in two at batch size 2).
 
-Left-right mirroring is off in training (``training_mirroring = "none"``): stock nnU-Net mirrors
-without swapping the paired left/right labels, which teaches the network to ignore laterality.
+Mirroring (``training_mirroring``, recorded per trainer instance and written into the bundle by
+export): on Task 1's 54 classes the trainers mirror along nnU-Net's axes but laterality-aware
+("laterality-aware": a left-right flip also swaps the paired labels, ``laterality.py``; stock
+nnU-Net's flips keep "left" on a parotid that now lies on the right, which teaches the network to
+ignore laterality). The left-right axis comes from the dataset's orientation (dataset.json's
+``segrap_orientation``, "LPS" when missing) and the plans' ``transpose_forward``. Labels without
+sides (Task 2's GTVs) get stock mirroring ("plain"; nothing to swap). Where laterality is learned,
+rotations are capped at +-30 degrees: nnU-Net rotates anisotropic patches by up to 180
+degrees, and a half turn moves a left parotid to the right as surely as a flip. The
+``_noMirroring`` variants do not mirror at all ("none").
 
 nnU-Net finds these classes by name through ``nnUNet_extTrainer`` (see ``registry``).
 Settings for short runs and tests come from ``SEGRAP_TRAINER_OPTIONS``, a JSON object such as
@@ -21,10 +29,14 @@ import json
 import os
 from os.path import isfile, join
 
+import numpy as np
 import torch
+from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from .. import structures as S
 from ..errors import InputError, ModelError
+from .convert import ORIENTATION, dataset_orientation
 from .pretrained import bare_module, is_head, load_pretrained
 from .schedule import StagedLRScheduler, StagedSchedule
 
@@ -36,6 +48,7 @@ OPTION_TYPES = {
 }
 PRETRAINED_REPORT_NAME = "pretrained_weights.json"
 RESUME_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # what --c looks for
+MAX_ROTATION_LATERAL = 30.0 / 360 * 2 * np.pi  # radians; nnU-Net's own limit for isotropic 3D patches
 
 
 def parse_options(text: str | None) -> dict:
@@ -59,7 +72,26 @@ class SegRapStagedTrainer(nnUNetTrainer):
 
     total_epochs = 1000
     probabilistic_fg: float | None = None  # None: nnU-Net's default oversampling
-    training_mirroring = "none"  # recorded in bundles: "none", "plain" or "laterality-aware"
+    mirroring = True  # False: no mirroring in training (the _noMirroring variants)
+
+    @classmethod
+    def training_mirroring_for(cls, dataset_json: dict) -> str:
+        """How this trainer mirrors on a dataset ("none", "plain" or "laterality-aware"; bundles record it).
+
+        Task 1's 54 classes: "laterality-aware" (paired labels swapped on left-right flips). Labels
+        without sides, such as Task 2's GTVs: "plain"; with no pairs there is nothing to swap, and
+        inference (``plan_mirroring`` with ``has_pairs`` False) flips every allowed axis without a swap
+        for "plain" and "laterality-aware" alike. Other labels naming a side (``_L``/``_R``): "none",
+        since their pairs are not known here. The ``_noMirroring`` variants: "none".
+        """
+        if not cls.mirroring:
+            return "none"
+        labels = dataset_json.get("labels", {})
+        if labels == S.class_labels():
+            return "laterality-aware"
+        if any(str(name).endswith(("_L", "_R")) for name in labels):
+            return "none"
+        return "plain"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -75,6 +107,8 @@ class SegRapStagedTrainer(nnUNetTrainer):
         options = parse_options(os.environ.get(OPTIONS_ENV))
         for key, value in options.items():
             setattr(self, key, value)
+        self.training_mirroring = self.training_mirroring_for(self.dataset_json)
+        self.data_orientation = dataset_orientation(self.dataset_json) or ORIENTATION
         self.pretrained_weights = os.environ.get(PRETRAINED_ENV) or None
         self.pretrained_report = None
         self._stage = None
@@ -94,6 +128,8 @@ class SegRapStagedTrainer(nnUNetTrainer):
         """nnU-Net's set-up, then the schedule checked and the pre-trained weights loaded (not when resuming)."""
         self.schedule()  # fails now, not after data loading, when the epochs cannot hold the stages
         super().initialize()
+        self.print_to_log_file(f"mirroring in training: {self.training_mirroring} (cases stored "
+                               f"{self.data_orientation}, transpose_forward {self.plans_manager.transpose_forward})")
         resuming = self._resuming()
         if self.pretrained_weights and not resuming:
             self.pretrained_report = load_pretrained(self.network, self.pretrained_weights)
@@ -147,13 +183,33 @@ class SegRapStagedTrainer(nnUNetTrainer):
             self.oversample_foreground_percent = rate
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """nnU-Net's augmentation, without mirroring when ``training_mirroring`` is 'none'."""
+        """nnU-Net's augmentation, without mirroring for 'none' and with rotations capped where laterality is learned."""
         base = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         rotation, dummy_2d, initial_patch, mirror_axes = base
         if self.training_mirroring == "none":
             mirror_axes = None
             self.inference_allowed_mirroring_axes = None
+        if self.training_mirroring != "plain" and max(abs(r) for r in rotation) > MAX_ROTATION_LATERAL:
+            rotation = (-MAX_ROTATION_LATERAL, MAX_ROTATION_LATERAL)
+            patch = self.configuration_manager.patch_size
+            initial_patch = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
+            if dummy_2d:
+                initial_patch[0] = patch[0]
         return rotation, dummy_2d, initial_patch, mirror_axes
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, *args, **kwargs):
+        """nnU-Net's training transforms; for 'laterality-aware' its MirrorTransform becomes the one whose
+        left-right flips swap the paired labels (an instance method here: it needs the dataset's orientation)."""
+        transforms = super().get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales,
+                                                     mirror_axes, do_dummy_2d_data_aug, *args, **kwargs)
+        if self.training_mirroring == "laterality-aware":
+            from .laterality import make_laterality_aware
+
+            if not make_laterality_aware(transforms, self.data_orientation, self.plans_manager.transpose_forward,
+                                         len(self.dataset_json["labels"])):
+                self.print_to_log_file("laterality-aware mirroring: nnU-Net's transforms hold no mirroring here")
+        return transforms
 
 
 class SegRapStagedTrainer_2000ep(SegRapStagedTrainer):
@@ -175,5 +231,18 @@ class SegRapStagedTrainer_2000ep_fg33(SegRapStagedTrainer):
     probabilistic_fg = 0.33
 
 
+class SegRapStagedTrainer_noMirroring(SegRapStagedTrainer):
+    """The staged trainer without mirroring in training (bundles record "none")."""
+
+    mirroring = False
+
+
+class SegRapStagedTrainer_2000ep_fg33_noMirroring(SegRapStagedTrainer_2000ep_fg33):
+    """The poster's best runs' settings without mirroring in training."""
+
+    mirroring = False
+
+
 TRAINERS = {cls.__name__: cls for cls in (SegRapStagedTrainer, SegRapStagedTrainer_2000ep, SegRapStagedTrainer_fg33,
-                                          SegRapStagedTrainer_2000ep_fg33)}
+                                          SegRapStagedTrainer_2000ep_fg33, SegRapStagedTrainer_noMirroring,
+                                          SegRapStagedTrainer_2000ep_fg33_noMirroring)}
