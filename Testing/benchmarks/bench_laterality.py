@@ -1,7 +1,7 @@
-"""Benchmark: left/right swaps and paired-structure Dice of the demo bundle's OAR model under test-time mirroring schemes.
+"""Benchmark: left/right swaps and paired-structure Dice of the demo OAR model under test-time mirroring schemes.
 
 Held-out phantom cases as the demo bundle's held-out DSC was measured (seed 99, cases 0-2, `small`,
-stored in LPS), Task 1 of the demo bundle (trained without mirroring), on the CPU, one predictor per mode:
+stored in LPS), Task 1 of the demo bundle (trained without mirroring), on the CPU, a predictor per mode:
 
   (a) no test-time mirroring                        mirror=False
   (b) plain nnU-Net mirroring                       every axis, flipped predictions summed as they are

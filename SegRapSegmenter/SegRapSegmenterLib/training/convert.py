@@ -224,7 +224,7 @@ def dataset_folder_name(dataset_id: int, task: str) -> str:
 
 def convert_release(segrap_root: str | Path, nnunet_raw: str | Path, task: str, dataset_id: int,
                     on_conflict: str = "error", orientation: str = ORIENTATION) -> ConversionReport:
-    """Convert every case under ``segrap_root`` into ``nnunet_raw/DatasetXXX_SegRap{OAR,GTV}``, stored in ``orientation``."""
+    """Convert every case under ``segrap_root`` into ``nnunet_raw/DatasetXXX_SegRap{OAR,GTV}``, in ``orientation``."""
     if task not in TASK_INPUTS:
         raise InputError(f"--task must be 'oar' or 'gtv', got {task!r}.")
     cases_dir, cases = find_cases(segrap_root)

@@ -183,7 +183,7 @@ class SegRapStagedTrainer(nnUNetTrainer):
             self.oversample_foreground_percent = rate
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """nnU-Net's augmentation, without mirroring for 'none' and with rotations capped where laterality is learned."""
+        """nnU-Net's augmentation; no mirroring for 'none'; rotations capped where laterality is learned."""
         base = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         rotation, dummy_2d, initial_patch, mirror_axes = base
         if self.training_mirroring == "none":
