@@ -52,6 +52,7 @@ class InferenceOptions:
     # (README's matrix). "plain": stock nnU-Net (every axis, no swap); "laterality-aware": every axis,
     # paired classes swapped after a left-right flip. For benchmarks and for bundles that record too little.
     mirror_policy: str | None = None
+    mirror_axes: tuple[int, ...] | None = None  # with mirror_policy: flip only these network axes
 
 
 def pick_device(name: str):
@@ -217,7 +218,7 @@ class TaskPredictor:
         if options.mirror_policy not in (None, "plain", "laterality-aware"):
             raise InputError(f"Unknown mirroring policy {options.mirror_policy!r}; use 'plain' or 'laterality-aware'.")
         if options.mirror_policy:
-            allowed_axes = tuple(allowed_axes or (0, 1, 2))
+            allowed_axes = tuple(options.mirror_axes if options.mirror_axes is not None else allowed_axes or (0, 1, 2))
         axes, swap = plan_mirroring(options.mirror_policy or model.training_mirroring, bool(mirror), allowed_axes,
                                     lr_axis, has_pairs)
         if mirror and not axes:

@@ -6,7 +6,11 @@ stored in LPS), Task 1 of the demo bundle (trained without mirroring), on the CP
   (a) no test-time mirroring                        mirror=False
   (b) plain nnU-Net mirroring                       every axis, flipped predictions summed as they are
   (c) laterality-aware mirroring                    every axis, paired classes swapped after a left-right flip
+  (b') plain, left-right flip only                  the flipped prediction summed as it is
   (d) the bundle's default for `--mirror`           left-right flip only, with the swap (model trained without mirroring)
+
+(b') against (d) isolates the swap: the demo model never saw flips along the other axes, which is
+what pulls (b) and (c) down alike.
 
 Structures are ``recompose``d from the network's 54-class labels (no post-processing, unlike the
 held-out DSC file, which scores the pipeline's output) and compared with the phantom's truth.
@@ -36,6 +40,8 @@ MODES = {
     "(a) no mirroring": InferenceOptions(device="cpu", mirror=False),
     "(b) plain nnU-Net": InferenceOptions(device="cpu", mirror=True, mirror_policy="plain"),
     "(c) laterality-aware": InferenceOptions(device="cpu", mirror=True, mirror_policy="laterality-aware"),
+    "(b') plain, left-right only": InferenceOptions(device="cpu", mirror=True, mirror_policy="plain",
+                                                    mirror_axes=(2,)),  # x: the demo plans keep z, y, x
     "(d) bundle default": InferenceOptions(device="cpu", mirror=True),
 }
 PAIRED = [s.name for s in S.OARS if s.partner]
