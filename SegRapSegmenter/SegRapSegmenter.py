@@ -376,6 +376,9 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Done in {run.elapsed_s:.0f} s{warned}."
             self._parameterNode.outputSegmentation = run.segmentation_node
             self._parameterNode.exportSegmentation = run.segmentation_node
+            if run.laterality_warnings:
+                slicer.util.warningDisplay("Check left and right before using these contours:\n\n"
+                                           + "\n".join(run.laterality_warnings), windowTitle="SegRap Segmenter")
         elif run.state == CANCELLED:
             self.ui.progressBar.setValue(0)
             self.ui.statusLabel.text = "Cancelled; the scene is unchanged."

@@ -30,6 +30,7 @@ from .body import body_box_of_image
 from .imaging import VolumeSource, contrast_on_ct_grid, read_volume
 from .inference import InferenceOptions, TaskPredictor, describe_device
 from .models import Bundle, resolve_bundle, sha256_file, verify_bundle
+from .qa import structure_report
 
 log = logging.getLogger(__name__)
 
@@ -174,34 +175,6 @@ def postprocess(masks: CroppedMasks, keep_largest: bool, fill: bool) -> dict[str
             masks.put(name, box, mask)
             done[name] = steps
     return done
-
-
-def structure_report(masks: CroppedMasks, reference: sitk.Image) -> tuple[dict, list[str]]:
-    """Volume (ml), voxel count, centroid (LPS) and QA flags per structure; and the warnings they raise."""
-    voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
-    report: dict[str, dict] = {}
-    for name in masks:
-        box, mask = masks.crop(name)
-        count = int(np.count_nonzero(mask))
-        entry = {"voxels": count, "volume_ml": round(count * voxel_ml, 3), "flags": []}
-        if count:
-            zyx = np.argwhere(mask).mean(axis=0) + [b.start for b in box]
-            entry["centroid_lps_mm"] = [round(v, 2) for v in reference.TransformContinuousIndexToPhysicalPoint(
-                [float(v) for v in zyx[::-1]])]
-        else:
-            entry["flags"].append("empty")
-        report[name] = entry
-    warnings = [f"{n}: empty (the model found no voxel of it)" for n, e in report.items() if "empty" in e["flags"]]
-    for name, entry in report.items():
-        s = S.get(name)
-        partner = report.get(s.partner) if s.laterality == "L" else None
-        if partner and "centroid_lps_mm" in entry and "centroid_lps_mm" in partner:
-            if entry["centroid_lps_mm"][0] <= partner["centroid_lps_mm"][0]:
-                entry["flags"].append("laterality")
-                partner["flags"].append("laterality")
-                warnings.append(f"{name} lies to the patient's right of {s.partner}: left and right may be swapped "
-                                f"(check the image orientation and the contours)")
-    return report, warnings
 
 
 def _structures_of(task: str, labels: np.ndarray, shape, req: SegmentRequest) -> tuple[CroppedMasks, dict]:

@@ -129,6 +129,13 @@ class SegmentationRun:
         return self.state == RUNNING
 
     @property
+    def laterality_warnings(self) -> list[str]:
+        """Warnings that a left/right pair may be swapped: a planning error if true, so shown in a dialog."""
+        from .qa import laterality_warnings
+
+        return laterality_warnings(self.warnings)
+
+    @property
     def elapsed_s(self) -> float:
         return (self.ended or time.monotonic()) - self.started
 
