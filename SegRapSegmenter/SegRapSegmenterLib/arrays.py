@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+import SimpleITK as sitk
 
 from .errors import GeometryError, InputError
 
@@ -24,6 +25,13 @@ def bounding_box(mask: np.ndarray) -> Box | None:
     y = np.flatnonzero(plane.any(axis=1))
     x = np.flatnonzero(plane.any(axis=0))
     return (slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(x[0]), int(x[-1]) + 1))
+
+
+def uint8_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """A mask or label map (z, y, x) as a uint8 image with ``reference``'s geometry (direction included)."""
+    image = sitk.GetImageFromArray(np.asarray(array).astype(np.uint8, copy=False))
+    image.CopyInformation(reference)
+    return image
 
 
 def crop_of(masks: Mapping[str, np.ndarray], key: str) -> tuple[Box, np.ndarray]:

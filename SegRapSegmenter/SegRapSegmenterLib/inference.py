@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .arrays import uint8_image
 from .body import BodyBox, body_box_of_image, reoriented_box
 from .errors import InputError, ModelError
 from .models import Bundle, load_checkpoint
@@ -285,9 +286,7 @@ class TaskPredictor:
             labels = self._predict_array(array, spacing, fed_box, progress, warn)
         if fed is image:
             return labels
-        label_image = sitk.GetImageFromArray(labels)
-        label_image.CopyInformation(fed)
-        back = sitk.DICOMOrient(label_image, stored)
+        back = sitk.DICOMOrient(uint8_image(labels, fed), stored)
         if back.GetSize() != image.GetSize() or not np.allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-3):
             raise ModelError(f"Reorienting the labels from {self.orientation} back to {stored} did not restore "
                              f"the input grid; please report this with the image's geometry.")

@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import structures as S
+from .arrays import uint8_image
 from .errors import InputError
 
 CASES_DIR = "SegRapPhantom_Set"
@@ -429,9 +430,7 @@ class PhantomCase:
 
     def label_image(self, array: np.ndarray) -> sitk.Image:
         """A mask or label map of this case as an image on the CT grid."""
-        img = sitk.GetImageFromArray(array.astype(np.uint8, copy=False))
-        img.CopyInformation(self.ct)
-        return img
+        return uint8_image(array, self.ct)
 
 
 def _direction(direction: str | np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from . import __version__
 from . import structures as S
-from .arrays import CroppedMasks
+from .arrays import CroppedMasks, uint8_image
 from .errors import InputError, OutputError
 from .body import THRESHOLD_HU as BODY_THRESHOLD_HU
 from .body import body_box_of_image
@@ -195,12 +195,6 @@ def _structures_of(task: str, labels: np.ndarray, shape, req: SegmentRequest) ->
 # --------------------------------------------------------------------------------------------
 
 
-def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    img = sitk.GetImageFromArray(mask.astype(np.uint8, copy=False))
-    img.CopyInformation(reference)
-    return img
-
-
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -363,7 +357,7 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, refer
             folder = staging / f"{case_id}_structures"
             folder.mkdir()
             for name in masks:
-                sitk.WriteImage(_mask_image(masks[name], reference), str(folder / f"{name}.nii.gz"), useCompression=True)
+                sitk.WriteImage(uint8_image(masks[name], reference), str(folder / f"{name}.nii.gz"), useCompression=True)
             names["nifti"] = folder
             for task, task_names in (("oar", S.OAR_NAMES), ("gtv", S.GTV_NAMES)):
                 if any(n in masks for n in task_names):

@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import structures as S
+from ..arrays import uint8_image
 from ..errors import DecompositionConflictError, InputError
 from ..imaging import check_file_complete
 
@@ -160,8 +161,7 @@ def _write_image(image: sitk.Image, path: Path) -> None:
 
 def _write_label(labels: np.ndarray, reference: sitk.Image, path: Path, orientation: str | None = None) -> None:
     """Write a label map on ``reference``'s grid, reoriented to ``orientation`` when given."""
-    img = sitk.GetImageFromArray(labels.astype(np.uint8, copy=False))
-    img.CopyInformation(reference)
+    img = uint8_image(labels, reference)
     _write_image(reoriented(img, orientation) if orientation else img, path)
 
 
