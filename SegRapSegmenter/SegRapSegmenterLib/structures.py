@@ -17,6 +17,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
+from .arrays import CroppedMasks
 from .errors import DecompositionConflictError, InputError, StructureNameError
 
 # --------------------------------------------------------------------------------------------
@@ -375,22 +376,15 @@ for _name, _labels in OAR_CLASSES.items():
 Box = tuple[slice, ...]
 
 
-class StructureMasks(Mapping):
-    """The 45 OAR masks of one label map, each held cropped to its bounding box.
+class StructureMasks(CroppedMasks):
+    """The 45 OAR masks of one label map, each held cropped to its bounding box (``arrays.CroppedMasks``).
 
     Indexing by any spelling gives the full-size boolean mask (allocated on demand); ``crop``
     gives the bounding box and the cropped mask, which is what memory-frugal consumers use.
     """
 
-    def __init__(self, shape: tuple[int, ...], crops: dict[str, tuple[Box, np.ndarray]]):
-        self.shape = tuple(shape)
-        self._crops = crops
-
     def __getitem__(self, name: str) -> np.ndarray:
-        box, data = self.crop(name)
-        full = np.zeros(self.shape, dtype=bool)
-        full[box] = data
-        return full
+        return super().__getitem__(get(name).name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(OAR_NAMES)
@@ -400,7 +394,7 @@ class StructureMasks(Mapping):
 
     def crop(self, name: str) -> tuple[Box, np.ndarray]:
         """Bounding box (slices; empty for an empty structure) and the boolean mask inside it."""
-        return self._crops[get(name).name]
+        return super().crop(get(name).name)
 
     def voxel_count(self, name: str) -> int:
         """Number of voxels of a structure."""
