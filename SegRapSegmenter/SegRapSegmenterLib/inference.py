@@ -277,7 +277,8 @@ class TaskPredictor:
         elif box is None:
             box = body_box_of_image(image)
         fed_box = box if fed is image else reoriented_box(box, image, fed)
-        array = sitk.GetArrayFromImage(fed).astype(np.float32, copy=False)[None]
+        # a view: nnU-Net's preprocessing makes its own float32 copy (values as stored are exact in float32)
+        array = sitk.GetArrayViewFromImage(fed)[None]
         spacing = list(fed.GetSpacing())[::-1]
         self.last_run = {"body_box_zyx": [list(fed_box.start), list(fed_box.stop)], "body_found": box.found,
                          "box_fraction": round(box.fraction_of(array.shape[1:]), 4),
