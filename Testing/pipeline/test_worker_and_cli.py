@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,35 @@ def test_structure_subset_runs_only_the_needed_task_and_low_memory_is_recorded(h
     record = json.loads(open(events[-1]["outputs"]["provenance"]).read())["inference"]["gtv"]
     assert record["low_memory"] is True and record["path"] == "frugal"
     assert record["body_found"] and 0 < record["box_fraction"] <= 1
+
+
+def test_a_left_right_swap_is_warned_on_the_terminal_and_flagged_in_the_provenance(heldout_case, segment_run,
+                                                                                      tmp_path, capsys):
+    """A bundle that misdeclares its training orientation (LPS models labelled RPS) mirrors every input
+    relative to its training data: the demo network then puts each left structure on the patient's right.
+    The QA must say so, by name; the correct bundle's run on the same case must not."""
+    from SegRapSegmenterLib import models
+    from SegRapSegmenterLib.qa import LATERALITY_WARNING
+
+    assert not [e for e in segment_run["events"] if e["event"] == "warning" and LATERALITY_WARNING in e["message"]]
+
+    bundle = tmp_path / "misdeclared"
+    shutil.copytree(models.DEMO_BUNDLE_PATH, bundle)
+    manifest = json.loads((bundle / models.MANIFEST_NAME).read_text())
+    assert manifest["tasks"]["oar"]["orientation"] == "LPS"
+    manifest["tasks"]["oar"]["orientation"] = "RPS"
+    (bundle / models.MANIFEST_NAME).write_text(json.dumps(manifest))
+
+    _, paths = heldout_case
+    out = tmp_path / "out"
+    rc = cli.main(["segment", "--ct", str(paths.ct), "--out", str(out), "--bundle", str(bundle), "--device", "cpu",
+                   "--structures", "Mandible_L,Mandible_R,TemporalLobe_L,TemporalLobe_R"])
+    assert rc == 0  # a warning, not a failure: the contours are there for the user to check
+    err = capsys.readouterr().err
+    assert "warning: Mandible_L lies to the patient's right of Mandible_R: " + LATERALITY_WARNING in err
+    provenance = json.loads(next(out.glob("*.provenance.json")).read_text())
+    assert "laterality" in provenance["structures"]["Mandible_L"]["flags"]
+    assert "laterality" in provenance["structures"]["Mandible_R"]["flags"]
 
 
 def _segment(*args) -> int:

@@ -8,7 +8,9 @@ run on a small CT crop. They use the packaged demo bundle, or an untrained devel
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 import time
 import unittest
@@ -154,6 +156,28 @@ class LogicWorkerRunTest(unittest.TestCase):
         self.assertEqual(fractions, sorted(fractions))
         self.assertEqual(fractions[-1], 1.0)
         self.assertFalse(logic.run.workdir.exists())
+
+
+    @unittest.skipIf(BUNDLE != "demo", "needs the packaged demo bundle (a trained model that places left by position)")
+    def test_a_left_right_swap_is_collected_for_the_modules_warning_dialog(self):
+        # the demo bundle with its training orientation misdeclared (LPS models labelled RPS): every input
+        # reaches the network mirrored and the left structures come back on the patient's right
+        bundle = Path(tempfile.mkdtemp()) / "misdeclared"
+        shutil.copytree(models.DEMO_BUNDLE_PATH, bundle)
+        manifest = json.loads((bundle / models.MANIFEST_NAME).read_text())
+        manifest["tasks"]["oar"]["orientation"] = "RPS"
+        (bundle / models.MANIFEST_NAME).write_text(json.dumps(manifest))
+        try:
+            ct = SC.add_volume_node(self.scene, phantom.make_case(0, seed=99, size="small").ct, "CT")
+            logic = SegmentationLogic()
+            logic.segment(ct, None, tasks=("oar",), structures=["Mandible_L", "Mandible_R"], bundle=str(bundle),
+                          device="cpu", show3D=False)
+        finally:
+            shutil.rmtree(bundle.parent, ignore_errors=True)
+        self.assertEqual(logic.run.state, DONE)
+        self.assertEqual(len(logic.run.laterality_warnings), 1, logic.run.warnings)
+        self.assertTrue(logic.run.laterality_warnings[0].startswith("Mandible_L lies to the patient's right of "
+                                                                     "Mandible_R"))
 
 
 if __name__ == "__main__":
