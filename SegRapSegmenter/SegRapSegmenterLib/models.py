@@ -33,6 +33,9 @@ FORMAT = "segrap-model/1"
 CHECKPOINT_NAME = "checkpoint_final.pth"
 TASK_INPUTS = {"oar": "ct", "gtv": "contrast_ct"}
 MIRRORING_KINDS = ("none", "plain", "laterality-aware")
+# dataset.json key in which the training conversion records the orientation its cases were stored in;
+# nnU-Net copies dataset.json into the result folder, so a bundle carries it next to its manifest
+DATASET_ORIENTATION_KEY = "segrap_orientation"
 DEMO_BUNDLE_NAME = "demo"
 DEMO_BUNDLE_PATH = Path(__file__).resolve().parent / "data" / "segrap-demo"
 
@@ -170,8 +173,14 @@ def load_bundle(root: str | Path) -> Bundle:
                 raise ModelError(f"{manifest_path}: training_mirroring must be one of {MIRRORING_KINDS}.")
             _check_labels(task, model.labels, manifest_path)
             dataset_json = root / model.result_folder / "dataset.json"
-            _check_labels(task, {k: int(v) for k, v in _read_json(dataset_json).get("labels", {}).items()},
-                          dataset_json)
+            dataset = _read_json(dataset_json)
+            _check_labels(task, {k: int(v) for k, v in dataset.get("labels", {}).items()}, dataset_json)
+            trained_in = dataset.get(DATASET_ORIENTATION_KEY)
+            if trained_in is not None and model.orientation != trained_in:
+                # inputs would be reoriented to the wrong axes and reach the network mirrored or transposed
+                raise ModelError(f"{manifest_path}: the {task} model's orientation is {model.orientation!r}, but "
+                                 f"{dataset_json} says its training cases were stored in {trained_in!r}; "
+                                 f"left and right could come out swapped. Fix the manifest (or re-export the bundle).")
             if not model.folds:
                 raise ModelError(f"{manifest_path}: the {task} model lists no folds.")
             tasks[task] = model

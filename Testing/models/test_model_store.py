@@ -163,6 +163,25 @@ def test_wrong_labels_name_the_file_and_the_difference(store, bundle_copy):
         M.load_bundle(bundle_copy)
 
 
+def test_manifest_orientation_contradicting_the_training_dataset_is_refused(store, bundle_copy):
+    dataset_path = bundle_copy / "oar" / "dataset.json"
+    dataset = json.loads(dataset_path.read_text())
+    dataset[M.DATASET_ORIENTATION_KEY] = "LPS"  # what the conversion writes
+    dataset_path.write_text(json.dumps(dataset))
+    assert M.load_bundle(bundle_copy).tasks["oar"].orientation == "LPS"  # agreeing: accepted
+    manifest = json.loads((bundle_copy / M.MANIFEST_NAME).read_text())
+    manifest["tasks"]["oar"]["orientation"] = "RPS"
+    (bundle_copy / M.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError) as err:
+        M.load_bundle(bundle_copy)
+    assert "'RPS'" in str(err.value) and "'LPS'" in str(err.value) and str(dataset_path) in str(err.value)
+    assert "left and right could come out swapped" in str(err.value)
+    _rewrite_checksums(bundle_copy)
+    with pytest.raises(ModelError, match="left and right could come out swapped"):
+        M.install_bundle(bundle_copy)
+    assert M.list_bundles() == []
+
+
 def test_truncated_checkpoint_is_a_model_error(tmp_path, bundle_copy):
     checkpoint = bundle_copy / "gtv" / "fold_all" / M.CHECKPOINT_NAME
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])

@@ -27,10 +27,11 @@ from .. import structures as S
 from ..arrays import uint8_image
 from ..errors import DecompositionConflictError, InputError
 from ..imaging import check_file_complete
+from ..models import DATASET_ORIENTATION_KEY
 
 TASK_INPUTS = {"oar": "image.nii.gz", "gtv": "image_contrast.nii.gz"}
 ORIENTATION = "LPS"  # the orientation cases are written in (DICOM letters of the index axes x, y, z)
-ORIENTATION_KEY = "segrap_orientation"  # dataset.json key recording it
+ORIENTATION_KEY = DATASET_ORIENTATION_KEY  # dataset.json key recording it
 # nnU-Net applies its CT normalisation to channels named "CT"
 CHANNEL_NAMES = {"oar": {"0": "CT"}, "gtv": {"0": "CT"}}
 
