@@ -227,31 +227,32 @@ class TaskPredictor:
                         "without mirroring; mirroring stays off.", bundle.name, task)
         self.mirroring_axes = axes
         self.swaps_left_right = swap
-        predictor_class = _make_predictor_class()
-        self._predictor = predictor_class(tile_step_size=options.tile_step_size, use_gaussian=True,
-                                          use_mirroring=bool(axes), device=self.device,
-                                          perform_everything_on_device=self.device.type == "cuda",
-                                          verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        self._predictor.manual_initialization(network, plans_manager, configuration,
-                                              [c["network_weights"] for c in checkpoints], dataset_json,
-                                              checkpoints[0].get("trainer_name", model.trainer), allowed_axes)
-        self._predictor.mirror_axes = axes
-        self._predictor.lr_axis = lr_axis
+        self.lr_axis = lr_axis
         if swap:
             from .structures import class_mirror_permutation
 
-            self._predictor.permutation = list(class_mirror_permutation())
+            self.permutation: list[int] | None = list(class_mirror_permutation())
+        else:
+            self.permutation = None
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as nnU-Net's predictor sets it
         self.folds = folds
         self.task = task
         self.orientation = model.orientation
         self.options = options
         self.plans_manager, self.configuration, self.dataset_json = plans_manager, configuration, dataset_json
         self.label_manager = plans_manager.get_label_manager(dataset_json)
-        self._networks = []
-        for c in checkpoints:  # one network per fold: no reloading of weights for every tile
+        # one network per fold, on the device (every tile goes through each fold in turn, so reloading
+        # weights per tile is not an option); the checkpoints are not kept: nnU-Net's predictor, when a
+        # plan needs it, takes its weights from these networks
+        self._networks = [network.to(self.device).eval()]
+        for c in checkpoints[1:]:
             fold_network = copy.deepcopy(network)
             fold_network.load_state_dict(c["network_weights"])
-            self._networks.append(fold_network.to(self.device).eval())
+            self._networks.append(fold_network)
+        self._trainer_name = checkpoints[0].get("trainer_name", model.trainer)
+        self._allowed_axes = allowed_axes
+        self._stock = None
         self.last_run: dict = {}
 
     def orientation_note(self, image: sitk.Image) -> str | None:
@@ -402,17 +403,33 @@ class TaskPredictor:
         with torch.inference_mode(), autocast:
             total = None
             for network in self._networks:
-                scores = mirrored_sum(network, tile, self.mirroring_axes, self._predictor.lr_axis,
-                                      self._predictor.permutation)
+                scores = mirrored_sum(network, tile, self.mirroring_axes, self.lr_axis, self.permutation)
                 total = scores if total is None else total + scores
         return total / len(self._networks)
 
     def _predict_stock(self, array: np.ndarray, spacing, progress) -> np.ndarray:
         """nnU-Net's own predictor over the whole volume (plans the frugal path does not cover)."""
-        self._predictor.progress = progress
-        self._predictor._tiles_done = 0
-        return np.asarray(self._predictor.predict_single_npy_array(array, {"spacing": list(spacing)}, None, None,
-                                                                   False), dtype=np.uint8)
+        predictor = self._stock_predictor()
+        predictor.progress = progress
+        predictor._tiles_done = 0
+        return np.asarray(predictor.predict_single_npy_array(array, {"spacing": list(spacing)}, None, None, False),
+                          dtype=np.uint8)
+
+    def _stock_predictor(self):
+        """nnU-Net's predictor with our mirroring and progress, made on first use from the fold networks."""
+        if self._stock is None:
+            predictor = _make_predictor_class()(tile_step_size=self.options.tile_step_size, use_gaussian=True,
+                                                use_mirroring=bool(self.mirroring_axes), device=self.device,
+                                                perform_everything_on_device=self.device.type == "cuda",
+                                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+            # a network of its own: nnU-Net loads each fold's weights into it in turn, which must not change ours
+            predictor.manual_initialization(copy.deepcopy(self._networks[0]), self.plans_manager, self.configuration,
+                                            [n.state_dict() for n in self._networks], self.dataset_json,
+                                            self._trainer_name, self._allowed_axes)
+            predictor.mirror_axes, predictor.lr_axis, predictor.permutation = (self.mirroring_axes, self.lr_axis,
+                                                                                self.permutation)
+            self._stock = predictor
+        return self._stock
 
 
 class _quiet_nnunet:
