@@ -118,18 +118,20 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
 
     path = Path(path)
     checked = _check_masks(masks, reference)
-    known = {}
-    other = {}
+    known: dict[str, str] = {}  # catalogue name -> the caller's key
+    others: list[str] = []
     for key in checked:
         try:
             known[S.get(key).name] = key
         except KeyError:
-            other[key] = key
+            others.append(key)
     ordered = CroppedMasks(checked.shape)
-    for name, key in [(s.name, known[s.name]) for s in S.STRUCTURES if s.name in known] + list(other.items()):
-        ordered.put(name, *checked.crop(key))
-    shape = tuple(reversed(reference.GetSize()))
-    layers, placed = pack_layers(ordered, shape)
+    for s in S.STRUCTURES:
+        if s.name in known:
+            ordered.put(s.name, *checked.crop(known[s.name]))
+    for key in others:
+        ordered.put(key, *checked.crop(key))
+    layers, placed = pack_layers(ordered, checked.shape)
 
     header: dict = {
         "type": "unsigned char", "dimension": 4, "space": _LPS, "kinds": ["list", "domain", "domain", "domain"],
