@@ -109,6 +109,7 @@ def agreement(ours_seg: Path, stock: dict[str, Path]) -> None:
     import numpy as np
     import SimpleITK as sitk
 
+    from SegRapSegmenterLib import metrics
     from SegRapSegmenterLib import structures as S
     from SegRapSegmenterLib.segfile import read_seg_nrrd
 
@@ -127,9 +128,7 @@ def agreement(ours_seg: Path, stock: dict[str, Path]) -> None:
         same = float(np.mean(mine == theirs))
         print(f"  {task}: labels identical on {same:.5%} of voxels ({int((mine != theirs).sum())} differ)")
         for name in theirs_masks:
-            a, b = ours[name], np.asarray(theirs_masks[name])
-            total = int(a.sum()) + int(b.sum())
-            dices[name] = 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+            dices[name] = metrics.dice(np.asarray(theirs_masks[name]), ours[name])
     worst = sorted(dices.items(), key=lambda kv: kv[1])[:5]
     print(f"  per-structure Dice ours vs stock: min {worst[0][1]:.4f} ({worst[0][0]}); lowest five: "
           + ", ".join(f"{n} {d:.4f}" for n, d in worst))
