@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from SegRapSegmenterLib import phantom
+from SegRapSegmenterLib.arrays import uint8_image
 from SegRapSegmenterLib.body import MARGIN_MM, body_box, body_box_of_image, reoriented_box
 
 
@@ -47,8 +48,6 @@ def test_a_couch_touching_the_back_and_an_arm_apart_stay_outside():
     assert _inside(box, labels)
     margin = int(np.ceil(MARGIN_MM / spacing[2]))
     assert box.start[2] > 20 - margin // 2  # the arm at x < 20 is not in
-    couch = np.zeros(ct.shape, bool)
-    couch[:, back + 1:back + 4, :] = True
     assert box.stop[1] <= back + 1 + int(np.ceil(MARGIN_MM / spacing[1]))  # only the margin reaches the couch
     assert box.shape[2] < ct.shape[2]  # the couch's width did not widen the box to the whole image
 
@@ -63,8 +62,7 @@ def test_no_body_gives_the_whole_image():
 def test_reoriented_box_holds_the_same_voxels(orientation):
     case = phantom.make_case(0, seed=7, size="small")
     box = body_box_of_image(case.ct)
-    mask = sitk.GetImageFromArray(box.as_mask(sitk.GetArrayViewFromImage(case.ct).shape).astype(np.uint8))
-    mask.CopyInformation(case.ct)
+    mask = uint8_image(box.as_mask(sitk.GetArrayViewFromImage(case.ct).shape), case.ct)
     moved = sitk.DICOMOrient(mask, orientation)
     expected = sitk.GetArrayFromImage(moved).astype(bool)
     got = reoriented_box(box, case.ct, sitk.DICOMOrient(case.ct, orientation))

@@ -14,6 +14,7 @@ from nnunetv2.preprocessing.resampling.default_resampling import resample_data_o
 from scipy import ndimage
 
 from SegRapSegmenterLib import phantom
+from SegRapSegmenterLib.arrays import uint8_image
 from SegRapSegmenterLib.body import body_box_of_image
 from SegRapSegmenterLib.errors import ModelError
 from SegRapSegmenterLib.inference import InferenceOptions, TaskPredictor
@@ -36,8 +37,7 @@ def _stock(predictor: TaskPredictor, image: sitk.Image) -> np.ndarray:
     fed = sitk.DICOMOrient(image, predictor.orientation)
     labels = predictor._predict_stock(sitk.GetArrayFromImage(fed).astype(np.float32)[None],
                                       list(fed.GetSpacing())[::-1], None)
-    out = sitk.GetImageFromArray(labels)
-    out.CopyInformation(fed)
+    out = uint8_image(labels, fed)
     stored = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
     return sitk.GetArrayFromImage(sitk.DICOMOrient(out, stored))
 

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from SegRapSegmenterLib import metrics, phantom
 from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.arrays import uint8_image
 from SegRapSegmenterLib.inference import InferenceOptions, TaskPredictor
 from SegRapSegmenterLib.models import resolve_bundle
 
@@ -42,8 +43,7 @@ def oar(request, case):
 
 def _on_grid(labels: np.ndarray, stored: sitk.Image, reference: sitk.Image) -> np.ndarray:
     """A label map on ``stored``'s grid resampled (nearest) onto ``reference``'s grid through physical space."""
-    image = sitk.GetImageFromArray(labels)
-    image.CopyInformation(stored)
+    image = uint8_image(labels, stored)
     return sitk.GetArrayFromImage(sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 255))
 
 
