@@ -99,7 +99,7 @@ class Painter:
 
     def tree(self, x0, x1, y) -> int:
         sys.path.insert(0, str(ROOT / "SegRapSegmenter"))
-        from SegRapSegmenterLib import structures
+        from SegRapSegmenterLib.anatomy import structures
 
         groups: dict[str, list[str]] = {}
         for s in structures.STRUCTURES:

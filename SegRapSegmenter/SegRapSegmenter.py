@@ -2,9 +2,9 @@
 
 Head-and-neck auto-contouring (45 organs at risk on CT, GTVp and GTVnd on contrast CT) with the DKFZ
 nnU-Net method of the SegRap 2023 challenge. All the work is done by the headless core package
-``SegRapSegmenterLib`` next to this file: ``slicer_logic`` (runs the worker process, polls it from a
-qt timer, cancel, RTSTRUCT export, model store), ``scene`` (volume and segmentation nodes <-> files)
-and ``dependencies`` (what the worker's Python needs, pinned installs). This file only wires the
+``SegRapSegmenterLib`` next to this file, through its ``slicer_bridge``: ``logic`` (runs the worker
+process, polls it from a qt timer, cancel, RTSTRUCT export, model store), ``scene`` (volume and
+segmentation nodes <-> files) and ``dependencies`` (what the worker's Python needs, pinned installs). This file only wires the
 panel to them; it does no image processing (a packaging test checks that it imports no numpy,
 SimpleITK or scipy).
 
@@ -23,6 +23,7 @@ import tempfile
 import qt
 import slicer
 import vtk
+from SegRapSegmenterLib.slicer_bridge.logic import CANCELLED, DONE, SegmentationLogic
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -32,8 +33,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-
-from SegRapSegmenterLib.slicer_logic import CANCELLED, DONE, SegmentationLogic
 
 LIBRARY = "SegRapSegmenterLib"
 TERMINOLOGY_FILE = os.path.join(os.path.dirname(__file__), "Resources", "SegRapSegmenter.term.json")
@@ -275,7 +274,7 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- dependencies ---------------------------------------------------------------------------
 
     def _python(self) -> str:
-        from SegRapSegmenterLib.slicer_logic import default_python
+        from SegRapSegmenterLib.slicer_bridge.logic import default_python
 
         return (self._parameterNode.pythonExecutable if self._parameterNode else "") or default_python()
 
@@ -285,7 +284,7 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _ensureDependencies(self) -> bool:
         """Check the worker's Python and Slicer's own; offer a pinned install into Slicer's Python. True when ready."""
-        from SegRapSegmenterLib import dependencies
+        from SegRapSegmenterLib.slicer_bridge import dependencies
 
         python = self._python()
         ownPython = not (self._parameterNode and self._parameterNode.pythonExecutable)
@@ -476,7 +475,7 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 #
-# Logic: the facade the GUI and the Python console use; the work is in SegRapSegmenterLib.slicer_logic
+# Logic: the facade the GUI and the Python console use; the work is in SegRapSegmenterLib.slicer_bridge.logic
 #
 
 
@@ -493,7 +492,7 @@ class SegRapSegmenterLogic(ScriptedLoadableModuleLogic, SegmentationLogic):
     @staticmethod
     def structureGroups() -> dict[str, list[tuple[str, str]]]:
         """Catalogue structures by region group: {group: [(SegRap name, display name), ...]}."""
-        from SegRapSegmenterLib import structures
+        from SegRapSegmenterLib.anatomy import structures
 
         groups: dict[str, list[tuple[str, str]]] = {}
         for s in structures.STRUCTURES:
@@ -527,7 +526,7 @@ class SegRapSegmenterTest(ScriptedLoadableModuleTest):
 
     def test_terminology_is_registered(self) -> None:
         self.delayDisplay("SegRap terminology in Slicer")
-        from SegRapSegmenterLib import structures, terminology
+        from SegRapSegmenterLib.anatomy import structures, terminology
 
         name = SegRapSegmenterLogic.registerTerminology()
         self.assertEqual(name, terminology.CONTEXT_NAME)
@@ -555,7 +554,11 @@ class SegRapSegmenterTest(ScriptedLoadableModuleTest):
     def test_demo_bundle_end_to_end(self) -> None:
         """Phantom CT and contrast CT (as DICOM) -> demo bundle on CPU -> 47 segments -> RTSTRUCT read back."""
         self.delayDisplay("Demo bundle on a phantom case (CPU, a few minutes)")
-        from SegRapSegmenterLib import dicom, phantom, phantom_dicom, scene, structures
+        from SegRapSegmenterLib.anatomy import structures
+        from SegRapSegmenterLib.formats import dicom, rtstruct
+        from SegRapSegmenterLib.phantom import cases as phantom
+        from SegRapSegmenterLib.phantom import dicom_series as phantom_dicom
+        from SegRapSegmenterLib.slicer_bridge import scene
 
         with tempfile.TemporaryDirectory(prefix="segrap-selftest-") as tmp:
             case = phantom.make_case(0, seed=99, size="small")
@@ -579,7 +582,7 @@ class SegRapSegmenterTest(ScriptedLoadableModuleTest):
 
             self.delayDisplay("RTSTRUCT export and read-back")
             path = logic.exportRtStruct(segmentation, ct, os.path.join(tmp, "out"), dicomFolder=str(written.ct_dir))
-            back = dicom.read_rtstruct(path, ctSeries)
+            back = rtstruct.read_rtstruct(path, ctSeries)
             self.assertEqual(set(back), set(structures.STRUCTURE_NAMES))
             self.assertTrue((back["Lens_L"] == lens).all())
         self.delayDisplay("SegRap self-test passed")

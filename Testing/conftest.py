@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from SegRapSegmenterLib import phantom
+from SegRapSegmenterLib.phantom import cases as phantom
 
 
 @pytest.fixture(scope="session")

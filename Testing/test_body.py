@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from SegRapSegmenterLib import phantom
 from SegRapSegmenterLib.arrays import uint8_image
-from SegRapSegmenterLib.body import MARGIN_MM, body_box, body_box_of_image, reoriented_box
+from SegRapSegmenterLib.inference.body import MARGIN_MM, body_box, body_box_of_image, reoriented_box
+from SegRapSegmenterLib.phantom import cases as phantom
 
 
 def _inside(box, mask: np.ndarray) -> bool:

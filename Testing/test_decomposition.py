@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.errors import DecompositionConflictError, InputError
 
 # Relations stated in SEGRAP.md's prose, checked against the code's table and the phantom.

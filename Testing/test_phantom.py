@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
-
-from SegRapSegmenterLib import cli, phantom
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib import cli
+from SegRapSegmenterLib.anatomy import structures as S
+from SegRapSegmenterLib.phantom import cases as phantom
 
 
 def _read(path) -> sitk.Image:

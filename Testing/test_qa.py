@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from SegRapSegmenterLib import phantom
+from SegRapSegmenterLib.anatomy.qa import LATERALITY_WARNING, laterality_warnings, structure_report
 from SegRapSegmenterLib.arrays import CroppedMasks
-from SegRapSegmenterLib.qa import LATERALITY_WARNING, laterality_warnings, structure_report
+from SegRapSegmenterLib.phantom import cases as phantom
 
 
 def test_swapped_pair_is_flagged_and_warned_and_a_correct_one_is_not():

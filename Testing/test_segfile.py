@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-
-from SegRapSegmenterLib import phantom, segfile
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.errors import GeometryError, InputError
+from SegRapSegmenterLib.formats import segfile
+from SegRapSegmenterLib.phantom import cases as phantom
 
 
 def _all_masks(case) -> dict[str, np.ndarray]:

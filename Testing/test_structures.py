@@ -6,8 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.errors import StructureNameError
 
 # The official channel order of the Task 1 output (SEGRAP.md), written out independently of the code.

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from slicerio import segmentation as slicerio_segmentation
-
 from SegRapSegmenterLib import cli
-from SegRapSegmenterLib import structures as S
-from SegRapSegmenterLib import terminology as T
+from SegRapSegmenterLib.anatomy import structures as S
+from SegRapSegmenterLib.anatomy import terminology as T
+from slicerio import segmentation as slicerio_segmentation
 
 COMMITTED = T.default_path()
 

@@ -14,29 +14,22 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import SegRapError
+from .console import ProgressPrinter
+from .errors import (  # noqa: F401
+    EXIT_ERROR,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    EXIT_WORKER,
+    SegRapError,
+    exit_code,
+    exit_code_of_kind,
+)
 
 log = logging.getLogger("segrap")
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT, EXIT_WORKER = 3, 4, 5, 6
-
-
-def exit_code(exc: SegRapError) -> int:
-    """The exit code of an error: 3 bad input, 4 bad model, 5 output not writable, 6 worker died, 1 other."""
-    from .errors import (DecompositionConflictError, DicomError, GeometryError, InputError, ModelError,
-                         OutputError, StructureNameError, WorkerError)
-
-    if isinstance(exc, (InputError, GeometryError, DicomError, StructureNameError, DecompositionConflictError)):
-        return EXIT_INPUT
-    if isinstance(exc, ModelError):
-        return EXIT_MODEL
-    if isinstance(exc, OutputError):
-        return EXIT_OUTPUT
-    if isinstance(exc, WorkerError):
-        return EXIT_WORKER
-    return EXIT_ERROR
-
 
 # --------------------------------------------------------------------------------------------
 # segrap structures
@@ -50,7 +43,7 @@ def _add_structures(sub) -> None:
 
 
 def _cmd_structures(args) -> int:
-    from . import structures as S
+    from .anatomy import structures as S
 
     if args.json:
         rows = [{"name": s.name, "index": s.index, "task": s.task, "tg263": s.tg263, "display_name": s.display_name,
@@ -69,7 +62,7 @@ def _cmd_structures(args) -> int:
 
 
 def _add_phantom(sub) -> None:
-    from .phantom import CONTRAST_MODES, DIRECTIONS, SIZES
+    from .phantom.cases import CONTRAST_MODES, DIRECTIONS, SIZES
 
     p = sub.add_parser("phantom", help="write synthetic head-and-neck phantom cases in the SegRap release layout")
     p.add_argument("--out", required=True, type=Path, help="folder to write the cohort into")
@@ -86,7 +79,7 @@ def _add_phantom(sub) -> None:
 
 
 def _cmd_phantom(args) -> int:
-    from .phantom import write_cohort
+    from .phantom.cases import write_cohort
 
     written = write_cohort(args.out, args.cases, args.seed, args.size, args.direction, args.contrast, args.first)
     for paths in written:
@@ -100,7 +93,7 @@ def _cmd_phantom(args) -> int:
 
 
 def _add_segment(sub) -> None:
-    from .inference import DEVICES
+    from .inference.predictor import DEVICES
 
     p = sub.add_parser("segment", help="contour the OARs on a CT and the GTVs on a contrast CT")
     src = p.add_argument_group("inputs (one case, or a cohort with --input-dir)")
@@ -162,37 +155,11 @@ def _request_from_args(args, ct, contrast, case_id, out_dir):
         keep_largest_component=args.largest, fill_holes=args.fill_holes)
 
 
-class _ProgressPrinter:
-    """A one-line progress bar on a terminal, stage lines elsewhere; warnings always on their own line."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.tty = sys.stderr.isatty()
-        self.last_stage = None
-
-    def __call__(self, event: dict) -> None:
-        kind = event.get("event")
-        if kind == "progress":
-            fraction = float(event.get("fraction", 0.0))
-            if self.tty:
-                bar = "#" * int(30 * fraction)
-                sys.stderr.write(f"\r{self.label} [{bar:<30}] {fraction:4.0%} {event.get('message', '')[:60]:<60}")
-                sys.stderr.flush()
-            elif event.get("stage") != self.last_stage:
-                print(f"{self.label}: {event.get('message', '')}", file=sys.stderr)
-            self.last_stage = event.get("stage")
-        elif kind == "warning":
-            print(("\n" if self.tty else "") + f"{self.label}: warning: {event.get('message')}", file=sys.stderr)
-        elif kind in ("done", "error", "cancelled") and self.tty:
-            sys.stderr.write("\n")
-
-
 def _run_worker(request, args, label: str) -> int:
     from .runner import WorkerRun
-    from .worker import EXIT_CODES
 
     run = WorkerRun(request, python=args.python).start()
-    on_event = (lambda e: print(json.dumps(e), flush=True)) if args.json else _ProgressPrinter(label)
+    on_event = (lambda e: print(json.dumps(e), flush=True)) if args.json else ProgressPrinter(label)
     try:
         outcome = run.wait(on_event)
     except KeyboardInterrupt:
@@ -212,13 +179,13 @@ def _run_worker(request, args, label: str) -> int:
         print(f"{label}: error: {final.get('message')}", file=sys.stderr)
         if final.get("kind") == "InternalError":
             print(final.get("traceback", ""), file=sys.stderr)
-    return EXIT_CODES.get(final.get("kind"), EXIT_ERROR)
+    return exit_code_of_kind(final.get("kind"))
 
 
 def _cohort_cases(input_dir: Path, part: str) -> list[tuple[str, Path | None, Path | None]]:
     """(case id, CT, contrast CT) for each case folder of a cohort, the K-th of every N."""
     from .errors import InputError
-    from .imaging import IMAGE_SUFFIXES
+    from .formats.imaging import IMAGE_SUFFIXES
 
     try:
         k, n = (int(v) for v in part.split("/"))
@@ -298,7 +265,7 @@ def _add_models(sub) -> None:
 
 
 def _cmd_models(args) -> int:
-    from . import models as M
+    from .inference import bundles as M
 
     if args.models_command == "install":
         bundle = M.install_bundle(args.source, force=args.force)
@@ -358,7 +325,7 @@ def _add_terminology(sub) -> None:
 
 
 def _cmd_terminology(args) -> int:
-    from . import terminology as T
+    from .anatomy import terminology as T
 
     if args.write is not None:
         print(T.write_terminology(args.write or None))
@@ -400,7 +367,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from . import evaluate
+    from .evaluation import evaluate
 
     result = evaluate.run(args.pred, args.ref, args.out, args.task, plots=not args.no_plots, worst=args.worst)
     summary = result.summary()
@@ -436,7 +403,7 @@ def _add_export_rtstruct(sub) -> None:
 
 
 def _cmd_export_rtstruct(args) -> int:
-    from .rtstruct import export_rtstruct
+    from .formats.rtstruct import export_rtstruct
 
     path, notes = export_rtstruct(args.segmentation, args.reference_ct, args.out, roi_names=args.roi_names,
                                   series_uid=args.ct_series)
@@ -447,7 +414,7 @@ def _cmd_export_rtstruct(args) -> int:
 
 
 def _add_dicom_phantom(sub) -> None:
-    from .phantom_dicom import VARIANTS
+    from .phantom.dicom_series import VARIANTS
 
     p = sub.add_parser("dicom-phantom", help="write a phantom case's CT and contrast CT as DICOM series")
     p.add_argument("--out", required=True, type=Path, help="folder to write CT/ and CT_contrast/ into")
@@ -463,12 +430,12 @@ def _add_dicom_phantom(sub) -> None:
 
 
 def _cmd_dicom_phantom(args) -> int:
-    from .phantom_dicom import write_variant
+    from .phantom.dicom_series import write_variant
 
     written = write_variant(args.variant, args.out, index=args.index, seed=args.seed, size=args.size,
                             slices=args.slices)
     if args.masks:
-        from .segfile import write_seg_nrrd
+        from .formats.segfile import write_seg_nrrd
 
         masks = dict(written.case.oar_masks()) | written.case.gtv_masks()
         write_seg_nrrd(args.out / "masks.seg.nrrd", masks, written.case.ct)

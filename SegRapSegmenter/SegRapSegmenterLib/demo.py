@@ -13,13 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import phantom
-from . import structures as S
-from .metrics import dice
-from .models import DEMO_BUNDLE_NAME
+from .anatomy import structures as S
+from .console import ProgressPrinter
+from .errors import EXIT_OK, exit_code_of_kind
+from .evaluation.metrics import dice
+from .formats.segfile import read_seg_nrrd
+from .inference.bundles import DEMO_BUNDLE_NAME
+from .phantom import cases as phantom
 from .pipeline import SegmentRequest
 from .runner import WorkerRun
-from .segfile import read_seg_nrrd
 
 NOTICE = ("The demo model was trained by this project on the synthetic phantom only. It is not a clinical "
           "model: install a real bundle with `segrap models install` for patient images.")
@@ -35,20 +37,17 @@ def score_against_truth(case: phantom.PhantomCase, seg_path: Path) -> dict[str, 
 def run_demo(out: str | Path, size: str = "small", seed: int = 99, device: str = "auto",
              json_lines: bool = False) -> int:
     """Phantom case -> worker with the demo bundle -> DSC summary; returns the exit code."""
-    from .cli import EXIT_OK, _ProgressPrinter
-    from .worker import EXIT_CODES
-
     out = Path(out)
     case = phantom.make_case(0, seed=seed, size=size)
     paths = phantom.write_case(case, out / "phantom")
     print(f"phantom case ({size}, seed {seed}) written to {paths.folder}", file=sys.stderr)
     request = SegmentRequest(ct=str(paths.ct), contrast_ct=str(paths.contrast_ct), out_dir=str(out / "segmentation"),
                              case_id=case.case_id, bundle=DEMO_BUNDLE_NAME, device=device)
-    printer = (lambda e: print(json.dumps(e), flush=True)) if json_lines else _ProgressPrinter("segrap demo")
+    printer = (lambda e: print(json.dumps(e), flush=True)) if json_lines else ProgressPrinter("segrap demo")
     outcome = WorkerRun(request).start().wait(printer)
     if not outcome.ok:
         print(f"segrap demo: error: {outcome.final.get('message')}", file=sys.stderr)
-        return EXIT_CODES.get(outcome.final.get("kind"), 1)
+        return exit_code_of_kind(outcome.final.get("kind"))
     seg_path = Path(outcome.final["outputs"]["segmentation"])
     scores = score_against_truth(case, seg_path)
     oar = [scores[n] for n in S.OAR_NAMES]

@@ -48,3 +48,31 @@ class WorkerError(SegRapError):
 
 class Cancelled(SegRapError):
     """The run was stopped on request (SIGTERM, SIGINT or the user's Cancel)."""
+
+
+# Exit codes of the ``segrap`` command and of the worker process, one table for both: the worker reports
+# an error by its class name and the caller maps that name back through ``exit_code_of_kind``.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT, EXIT_WORKER = 3, 4, 5, 6
+
+_EXIT_BY_CLASS: tuple[tuple[type[SegRapError], int], ...] = (
+    (InputError, EXIT_INPUT), (GeometryError, EXIT_INPUT), (DicomError, EXIT_INPUT),
+    (StructureNameError, EXIT_INPUT), (DecompositionConflictError, EXIT_INPUT),
+    (ModelError, EXIT_MODEL), (OutputError, EXIT_OUTPUT), (WorkerError, EXIT_WORKER), (Cancelled, EXIT_INTERRUPTED),
+)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code of an error: 3 bad input, 4 bad model, 5 output not writable, 6 worker died, 1 other."""
+    for cls, code in _EXIT_BY_CLASS:
+        if isinstance(exc, cls):
+            return code
+    return EXIT_ERROR
+
+
+def exit_code_of_kind(kind: str | None) -> int:
+    """The exit code of an error reported by class name (the worker's ``kind`` field); 1 for unknown kinds."""
+    for cls, code in _EXIT_BY_CLASS:
+        if cls.__name__ == kind:
+            return code
+    return EXIT_ERROR

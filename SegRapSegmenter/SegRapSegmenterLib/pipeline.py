@@ -22,15 +22,15 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import __version__
-from . import structures as S
+from .anatomy import structures as S
+from .anatomy.qa import structure_report
 from .arrays import CroppedMasks, uint8_image
 from .errors import InputError, OutputError
-from .body import THRESHOLD_HU as BODY_THRESHOLD_HU
-from .body import body_box_of_image
-from .imaging import VolumeSource, contrast_on_ct_grid, read_volume
-from .inference import InferenceOptions, TaskPredictor, describe_device
-from .models import Bundle, resolve_bundle, sha256_file, verify_bundle
-from .qa import structure_report
+from .formats.imaging import VolumeSource, contrast_on_ct_grid, read_volume
+from .inference.body import THRESHOLD_HU as BODY_THRESHOLD_HU
+from .inference.body import body_box_of_image
+from .inference.bundles import Bundle, resolve_bundle, sha256_file, verify_bundle
+from .inference.predictor import InferenceOptions, TaskPredictor, describe_device
 
 log = logging.getLogger(__name__)
 
@@ -339,8 +339,8 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
 def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, reference: sitk.Image,
                    ct: VolumeSource | None, provenance: dict, staging: Path, out_dir: Path, timings: dict,
                    t_start: float, t_write: float) -> dict[str, str]:
-    from .maskfiles import write_challenge_mha
-    from .segfile import write_seg_nrrd
+    from .formats.maskfiles import write_challenge_mha
+    from .formats.segfile import write_seg_nrrd
 
     if staging.exists():
         shutil.rmtree(staging)
@@ -366,7 +366,7 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, refer
                                         reference.GetSpacing()[::-1], reference)
                     names[f"challenge_{task}"] = path
         if req.rtstruct:
-            from .dicom import write_rtstruct
+            from .formats.rtstruct import write_rtstruct
 
             path = staging / f"{case_id}_RTSTRUCT.dcm"
             notes = list(ct.notes) + [f"{name}: {'; '.join(steps)}" for name, steps in

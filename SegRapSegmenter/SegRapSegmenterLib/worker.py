@@ -22,9 +22,7 @@ import threading
 import traceback
 from pathlib import Path
 
-EXIT_CODES = {"InputError": 3, "GeometryError": 3, "DicomError": 3, "StructureNameError": 3,
-              "DecompositionConflictError": 3, "ModelError": 4, "OutputError": 5}
-EXIT_INTERNAL, EXIT_CANCELLED = 1, 130
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, exit_code_of_kind
 
 
 class _Emitter:
@@ -47,7 +45,7 @@ def _raise_cancelled(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def run_request(request_path: Path) -> int:
-    """Run the request in ``request_path``; returns the exit code (see EXIT_CODES)."""
+    """Run the request in ``request_path``; returns the exit code (errors.exit_code_of_kind of the error it reports)."""
     emit = _Emitter()
     # stdout belongs to the protocol: everything else printed (nnU-Net, tqdm) goes to stderr
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -56,7 +54,7 @@ def run_request(request_path: Path) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     from .errors import Cancelled, SegRapError
-    from .pipeline import SegmentRequest, run, staging_path, default_case_id
+    from .pipeline import SegmentRequest, default_case_id, run, staging_path
 
     staging = None
     try:
@@ -78,19 +76,19 @@ def run_request(request_path: Path) -> int:
         return 0
     except Cancelled as exc:
         emit("cancelled", message=str(exc))
-        return EXIT_CANCELLED
+        return EXIT_INTERRUPTED
     except SegRapError as exc:
         kind = type(exc).__name__
         emit("error", kind=kind, message=str(exc))
-        return EXIT_CODES.get(kind, EXIT_INTERNAL)
+        return exit_code_of_kind(kind)
     except MemoryError:
         emit("error", kind="MemoryError", message="Out of memory. Try --device cpu with fewer --threads, "
                                                   "or a machine with more memory.")
-        return EXIT_INTERNAL
+        return EXIT_ERROR
     except Exception as exc:  # an internal bug: report it fully rather than die silently
         emit("error", kind="InternalError", message=f"{type(exc).__name__}: {exc}",
              traceback=traceback.format_exc())
-        return EXIT_INTERNAL
+        return EXIT_ERROR
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -13,9 +13,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-from SegRapSegmenterLib import phantom  # noqa: E402
-from SegRapSegmenterLib import structures as S  # noqa: E402
+from SegRapSegmenterLib.anatomy import structures as S  # noqa: E402
+from SegRapSegmenterLib.phantom import cases as phantom  # noqa: E402
 
 
 def best_of(fn, repeats: int = 3) -> tuple[float, object]:

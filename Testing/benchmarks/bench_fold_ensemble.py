@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-
-from SegRapSegmenterLib import phantom
-from SegRapSegmenterLib.inference import InferenceOptions, TaskPredictor
-from SegRapSegmenterLib.models import CHECKPOINT_NAME, Bundle, build_bundle, load_bundle, resolve_bundle
+from SegRapSegmenterLib.inference.bundles import CHECKPOINT_NAME, Bundle, build_bundle, load_bundle, resolve_bundle
+from SegRapSegmenterLib.inference.predictor import InferenceOptions, TaskPredictor
+from SegRapSegmenterLib.phantom import cases as phantom
 
 
 def two_fold_bundle(work: Path, perturbation: float = 0.05) -> Bundle:

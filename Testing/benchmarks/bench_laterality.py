@@ -30,11 +30,11 @@ import time
 
 import numpy as np
 import SimpleITK as sitk
-
-from SegRapSegmenterLib import metrics, phantom
-from SegRapSegmenterLib import structures as S
-from SegRapSegmenterLib.inference import InferenceOptions, TaskPredictor
-from SegRapSegmenterLib.models import resolve_bundle
+from SegRapSegmenterLib.anatomy import structures as S
+from SegRapSegmenterLib.evaluation import metrics
+from SegRapSegmenterLib.inference.bundles import resolve_bundle
+from SegRapSegmenterLib.inference.predictor import InferenceOptions, TaskPredictor
+from SegRapSegmenterLib.phantom import cases as phantom
 
 MODES = {
     "(a) no mirroring": InferenceOptions(device="cpu", mirror=False),

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 import SimpleITK as sitk
-
-from SegRapSegmenterLib import metrics, phantom
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.anatomy import structures as S
+from SegRapSegmenterLib.evaluation import metrics
+from SegRapSegmenterLib.phantom import cases as phantom
 
 
 def _all_masks(case: phantom.PhantomCase) -> dict[str, np.ndarray]:

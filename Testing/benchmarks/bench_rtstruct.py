@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
-
-from SegRapSegmenterLib import rtstruct
-from SegRapSegmenterLib.contours import trace
-from SegRapSegmenterLib.dicom import read_ct_series
-from SegRapSegmenterLib.phantom import make_case
-from SegRapSegmenterLib.phantom_dicom import write_phantom_dicom
+from SegRapSegmenterLib.formats import rtstruct
+from SegRapSegmenterLib.formats.contours import trace
+from SegRapSegmenterLib.formats.dicom import read_ct_series
+from SegRapSegmenterLib.phantom.cases import make_case
+from SegRapSegmenterLib.phantom.dicom_series import write_phantom_dicom
 
 
 def baseline_write(masks: dict, volume, path: Path) -> None:

@@ -108,10 +108,9 @@ def agreement(ours_seg: Path, stock: dict[str, Path]) -> None:
     """Voxel agreement of the label maps and per-structure Dice, ours vs stock."""
     import numpy as np
     import SimpleITK as sitk
-
-    from SegRapSegmenterLib import metrics
-    from SegRapSegmenterLib import structures as S
-    from SegRapSegmenterLib.segfile import read_seg_nrrd
+    from SegRapSegmenterLib.anatomy import structures as S
+    from SegRapSegmenterLib.evaluation import metrics
+    from SegRapSegmenterLib.formats.segfile import read_seg_nrrd
 
     ours = read_seg_nrrd(ours_seg).masks
     dices = {}
@@ -147,9 +146,8 @@ def main() -> int:
     args = parser.parse_args()
 
     import SimpleITK as sitk
-
-    from SegRapSegmenterLib import phantom
-    from SegRapSegmenterLib.models import resolve_bundle
+    from SegRapSegmenterLib.inference.bundles import resolve_bundle
+    from SegRapSegmenterLib.phantom import cases as phantom
 
     bundle = resolve_bundle(args.bundle)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-segment-"))

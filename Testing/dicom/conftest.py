@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from SegRapSegmenterLib.dicom import DicomVolume, read_ct_series
-from SegRapSegmenterLib.phantom_dicom import DicomPhantom, write_variant
-from SegRapSegmenterLib.rtstruct import RoiMasks
+from SegRapSegmenterLib.formats.dicom import DicomVolume, read_ct_series
+from SegRapSegmenterLib.formats.rtstruct import RoiMasks
+from SegRapSegmenterLib.phantom.dicom_series import DicomPhantom, write_variant
 
 
 @dataclass

@@ -9,9 +9,8 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
-
-from SegRapSegmenterLib.dicom import read_ct_series
 from SegRapSegmenterLib.errors import DicomError
+from SegRapSegmenterLib.formats.dicom import read_ct_series
 
 PATIENT = ("Phantom^SegRap0000", "PHANTOM-0000")
 

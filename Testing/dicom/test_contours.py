@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from SegRapSegmenterLib.contours import Contours, fill, trace
+from SegRapSegmenterLib.formats.contours import Contours, fill, trace
 
 
 def _roundtrip(mask: np.ndarray) -> tuple[Contours, np.ndarray]:

@@ -6,12 +6,11 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
-from SegRapSegmenterLib import structures as S
 from SegRapSegmenterLib import cli
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.cli import main
-from SegRapSegmenterLib.dicom import read_rtstruct
-from SegRapSegmenterLib.segfile import write_seg_nrrd
+from SegRapSegmenterLib.formats.rtstruct import read_rtstruct
+from SegRapSegmenterLib.formats.segfile import write_seg_nrrd
 
 SOME = ("Brain", "Lens_R", "Cochlea_L", "Parotid_L", "GTVp")  # catalogue order
 BAD_INPUT = getattr(cli, "EXIT_INPUT", cli.EXIT_ERROR)  # the exit code of a bad input

@@ -7,11 +7,10 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
-
-from SegRapSegmenterLib import structures as S
-from SegRapSegmenterLib.dicom import read_rtstruct, write_rtstruct
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.errors import DicomError
-from SegRapSegmenterLib.phantom_dicom import VARIANTS
+from SegRapSegmenterLib.formats.rtstruct import read_rtstruct, write_rtstruct
+from SegRapSegmenterLib.phantom.dicom_series import VARIANTS
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -98,7 +97,7 @@ def test_roi_names_outside_the_catalogue_keep_their_name(standard, tmp_path):
 
 def test_on_a_gantry_tilted_series_contours_lie_on_the_original_slices(standard, tmp_path, dciodvfy):
     """The tilted series is resampled in-plane only, so each contour still lies on (and references) its slice."""
-    from SegRapSegmenterLib.dicom import read_ct_series
+    from SegRapSegmenterLib.formats.dicom import read_ct_series
 
     folder = tmp_path / "tilted"
     folder.mkdir()

@@ -6,12 +6,11 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
-from SegRapSegmenterLib import structures as S
-from SegRapSegmenterLib.dicom import read_ct_series, read_rtstruct, write_rtstruct
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.errors import GeometryError, InputError
-from SegRapSegmenterLib.phantom_dicom import write_series
-from SegRapSegmenterLib.rtstruct import RT_STRUCTURE_SET_STORAGE
+from SegRapSegmenterLib.formats.dicom import read_ct_series
+from SegRapSegmenterLib.formats.rtstruct import RT_STRUCTURE_SET_STORAGE, read_rtstruct, write_rtstruct
+from SegRapSegmenterLib.phantom.dicom_series import write_series
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MODEL = ("SegRap DKFZ nnU-Net ResEnc", "2.0.1")

@@ -9,9 +9,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.uid import RLELossless, generate_uid
-
-from SegRapSegmenterLib.dicom import discover_series, read_ct_series
-from SegRapSegmenterLib.phantom_dicom import VARIANTS, patient_of, variant_case, write_phantom_dicom
+from SegRapSegmenterLib.formats.dicom import discover_series, read_ct_series
+from SegRapSegmenterLib.phantom.dicom_series import VARIANTS, patient_of, variant_case, write_phantom_dicom
 
 PATIENT = ("Phantom^SegRap0000", "PHANTOM-0000")
 

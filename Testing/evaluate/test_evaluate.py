@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
-
-from SegRapSegmenterLib import cli, evaluate, maskfiles, phantom, segfile
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib import cli
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.errors import GeometryError, InputError
+from SegRapSegmenterLib.evaluation import evaluate
+from SegRapSegmenterLib.formats import maskfiles, segfile
+from SegRapSegmenterLib.phantom import cases as phantom
 
 CASES = (0, 1)
 
@@ -173,13 +175,15 @@ def test_folders_without_cases_are_explained(tmp_path):
 
 
 def test_rtstruct_cases_are_read_on_their_ct(data, tmp_path):
-    dicom = pytest.importorskip("SegRapSegmenterLib.dicom")
-    phantom_dicom = pytest.importorskip("SegRapSegmenterLib.phantom_dicom")
+    dicom = pytest.importorskip("SegRapSegmenterLib.formats.dicom")
+    phantom_dicom = pytest.importorskip("SegRapSegmenterLib.phantom.dicom_series")
     case = phantom.make_case(0, seed=5, size="small")
     written = phantom_dicom.write_phantom_dicom(case, tmp_path / "dicom" / case.case_id)
     volume = dicom.read_ct_series(written.ct_dir)
-    dicom.write_rtstruct(_masks(case.labelmap, case.gtv_labelmap), volume, written.root / "RS.dcm",
-                         model_name="phantom truth", model_version="0")
+    from SegRapSegmenterLib.formats.rtstruct import write_rtstruct
+
+    write_rtstruct(_masks(case.labelmap, case.gtv_labelmap), volume, written.root / "RS.dcm",
+                   model_name="phantom truth", model_version="0")
     as_reference = evaluate.evaluate(data["pred_nifti"], tmp_path / "dicom")
     assert as_reference.formats["reference"] == {"RTSTRUCT"}
     against_release = evaluate.evaluate(data["pred_nifti"], data["release"])

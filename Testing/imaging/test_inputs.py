@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from SegRapSegmenterLib import phantom
 from SegRapSegmenterLib.errors import GeometryError, InputError
-from SegRapSegmenterLib.imaging import contrast_on_ct_grid, read_volume, register_rigid
+from SegRapSegmenterLib.formats.imaging import contrast_on_ct_grid, read_volume, register_rigid
+from SegRapSegmenterLib.phantom import cases as phantom
 
 
 def _write(img: sitk.Image, path) -> str:

@@ -12,14 +12,13 @@ import SimpleITK as sitk
 import torch
 from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
 from scipy import ndimage
-
-from SegRapSegmenterLib import phantom
 from SegRapSegmenterLib.arrays import uint8_image
-from SegRapSegmenterLib.body import body_box_of_image
 from SegRapSegmenterLib.errors import ModelError
-from SegRapSegmenterLib.inference import InferenceOptions, TaskPredictor
-from SegRapSegmenterLib.models import resolve_bundle
-from SegRapSegmenterLib.scores import SliceLabeler, axis_map
+from SegRapSegmenterLib.inference.body import body_box_of_image
+from SegRapSegmenterLib.inference.bundles import resolve_bundle
+from SegRapSegmenterLib.inference.predictor import InferenceOptions, TaskPredictor
+from SegRapSegmenterLib.inference.scores import SliceLabeler, axis_map
+from SegRapSegmenterLib.phantom import cases as phantom
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from SegRapSegmenterLib import metrics, phantom
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.arrays import uint8_image
-from SegRapSegmenterLib.inference import InferenceOptions, TaskPredictor
-from SegRapSegmenterLib.models import resolve_bundle
+from SegRapSegmenterLib.evaluation import metrics
+from SegRapSegmenterLib.inference.bundles import resolve_bundle
+from SegRapSegmenterLib.inference.predictor import InferenceOptions, TaskPredictor
+from SegRapSegmenterLib.phantom import cases as phantom
 
 # flip x (left-right), flip y, flip z, and x <-> y (a 90-degree in-plane turn)
 STORAGES = ("RPS", "LAS", "LPI", "PLS")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-
-from SegRapSegmenterLib import structures as S
-from SegRapSegmenterLib.inference import mirrored_sum, plan_mirroring
+from SegRapSegmenterLib.anatomy import structures as S
+from SegRapSegmenterLib.inference.predictor import mirrored_sum, plan_mirroring
 
 LEFT, RIGHT = 40, 41  # Parotid_L, Parotid_R
 

@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
-from SegRapSegmenterLib import metrics as M
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.anatomy import structures as S
+from SegRapSegmenterLib.evaluation import metrics as M
 
 ANISO = (3.0, 0.8, 0.5)  # z, y, x mm, like a CT with thick slices
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from SegRapSegmenterLib import models as M
 from SegRapSegmenterLib.errors import ModelError
+from SegRapSegmenterLib.inference import bundles as M
 
 
 @pytest.fixture()

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from SegRapSegmenterLib import phantom
+from SegRapSegmenterLib.phantom import cases as phantom
 
 HELD_OUT_SEED = 99  # the demo model was trained on cohort 2023; this cohort it never saw
 

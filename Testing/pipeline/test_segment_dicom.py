@@ -8,13 +8,12 @@ import subprocess
 
 import numpy as np
 import pydicom
-
 from SegRapSegmenterLib import cli
-from SegRapSegmenterLib.dicom import read_ct_series, read_rtstruct
-from SegRapSegmenterLib.phantom_dicom import write_phantom_dicom
-from SegRapSegmenterLib.segfile import read_seg_nrrd
-
-from SegRapSegmenterLib import phantom
+from SegRapSegmenterLib.formats.dicom import read_ct_series
+from SegRapSegmenterLib.formats.rtstruct import read_rtstruct
+from SegRapSegmenterLib.formats.segfile import read_seg_nrrd
+from SegRapSegmenterLib.phantom import cases as phantom
+from SegRapSegmenterLib.phantom.dicom_series import write_phantom_dicom
 
 HELD_OUT_SEED = 99  # a cohort the demo model never saw (it was trained on seed 2023)
 

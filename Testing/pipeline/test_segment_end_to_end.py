@@ -7,10 +7,9 @@ import json
 import numpy as np
 import SimpleITK as sitk
 import slicerio
-
-from SegRapSegmenterLib import segfile
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.demo import score_against_truth
+from SegRapSegmenterLib.formats import segfile
 
 # The demo model's mean DSC on held-out phantom cases is recorded in data/segrap-demo-heldout-dsc.json
 # (OARs 0.23, GTVs 0.83 on 3 cases: a tiny network trained for 1000 CPU iterations finds the large organs, not the
@@ -102,7 +101,6 @@ def test_nothing_but_the_outputs_in_the_folder(segment_run):
 
 def test_evaluate_scores_the_demo_prediction_and_writes_every_report(segment_run, tmp_path):
     import matplotlib.image
-
     from SegRapSegmenterLib import cli
 
     pred = tmp_path / "pred"

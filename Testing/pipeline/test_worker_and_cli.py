@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-
 from SegRapSegmenterLib import cli
 from SegRapSegmenterLib.errors import WorkerError
 from SegRapSegmenterLib.pipeline import SegmentRequest
@@ -68,7 +67,7 @@ def test_structure_subset_runs_only_the_needed_task_and_low_memory_is_recorded(h
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     stages = {e.get("stage") for e in events if e["event"] == "progress"}
     assert "gtv-inference" in stages and "oar-inference" not in stages
-    from SegRapSegmenterLib.segfile import read_seg_nrrd
+    from SegRapSegmenterLib.formats.segfile import read_seg_nrrd
 
     assert read_seg_nrrd(events[-1]["outputs"]["segmentation"]).segment_names == ["GTVp", "GTVnd"]
     record = json.loads(open(events[-1]["outputs"]["provenance"]).read())["inference"]["gtv"]
@@ -81,8 +80,8 @@ def test_a_left_right_swap_is_warned_on_the_terminal_and_flagged_in_the_provenan
     """A bundle that misdeclares its training orientation (LPS models labelled RPS) mirrors every input
     relative to its training data: the demo network then puts each left structure on the patient's right.
     The QA must say so, by name; the correct bundle's run on the same case must not."""
-    from SegRapSegmenterLib import models
-    from SegRapSegmenterLib.qa import LATERALITY_WARNING
+    from SegRapSegmenterLib.anatomy.qa import LATERALITY_WARNING
+    from SegRapSegmenterLib.inference import bundles as models
 
     assert not [e for e in segment_run["events"] if e["event"] == "warning" and LATERALITY_WARNING in e["message"]]
 

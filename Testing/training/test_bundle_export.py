@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from training_helpers import dataset_json, tiny_plans
-
 from SegRapSegmenterLib.errors import ModelError
-from SegRapSegmenterLib.models import load_bundle, verify_bundle
+from SegRapSegmenterLib.inference.bundles import load_bundle, verify_bundle
 from SegRapSegmenterLib.training.export import export_bundle
 from SegRapSegmenterLib.training.pretrained import network_from_plans
+from training_helpers import dataset_json, tiny_plans
 
 
 def _result_folder(root, trainer, task, folds, mirror_axes, orientation=None):

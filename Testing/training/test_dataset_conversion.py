@@ -10,11 +10,11 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from SegRapSegmenterLib import cli, phantom
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib import cli
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.errors import DecompositionConflictError, InputError
-from SegRapSegmenterLib.phantom import CASES_DIR
+from SegRapSegmenterLib.phantom import cases as phantom
+from SegRapSegmenterLib.phantom.cases import CASES_DIR
 from SegRapSegmenterLib.training.convert import ORIENTATION, ORIENTATION_KEY, convert_release, orientation_of
 
 

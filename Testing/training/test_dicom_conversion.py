@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from SegRapSegmenterLib import phantom
-from SegRapSegmenterLib import structures as S
-from SegRapSegmenterLib.dicom import read_ct_series, read_rtstruct, write_rtstruct
-from SegRapSegmenterLib.phantom_dicom import write_phantom_dicom
+from SegRapSegmenterLib.anatomy import structures as S
+from SegRapSegmenterLib.formats.dicom import read_ct_series
+from SegRapSegmenterLib.formats.rtstruct import read_rtstruct, write_rtstruct
+from SegRapSegmenterLib.phantom import cases as phantom
+from SegRapSegmenterLib.phantom.dicom_series import write_phantom_dicom
 from SegRapSegmenterLib.training.convert_dicom import convert_dicom
 
 

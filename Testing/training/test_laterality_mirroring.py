@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from SegRapSegmenterLib import phantom
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.training.laterality import LateralityMirrorTransform
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from SegRapSegmenterLib.errors import InputError
 from SegRapSegmenterLib.training.schedule import StagedLRScheduler, StagedSchedule
 

@@ -6,11 +6,10 @@ import json
 
 import pytest
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-from training_helpers import tiny_plans
-
 from SegRapSegmenterLib import cli
 from SegRapSegmenterLib.errors import InputError
 from SegRapSegmenterLib.training.plans import POSTER_PATCH, add_configuration
+from training_helpers import tiny_plans
 
 RESENC_LIKE_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 2]]
 

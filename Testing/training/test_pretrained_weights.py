@@ -8,10 +8,9 @@ import json
 
 import pytest
 import torch
-from training_helpers import dataset_json, tiny_plans
-
 from SegRapSegmenterLib.errors import ModelError
 from SegRapSegmenterLib.training.pretrained import check_pretrained, is_head, load_pretrained, network_from_plans
+from training_helpers import dataset_json, tiny_plans
 
 
 @pytest.fixture

@@ -8,13 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from training_helpers import dataset_json, tiny_plans
-
 from SegRapSegmenterLib.errors import InputError
 from SegRapSegmenterLib.training import registry
 from SegRapSegmenterLib.training.pretrained import is_head
-from SegRapSegmenterLib.training.trainers import (TRAINERS, SegRapStagedTrainer, SegRapStagedTrainer_2000ep,
-                                                  SegRapStagedTrainer_2000ep_fg33, SegRapStagedTrainer_fg33)
+from SegRapSegmenterLib.training.trainers import (
+    TRAINERS,
+    SegRapStagedTrainer,
+    SegRapStagedTrainer_2000ep,
+    SegRapStagedTrainer_2000ep_fg33,
+    SegRapStagedTrainer_fg33,
+)
+from training_helpers import dataset_json, tiny_plans
 
 
 def make_trainer(cls, nnunet_dirs, task="oar", continue_training=False):

@@ -8,13 +8,15 @@ import pytest
 import torch
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
-from training_helpers import dataset_json, tiny_plans
-
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.training.laterality import LateralityMirrorTransform
-from SegRapSegmenterLib.training.trainers import (MAX_ROTATION_LATERAL, SegRapStagedTrainer,
-                                                  SegRapStagedTrainer_2000ep_fg33_noMirroring,
-                                                  SegRapStagedTrainer_fg33)
+from SegRapSegmenterLib.training.trainers import (
+    MAX_ROTATION_LATERAL,
+    SegRapStagedTrainer,
+    SegRapStagedTrainer_2000ep_fg33_noMirroring,
+    SegRapStagedTrainer_fg33,
+)
+from training_helpers import dataset_json, tiny_plans
 
 
 def _trainer(cls, task="oar", orientation="LPS", transpose=(0, 1, 2), patch=(8, 16, 16)):

@@ -16,9 +16,9 @@ import time
 
 import pytest
 import torch
-
-from SegRapSegmenterLib import cli, phantom
-from SegRapSegmenterLib.segfile import read_seg_nrrd
+from SegRapSegmenterLib import cli
+from SegRapSegmenterLib.formats.segfile import read_seg_nrrd
+from SegRapSegmenterLib.phantom import cases as phantom
 from SegRapSegmenterLib.training.convert import convert_release
 from SegRapSegmenterLib.training.pretrained import check_pretrained, network_from_plans
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.anatomy import structures as S
 
 TINY_ARCH = {
     "n_stages": 3,

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .. import structures as S
+from ..anatomy import structures as S
 from ..arrays import uint8_image
 from ..errors import DecompositionConflictError, InputError
-from ..imaging import check_file_complete
-from ..models import DATASET_ORIENTATION_KEY
+from ..formats.imaging import check_file_complete
+from ..inference.bundles import DATASET_ORIENTATION_KEY
 
 TASK_INPUTS = {"oar": "image.nii.gz", "gtv": "image_contrast.nii.gz"}
 ORIENTATION = "LPS"  # the orientation cases are written in (DICOM letters of the index axes x, y, z)

@@ -23,11 +23,22 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from .. import structures as S
-from ..dicom import discover_series, read_ct_series, read_rtstruct
+from ..anatomy import structures as S
 from ..errors import DicomError
-from .convert import (ORIENTATION, CaseReport, ConversionReport, _case_done, _write_label, dataset_dirs,
-                      finish_dataset, gtv_labels_from_masks, oar_labels_from_masks, write_case_image)
+from ..formats.dicom import discover_series, read_ct_series
+from ..formats.rtstruct import read_rtstruct
+from .convert import (
+    ORIENTATION,
+    CaseReport,
+    ConversionReport,
+    _case_done,
+    _write_label,
+    dataset_dirs,
+    finish_dataset,
+    gtv_labels_from_masks,
+    oar_labels_from_masks,
+    write_case_image,
+)
 
 
 def case_id_for(folder_name: str) -> str:

@@ -71,7 +71,7 @@ def edit_plans(plans_path: Path, task: str, configuration: str = "3d_fullres") -
 
 def prepare(work: Path, train_cases: int, seed: int) -> None:
     """Write the phantom cohort, convert both tasks, plan, edit the plans and preprocess."""
-    from ..phantom import write_cohort
+    from ..phantom.cases import write_cohort
     from .convert import convert_release
 
     env = _env(work)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             train(args.work, task, args.epochs if task == "oar" else args.gtv_epochs, args.iterations)
     if args.stage in ("export", "all"):
-        from ..models import build_bundle
+        from ..inference.bundles import build_bundle
 
         results = args.work / "nnUNet_results"
         folders = {task: next(results.glob(f"Dataset{DATASETS[task]:03d}_*/*__nnUNetPlans__3d_fullres"))
@@ -154,9 +154,9 @@ def evaluate_heldout(bundle_dir: Path, work: Path, cases: int, seed: int = 99) -
     """Segment held-out phantom cases with the bundle and write mean DSC per structure next to it."""
     import numpy as np
 
-    from .. import phantom
-    from .. import structures as S
+    from ..anatomy import structures as S
     from ..demo import score_against_truth
+    from ..phantom import cases as phantom
     from ..pipeline import SegmentRequest, run
 
     per_case = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError
-from ..models import CHECKPOINT_NAME, MIRRORING_KINDS, build_bundle
+from ..inference.bundles import CHECKPOINT_NAME, MIRRORING_KINDS, build_bundle
 from .convert import ORIENTATION, dataset_orientation
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 
-from ..inference import left_right_axis
-from ..structures import class_mirror_permutation
+from ..anatomy.structures import class_mirror_permutation
+from ..inference.predictor import left_right_axis
 
 
 class LateralityMirrorTransform(MirrorTransform):

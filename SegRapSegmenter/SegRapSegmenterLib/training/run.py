@@ -73,7 +73,7 @@ def run(dataset: str, configuration: str, fold: str, *, trainer: str = "SegRapSt
         raise InputError("--device cuda: no CUDA device is available to this torch; use --device cpu for a smoke run.")
     register_trainers()
     if ours and not nnunet_supports_ext_trainer():
-        from .registry import nnunet_trainer_package, SHIM_NAME
+        from .registry import SHIM_NAME, nnunet_trainer_package
 
         if not (nnunet_trainer_package() / SHIM_NAME).is_file():
             raise InputError("This nnU-Net does not search nnUNet_extTrainer (older nnU-Net versions do not); run "

@@ -34,7 +34,7 @@ import torch
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from .. import structures as S
+from ..anatomy import structures as S
 from ..errors import InputError, ModelError
 from .convert import ORIENTATION, dataset_orientation
 from .pretrained import bare_module, is_head, load_pretrained

@@ -1,4 +1,4 @@
-"""Dependency checks and install plans (SegRapSegmenterLib.dependencies): what the worker's Python has, and pip
+"""Dependency checks and install plans (SegRapSegmenterLib.slicer_bridge.dependencies): what the worker's Python has, and pip
 arguments that pin what is installed while holding Slicer's own packages where they are."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
-from SegRapSegmenterLib import dependencies as D
+from SegRapSegmenterLib.slicer_bridge import dependencies as D
 
 
 class ProbeTest(unittest.TestCase):

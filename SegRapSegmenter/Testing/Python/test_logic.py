@@ -1,4 +1,4 @@
-"""SegRapSegmenterLogic's work (SegRapSegmenterLib.slicer_logic) with the real worker process on real MRML scenes.
+"""SegRapSegmenterLogic's work (SegRapSegmenterLib.slicer_bridge.logic) with the real worker process on real MRML scenes.
 
 Two worker runs in all: one cancelled on its first inference progress event (through the
 asynchronous path, polled by an injected scheduler as Slicer's qt timer would), and one complete
@@ -17,11 +17,11 @@ import unittest
 from pathlib import Path
 
 import slicer
-
-from SegRapSegmenterLib import models, phantom
-from SegRapSegmenterLib import scene as SC
 from SegRapSegmenterLib.errors import Cancelled, InputError, ModelError, SegRapError
-from SegRapSegmenterLib.slicer_logic import CANCELLED, DONE, SegmentationLogic
+from SegRapSegmenterLib.inference import bundles as models
+from SegRapSegmenterLib.phantom import cases as phantom
+from SegRapSegmenterLib.slicer_bridge import scene as SC
+from SegRapSegmenterLib.slicer_bridge.logic import CANCELLED, DONE, SegmentationLogic
 
 DEV_BUNDLE = Path("/tmp/dev-bundle")
 

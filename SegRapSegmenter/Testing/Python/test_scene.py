@@ -1,4 +1,4 @@
-"""The MRML glue (SegRapSegmenterLib.scene) on real MRML scenes: volume nodes -> worker inputs, worker results ->
+"""The MRML glue (SegRapSegmenterLib.slicer_bridge.scene) on real MRML scenes: volume nodes -> worker inputs, worker results ->
 segmentation nodes, edited segmentation nodes -> RTSTRUCT.
 
 Runs headless with the slicer-core package (pytest) and inside Slicer (its test runner). Geometry is
@@ -16,12 +16,14 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
-
-from SegRapSegmenterLib import dicom, imaging, phantom, phantom_dicom, segfile, terminology
-from SegRapSegmenterLib import scene as SC
-from SegRapSegmenterLib import structures as S
+from SegRapSegmenterLib.anatomy import structures as S
+from SegRapSegmenterLib.anatomy import terminology
 from SegRapSegmenterLib.errors import DicomError, GeometryError
-from SegRapSegmenterLib.slicer_logic import SegmentationLogic
+from SegRapSegmenterLib.formats import dicom, imaging, rtstruct, segfile
+from SegRapSegmenterLib.phantom import cases as phantom
+from SegRapSegmenterLib.phantom import dicom_series as phantom_dicom
+from SegRapSegmenterLib.slicer_bridge import scene as SC
+from SegRapSegmenterLib.slicer_bridge.logic import SegmentationLogic
 
 DIRECTIONS = ("identity", "flipped", "rotated", "oblique")
 
@@ -225,7 +227,7 @@ class EditedSegmentationToRtStructTest(unittest.TestCase):
         out = SegmentationLogic().exportRtStruct(node, self.ct, self.root / "out",
                                                  dicomFolder=self.written.ct_dir)
         self.assertEqual(out.name, "CT_from_DICOM_RTSTRUCT.dcm")
-        back = dicom.read_rtstruct(out, self.series)  # also checks the frame of reference
+        back = rtstruct.read_rtstruct(out, self.series)  # also checks the frame of reference
         self.assertEqual(set(back), set(S.STRUCTURE_NAMES))
         np.testing.assert_array_equal(back["Parotid_L"], painted)
         for name in S.STRUCTURE_NAMES:

@@ -32,8 +32,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .arrays import EMPTY_BOX, bounding_box
-from .errors import DicomError, GeometryError, InputError
+from ..arrays import EMPTY_BOX, bounding_box
+from ..errors import DicomError, GeometryError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def segmentation_masks(segmentation_node, reference_volume, names: Iterable[str]
     of a large CT stay small). Edits made in Slicer are what is read: the node's binary labelmaps,
     created from the closed surfaces first when the node has none.
     """
-    from .rtstruct import RoiMasks
+    from ..formats.rtstruct import RoiMasks
 
     if segmentation_node is None:
         raise InputError("No segmentation is selected.")
@@ -455,7 +455,7 @@ def ct_dicom_files(volume_node, database: DicomDatabase | None) -> list[Path]:
 
 def ct_dicom_volume(volume_node, database: DicomDatabase | None, workdir: str | Path):
     """The CT's DICOM series as ``dicom.read_ct_series`` reads it (files linked into ``workdir`` first)."""
-    from .dicom import read_ct_series
+    from ..formats.dicom import read_ct_series
 
     files = ct_dicom_files(volume_node, database)
     folder = Path(workdir) / "ct"
@@ -478,8 +478,8 @@ def export_rtstruct(segmentation_node, volume_node, path: str | Path, database: 
     on the DICOM series' grid if Slicer loaded it onto another one. Model name and version default to
     those recorded when the result was loaded (``MODEL_ATTRIBUTE``).
     """
-    from . import __version__
-    from .rtstruct import RoiMasks, masks_on_grid, write_rtstruct
+    from .. import __version__
+    from ..formats.rtstruct import RoiMasks, masks_on_grid, write_rtstruct
 
     if model_name is None:
         recorded = (segmentation_node.GetAttribute(MODEL_ATTRIBUTE) or "").split(" ", 1) if segmentation_node else []

@@ -33,11 +33,11 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from . import __version__
-from . import structures as S
-from .arrays import EMPTY_BOX, CroppedMasks, bounding_box
+from .. import __version__
+from ..anatomy import structures as S
+from ..arrays import CroppedMasks
+from ..errors import DicomError, GeometryError, InputError, StructureNameError
 from .contours import Contours, fill, trace
-from .errors import DicomError, GeometryError, InputError, StructureNameError
 
 if TYPE_CHECKING:
     from .dicom import DicomVolume

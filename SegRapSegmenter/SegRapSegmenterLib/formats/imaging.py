@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import GeometryError, InputError
+from ..errors import GeometryError, InputError
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .arrays import uint8_image
+from ..arrays import uint8_image
+from ..errors import InputError, ModelError
 from .body import BodyBox, body_box_of_image, reoriented_box
-from .errors import InputError, ModelError
-from .models import Bundle, load_checkpoint
+from .bundles import Bundle, load_checkpoint
 from .scores import SliceLabeler, axis_map, axis_orders
 from .tiles import Region, stream_scores, tile_slicers
 
@@ -229,7 +229,7 @@ class TaskPredictor:
         self.swaps_left_right = swap
         self.lr_axis = lr_axis
         if swap:
-            from .structures import class_mirror_permutation
+            from ..anatomy.structures import class_mirror_permutation
 
             self.permutation: list[int] | None = list(class_mirror_permutation())
         else:

@@ -17,8 +17,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from .arrays import CroppedMasks
-from .errors import DecompositionConflictError, InputError, StructureNameError
+from ..arrays import CroppedMasks
+from ..errors import DecompositionConflictError, InputError, StructureNameError
 
 # --------------------------------------------------------------------------------------------
 # Codes

@@ -19,8 +19,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..errors import InputError
 from . import structures as S
-from .errors import InputError
 from .structures import Code, Structure
 
 CONTEXT_NAME = "Segmentation category and type - SegRap head and neck"
@@ -37,7 +37,7 @@ _SHOW_ANATOMY = {S.ANATOMICAL_STRUCTURE: False, S.MORPHOLOGICALLY_ALTERED: True}
 
 def default_path() -> Path | None:
     """Where the module's copy of the file lives in a source checkout, or None when not in one."""
-    resources = Path(__file__).resolve().parents[1] / "Resources"
+    resources = Path(__file__).resolve().parents[2] / "Resources"
     return resources / FILE_NAME if resources.is_dir() else None
 
 

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from . import maskfiles as F
+from .. import __version__
+from ..anatomy import structures as S
+from ..arrays import Crop
+from ..errors import GeometryError, InputError
+from ..formats import maskfiles as F
 from . import metrics as M
-from . import structures as S
-from .errors import GeometryError, InputError
 
 log = logging.getLogger("segrap.evaluate")
 
@@ -356,6 +357,21 @@ def report_markdown(evaluation: Evaluation, summary: dict, montages: dict[str, s
     return "\n".join(lines) + "\n"
 
 
+def _montage_rows(ref: F.CaseSource, pred: F.CaseSource, rows: list[CaseScore], worst: int) -> list:
+    """The ``worst`` lowest-DSC structures of a case that are not empty in both, as the montage draws them."""
+    from .plots import MontageRow
+
+    scored = [r for r in rows if r.score.reference_voxels or r.score.prediction_voxels]
+    chosen = sorted(scored, key=lambda r: (r.score.dsc_exact, r.score.nsd_exact))[:max(1, worst)]
+    pred_names = set(pred.names())
+    out = []
+    for row in chosen:
+        reference = ref.crop(row.structure)
+        prediction = pred.crop(row.structure) if row.structure in pred_names else Crop.empty(reference.shape)
+        out.append(MontageRow(row.structure, reference, prediction, row.score.dsc, row.score.nsd))
+    return out
+
+
 def run(prediction: str | Path, reference: str | Path, out: str | Path, task: str | None = None, *,
         plots: bool = True, worst: int = 4) -> Evaluation:
     """Evaluate and write scores.csv, summary.json, report.md and (with ``plots``) the PNG figures into ``out``."""
@@ -364,10 +380,14 @@ def run(prediction: str | Path, reference: str | Path, out: str | Path, task: st
     montages: dict[str, str] = {}
 
     def draw(ref: F.CaseSource, pred: F.CaseSource, rows: list[CaseScore]) -> None:
-        from . import evalplots
+        from . import plots
 
         path = out / MONTAGE_DIR / f"{ref.case_id}.png"
-        write_atomic(path, evalplots.montage_png(ref, pred, rows, worst))
+        background = ref.background()
+        if background is None:
+            background = pred.background()
+        write_atomic(path, plots.montage_png(ref.case_id, _montage_rows(ref, pred, rows, worst), background,
+                                             ref.geometry.spacing))
         montages[ref.case_id] = f"{MONTAGE_DIR}/{path.name}"
 
     evaluation = evaluate(prediction, reference, task, on_case=draw if plots else None)
@@ -376,9 +396,10 @@ def run(prediction: str | Path, reference: str | Path, out: str | Path, task: st
              "json": write_atomic(out / JSON_NAME, json.dumps(summary, indent=1) + "\n")}
     boxplot = None
     if plots:
-        from . import evalplots
+        from . import plots
 
-        files["boxplot"] = write_atomic(out / BOXPLOT_NAME, evalplots.boxplot_png(evaluation))
+        values = {n: {m: evaluation.values(n, m) for m in ("dsc", "nsd")} for n in evaluation.structures()}
+        files["boxplot"] = write_atomic(out / BOXPLOT_NAME, plots.boxplot_png(values, len(evaluation.cases)))
         boxplot = BOXPLOT_NAME
         for case_id, rel in montages.items():
             files[f"montage:{case_id}"] = out / rel

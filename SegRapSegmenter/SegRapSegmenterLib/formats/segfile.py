@@ -19,9 +19,9 @@ import nrrd
 import numpy as np
 import SimpleITK as sitk
 
-from . import structures as S
-from .arrays import CroppedMasks, bounding_box, crop_of
-from .errors import GeometryError, InputError
+from ..anatomy import structures as S
+from ..arrays import CroppedMasks, bounding_box, crop_of
+from ..errors import GeometryError, InputError
 
 _LPS = "left-posterior-superior"
 
@@ -114,7 +114,7 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
     Catalogue structures (any spelling) are written in catalogue order with their SegRap name,
     color and terminology tag; other names are kept as they are, after them, with a grey color.
     """
-    from .terminology import terminology_entry
+    from ..anatomy.terminology import terminology_entry
 
     path = Path(path)
     checked = _check_masks(masks, reference)

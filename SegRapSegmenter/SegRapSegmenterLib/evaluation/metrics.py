@@ -26,76 +26,14 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from .arrays import Box, bounding_box
-from .errors import InputError
+from ..arrays import Box, Crop, bounding_box  # noqa: F401  (Crop: re-exported for the evaluation)
+from ..errors import InputError
 
 Spacing = tuple[float, float, float]  # mm, z, y, x
 
 # --------------------------------------------------------------------------------------------
 # Cropped masks
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Crop:
-    """A boolean mask on a (z, y, x) grid of ``shape``, held as its bounding box and the data inside it."""
-
-    shape: tuple[int, int, int]
-    box: Box | None  # None for an empty mask
-    data: np.ndarray  # bool, the mask inside ``box`` (empty array when ``box`` is None)
-
-    @classmethod
-    def of(cls, mask: np.ndarray) -> "Crop":
-        """The crop of a full-size mask (any dtype; non-zero is inside)."""
-        mask = np.asarray(mask)
-        mask = mask if mask.dtype == bool else mask != 0
-        box = bounding_box(mask)
-        if box is None:
-            return cls.empty(mask.shape)
-        return cls(tuple(mask.shape), box, np.ascontiguousarray(mask[box]))
-
-    @classmethod
-    def from_box(cls, shape: Sequence[int], box: Sequence[slice] | None, data: np.ndarray) -> "Crop":
-        """A crop from a box and the mask inside it (as ``StructureMasks.crop`` gives them); tightened."""
-        data = np.asarray(data, dtype=bool)
-        if box is None or data.size == 0 or not data.any():
-            return cls.empty(shape)
-        inner = bounding_box(data)
-        tight = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
-        return cls(tuple(int(n) for n in shape), tight, np.ascontiguousarray(data[inner]))
-
-    @classmethod
-    def empty(cls, shape: Sequence[int]) -> "Crop":
-        return cls(tuple(int(n) for n in shape), None, np.zeros((0, 0, 0), dtype=bool))
-
-    @property
-    def is_empty(self) -> bool:
-        return self.box is None
-
-    def count(self) -> int:
-        """Number of voxels inside."""
-        return 0 if self.box is None else int(np.count_nonzero(self.data))
-
-    def full(self) -> np.ndarray:
-        """The full-size boolean mask."""
-        out = np.zeros(self.shape, dtype=bool)
-        if self.box is not None:
-            out[self.box] = self.data
-        return out
-
-    def within(self, box: Box) -> np.ndarray:
-        """The mask over ``box`` (a box of the same grid), zero outside this crop."""
-        out = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
-        if self.box is None:
-            return out
-        lo = [max(a.start, b.start) for a, b in zip(self.box, box)]
-        hi = [min(a.stop, b.stop) for a, b in zip(self.box, box)]
-        if any(h <= l for l, h in zip(lo, hi)):
-            return out
-        dst = tuple(slice(l - b.start, h - b.start) for l, h, b in zip(lo, hi, box))
-        src = tuple(slice(l - a.start, h - a.start) for l, h, a in zip(lo, hi, self.box))
-        out[dst] = self.data[src]
-        return out
 
 
 def _as_crop(mask: np.ndarray | Crop) -> Crop:
@@ -335,7 +273,7 @@ class StructureScore:
 def score_structure(name: str, reference: np.ndarray | Crop, prediction: np.ndarray | Crop,
                     spacing: Sequence[float], tolerance_mm: float | None = None) -> StructureScore:
     """DSC and NSD of one structure; the tolerance defaults to the catalogue's for ``name``."""
-    from . import structures as S
+    from ..anatomy import structures as S
 
     sp = _check_spacing(spacing)
     structure = S.get(name)

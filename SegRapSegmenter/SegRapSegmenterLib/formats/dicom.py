@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from .errors import DicomError
+from ..errors import DicomError
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +472,5 @@ def read_ct_series(folder: str | Path, series_uid: str | None = None) -> DicomVo
     return DicomVolume(image=image, series=series, notes=notes)
 
 
-from .rtstruct import read_rtstruct, write_rtstruct  # noqa: E402  (re-exported: the DICOM entry points in one place)
-
 __all__ = ["CtSeries", "CtSlice", "DicomVolume", "SeriesInfo", "choose_ct_series", "discover_series",
-           "read_ct_series", "read_rtstruct", "write_rtstruct"]
+           "read_ct_series"]

@@ -22,9 +22,9 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from . import __version__
-from .errors import InputError
-from .phantom import PhantomCase, make_case
+from .. import __version__
+from ..errors import InputError
+from .cases import PhantomCase, make_case
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 VARIANTS = ("standard", "anisotropic", "nonsquare", "reversed", "oblique", "1024")

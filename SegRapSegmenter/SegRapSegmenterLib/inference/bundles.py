@@ -25,8 +25,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from . import structures as S
-from .errors import ModelError
+from ..anatomy import structures as S
+from ..errors import ModelError
 
 MANIFEST_NAME = "segrap-model.json"
 FORMAT = "segrap-model/1"
@@ -37,7 +37,7 @@ MIRRORING_KINDS = ("none", "plain", "laterality-aware")
 # nnU-Net copies dataset.json into the result folder, so a bundle carries it next to its manifest
 DATASET_ORIENTATION_KEY = "segrap_orientation"
 DEMO_BUNDLE_NAME = "demo"
-DEMO_BUNDLE_PATH = Path(__file__).resolve().parent / "data" / "segrap-demo"
+DEMO_BUNDLE_PATH = Path(__file__).resolve().parents[1] / "data" / "segrap-demo"
 
 
 def store_root() -> Path:

@@ -8,17 +8,15 @@ column = x) with physical aspect; for the usual LPS-stored CT that is the radiol
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from . import structures as S
-
-if TYPE_CHECKING:
-    from .evaluate import CaseScore, Evaluation
-    from .maskfiles import CaseSource
+from ..anatomy import structures as S
+from ..arrays import Crop
 
 REFERENCE_COLOR, PREDICTION_COLOR = "#39e639", "#ff33cc"
 _CT_WINDOW = (-160.0, 240.0)  # soft-tissue window (level 40, width 400 HU)
@@ -31,13 +29,24 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def boxplot_png(evaluation: "Evaluation") -> bytes:
-    """Two panels, DSC above NSD, one box per structure over the cases."""
-    names = evaluation.structures()
+@dataclass(frozen=True)
+class MontageRow:
+    """One structure of a case's montage: its masks (cropped, made full-size only while drawn) and scores."""
+
+    structure: str
+    reference: Crop
+    prediction: Crop
+    dsc: float
+    nsd: float
+
+
+def boxplot_png(values: Mapping[str, Mapping[str, Sequence[float]]], case_count: int) -> bytes:
+    """Two panels, DSC above NSD, one box per structure over the cases (``values[name]["dsc"|"nsd"]``)."""
+    names = list(values)
     fig = Figure(figsize=(max(8.0, 0.26 * len(names) + 2.5), 7.5), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
     for ax, metric, label in ((axes[0], "dsc", "DSC"), (axes[1], "nsd", "NSD (structure's tolerance)")):
-        data = [evaluation.values(n, metric) for n in names]
+        data = [list(values[n][metric]) for n in names]
         parts = ax.boxplot(data, patch_artist=True, widths=0.6, flierprops={"markersize": 3})
         for patch, name in zip(parts["boxes"], names):
             patch.set_facecolor(np.array(S.get(name).color) / 255.0)
@@ -46,7 +55,7 @@ def boxplot_png(evaluation: "Evaluation") -> bytes:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(range(1, len(names) + 1), names, rotation=90, fontsize=7)
-    fig.suptitle(f"SegRap metrics per structure ({len(evaluation.cases)} case(s))")
+    fig.suptitle(f"SegRap metrics per structure ({case_count} case(s))")
     return _png(fig)
 
 
@@ -99,27 +108,20 @@ def _draw_slice(ax, background: np.ndarray | None, ref: np.ndarray, pred: np.nda
     ax.set_title(f"z = {z}", fontsize=8)
 
 
-def montage_png(ref: "CaseSource", pred: "CaseSource", rows: list["CaseScore"], worst: int = 4) -> bytes:
-    """Axial slices of a case's ``worst`` lowest-DSC structures, reference and prediction contoured."""
-    scored = [r for r in rows if r.score.reference_voxels or r.score.prediction_voxels]
-    chosen = sorted(scored, key=lambda r: (r.score.dsc_exact, r.score.nsd_exact))[:max(1, worst)]
-    background = ref.background()
-    if background is None:
-        background = pred.background()
-    spacing = ref.geometry.spacing
+def montage_png(case_id: str, rows: Sequence[MontageRow], background: np.ndarray | None,
+                spacing: tuple[float, float, float]) -> bytes:
+    """Axial slices of the given structures of one case, reference and prediction contoured."""
     columns = 3
-    fig = Figure(figsize=(3.0 * columns + 0.4, 3.1 * max(1, len(chosen)) + 0.6), layout="constrained")
-    if not chosen:
+    fig = Figure(figsize=(3.0 * columns + 0.4, 3.1 * max(1, len(rows)) + 0.6), layout="constrained")
+    if not rows:
         ax = fig.subplots()
         ax.text(0.5, 0.5, "Every structure is empty in both reference and prediction.", ha="center")
         ax.set_axis_off()
         return _png(fig)
-    axes = np.atleast_2d(fig.subplots(len(chosen), columns, squeeze=False))
-    pred_names = set(pred.names())
-    for row_axes, row in zip(axes, chosen):
-        name = row.structure
-        ref_mask = ref.crop(name).full()
-        pred_mask = pred.crop(name).full() if name in pred_names else np.zeros_like(ref_mask)
+    axes = np.atleast_2d(fig.subplots(len(rows), columns, squeeze=False))
+    for row_axes, row in zip(axes, rows):
+        ref_mask = row.reference.full()
+        pred_mask = row.prediction.full()
         union = ref_mask | pred_mask
         ys = np.flatnonzero(union.any(axis=(0, 2)))
         xs = np.flatnonzero(union.any(axis=(0, 1)))
@@ -131,8 +133,7 @@ def montage_png(ref: "CaseSource", pred: "CaseSource", rows: list["CaseScore"], 
                 _draw_slice(ax, background, ref_mask, pred_mask, slices[k], rows_sl, cols_sl, spacing)
             else:
                 ax.set_axis_off()
-        s = row.score
-        row_axes[0].set_ylabel(f"{name}\nDSC {s.dsc:.3f}  NSD {s.nsd:.3f}", fontsize=9)
+        row_axes[0].set_ylabel(f"{row.structure}\nDSC {row.dsc:.3f}  NSD {row.nsd:.3f}", fontsize=9)
         del ref_mask, pred_mask, union
-    fig.suptitle(f"{ref.case_id}: worst structures (reference green, prediction magenta dashed)", fontsize=10)
+    fig.suptitle(f"{case_id}: worst structures (reference green, prediction magenta dashed)", fontsize=10)
     return _png(fig)

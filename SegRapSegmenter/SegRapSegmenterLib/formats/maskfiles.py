@@ -1,7 +1,7 @@
 """Cases of structure masks in every format SegRap work uses, found in a folder and read one by one.
 
 A *case source* gives one case's geometry, the SegRap names of the structures it holds and each
-structure as a ``metrics.Crop`` (bounding box and mask), so an evaluation keeps only cropped masks in
+structure as a ``arrays.Crop`` (bounding box and mask), so an evaluation keeps only cropped masks in
 memory. Formats, told apart by name and content:
 
 * ``<case>.seg.nrrd``: a Slicer segmentation (read with ``segfile.read_seg_nrrd``);
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import structures as S
-from .errors import GeometryError, InputError
-from .metrics import Crop
+from ..anatomy import structures as S
+from ..arrays import Crop
+from ..errors import GeometryError, InputError
 
 TASKS = ("oar", "gtv")
 _IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -384,6 +384,8 @@ class DicomCase(CroppedCase):
     def __init__(self, case_id: str, folder: Path, dicom):
         import pydicom
 
+        from . import rtstruct
+
         series = dicom.discover_series(folder)
         rtstructs = [f for s in series if s.modality == "RTSTRUCT" for f in s.files]
         if not rtstructs:
@@ -399,7 +401,7 @@ class DicomCase(CroppedCase):
         self._ct = volume.image
         self.crops: dict[str, Crop] = {}
         self.ignored: list[str] = []
-        for raw, mask in dicom.read_rtstruct(path, volume).items():
+        for raw, mask in rtstruct.read_rtstruct(path, volume).items():
             try:
                 self.crops[S.get(raw).name] = Crop.of(mask)
             except KeyError:

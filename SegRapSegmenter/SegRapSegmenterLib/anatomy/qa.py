@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+from ..arrays import CroppedMasks
 from . import structures as S
-from .arrays import CroppedMasks
 
 LATERALITY_WARNING = "left and right may be swapped"
 

@@ -24,9 +24,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from . import structures as S
-from .arrays import uint8_image
-from .errors import InputError
+from ..anatomy import structures as S
+from ..arrays import uint8_image
+from ..errors import InputError
 
 CASES_DIR = "SegRapPhantom_Set"
 ONEHOT_DIR = CASES_DIR + "_OneHot_Labels"

@@ -22,16 +22,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
-from . import errors
+from .. import errors
+from ..errors import Cancelled, InputError, SegRapError, WorkerError
 from . import scene as SC
-from .errors import Cancelled, InputError, SegRapError, WorkerError
 
 if TYPE_CHECKING:
-    from .models import Bundle
-    from .runner import WorkerOutcome, WorkerRun
+    from ..inference.bundles import Bundle
+    from ..runner import WorkerOutcome, WorkerRun
 
 # The catalogue, model store, pipeline and runner need scipy, which Slicer does not ship: they are
 # imported where used, so the module loads (and can offer to install them) without it.
@@ -131,7 +130,7 @@ class SegmentationRun:
     @property
     def laterality_warnings(self) -> list[str]:
         """Warnings that a left/right pair may be swapped: a planning error if true, so shown in a dialog."""
-        from .qa import laterality_warnings
+        from ..anatomy.qa import laterality_warnings
 
         return laterality_warnings(self.warnings)
 
@@ -265,9 +264,9 @@ class SegmentationLogic:
         if self.run is not None and self.run.running:
             raise SegRapError("A segmentation is already running: wait for it or cancel it first.")
         tasks = tuple(dict.fromkeys(t.strip().lower() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)))
-        from . import structures as S
-        from .pipeline import SegmentRequest
-        from .runner import WorkerRun
+        from ..anatomy import structures as S
+        from ..pipeline import SegmentRequest
+        from ..runner import WorkerRun
 
         if structures is not None:
             needed = {s.task for s in S.select(list(structures))}
@@ -351,7 +350,7 @@ class SegmentationLogic:
     @staticmethod
     def bundleChoices() -> "dict[str, Bundle]":
         """What the bundle selector offers: installed bundles by name, then the packaged demo bundle as "demo"."""
-        from . import models as M
+        from ..inference import bundles as M
 
         found = {b.name: b for b in M.list_bundles()}
         if M.DEMO_BUNDLE_NAME not in found and (M.DEMO_BUNDLE_PATH / M.MANIFEST_NAME).is_file():
@@ -370,14 +369,14 @@ class SegmentationLogic:
     @staticmethod
     def installModel(source: str, force: bool = False) -> "Bundle":
         """Install a bundle from a folder, zip or URL into the model store (checksums verified first)."""
-        from . import models as M
+        from ..inference import bundles as M
 
         return M.install_bundle(source, force=force)
 
     @staticmethod
     def verifyModel(name: str | None) -> "Bundle":
         """Check every file of a bundle against its manifest; a ModelError names what is wrong."""
-        from . import models as M
+        from ..inference import bundles as M
 
         bundle = M.resolve_bundle(name or None)
         M.verify_bundle(bundle)
