@@ -8,9 +8,10 @@ nnU-Net's inside the box (same preprocessing, tiles, weights and resampling) and
 outside it. Plans whose score resampling is not nnU-Net's default fall back to nnU-Net's own
 predictor for the whole volume, with a warning.
 
-The network is built from the bundle's plans (nnU-Net's ``get_network_from_plans``) instead of
-nnU-Net's search for the trainer class by name, and checkpoints are loaded with
-``weights_only=True`` (see ``models``). Nothing here touches the network: weights come from the
+The network is built from the bundle's plans through the allow-list of ``architecture`` (never
+nnU-Net's ``get_network_from_plans``, which imports whatever the plans name) instead of nnU-Net's
+search for the trainer class by name, and checkpoints are loaded with ``weights_only=True`` (see
+``bundles``). Nothing here touches the network: weights come from the
 bundle only.
 """
 
@@ -28,6 +29,7 @@ import SimpleITK as sitk
 from ..arrays import uint8_image
 from ..errors import InputError, ModelError
 from .body import BodyBox, body_box_of_image, reoriented_box
+from .architecture import build_network, check_plans
 from .bundles import Bundle, load_checkpoint
 from .scores import SliceLabeler, axis_map, axis_orders
 from .tiles import Region, stream_scores, tile_slicers
@@ -175,7 +177,6 @@ class TaskPredictor:
 
     def __init__(self, bundle: Bundle, task: str, options: InferenceOptions = InferenceOptions()):
         import torch
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -193,6 +194,7 @@ class TaskPredictor:
 
         plans = json.loads((result / "plans.json").read_text())
         dataset_json = json.loads((result / "dataset.json").read_text())
+        check_plans(plans, model.configuration, str(result / "plans.json"))  # before nnU-Net resolves any name
         plans_manager = PlansManager(plans)
         try:
             configuration = plans_manager.get_configuration(model.configuration)
@@ -202,10 +204,7 @@ class TaskPredictor:
         num_inputs = determine_num_input_channels(plans_manager, configuration, dataset_json)
         num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
         try:
-            network = get_network_from_plans(configuration.network_arch_class_name,
-                                             configuration.network_arch_init_kwargs,
-                                             configuration.network_arch_init_kwargs_req_import,
-                                             num_inputs, num_outputs, allow_init=True, deep_supervision=False)
+            network = build_network(plans, model.configuration, num_inputs, num_outputs, str(result / "plans.json"))
             network.load_state_dict(checkpoints[0]["network_weights"])
         except (RuntimeError, KeyError, ImportError, AttributeError) as exc:
             raise ModelError(f"{bundle.checkpoint_path(task, folds[0])}: the weights do not fit the network of "
