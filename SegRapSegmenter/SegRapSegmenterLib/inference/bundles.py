@@ -6,9 +6,12 @@ names the bundle and, per task, the trainer, plans, configuration, input image, 
 and how the model was trained with respect to mirroring; it lists the sha256 of every file. The
 store is ``$SEGRAP_HOME/models`` (default ``~/.segrap/models``), one folder per bundle name.
 
-Checkpoints are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
-containers only, so a bundle cannot run code when it is loaded. What remains trusted is the
-bundle's ``plans.json`` (it names the network class nnU-Net builds, which must be importable).
+A bundle is untrusted data. Checkpoints are read with ``torch.load(weights_only=True)`` (tensors,
+numbers, strings and plain containers) after their zip records are checked to be stored, not
+compressed, so a tensor cannot inflate past the file's size; ``plans.json`` is checked against an
+allow-list of network classes and building blocks (``architecture``) and the network is built from
+that list, never by importing a name from the file; every file must be listed in the manifest at a
+plain relative path, and sources are unpacked within size limits (``unpack``).
 """
 
 from __future__ import annotations
@@ -17,18 +20,19 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import tempfile
 import urllib.parse
-import urllib.request
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..anatomy import structures as S
 from ..errors import ModelError
+from . import unpack
+from .architecture import check_plans
+from .unpack import Limits, plain_relative
 
-MANIFEST_NAME = "segrap-model.json"
+MANIFEST_NAME = unpack.MANIFEST_NAME
 FORMAT = "segrap-model/1"
 CHECKPOINT_NAME = "checkpoint_final.pth"
 TASK_INPUTS = {"oar": "ct", "gtv": "contrast_ct"}
@@ -157,7 +161,8 @@ def load_bundle(root: str | Path) -> Bundle:
             if task not in TASK_INPUTS:
                 raise ModelError(f"{manifest_path}: unknown task {task!r}; tasks are 'oar' and 'gtv'.")
             model = TaskModel(
-                task=task, result_folder=spec["result_folder"], trainer=spec["trainer"], plans=spec["plans"],
+                task=task, result_folder=plain_relative(spec["result_folder"], f"{manifest_path}: {task} result_folder")
+                .as_posix(), trainer=spec["trainer"], plans=spec["plans"],
                 configuration=spec["configuration"], input=spec["input"],
                 folds=tuple(str(f) for f in spec["folds"]), labels=dict(spec["labels"]),
                 test_time_mirroring=bool(spec.get("test_time_mirroring", False)),
@@ -183,10 +188,15 @@ def load_bundle(root: str | Path) -> Bundle:
                                  f"left and right could come out swapped. Fix the manifest (or re-export the bundle).")
             if not model.folds:
                 raise ModelError(f"{manifest_path}: the {task} model lists no folds.")
+            for fold in model.folds:
+                plain_relative(f"fold_{fold}", f"{manifest_path}: {task} fold")
+            plans_json = root / model.result_folder / "plans.json"
+            check_plans(_read_json(plans_json), model.configuration, str(plans_json))
             tasks[task] = model
         bundle = Bundle(root=root, name=str(data["name"]), version=str(data["version"]),
                         license=str(data["license"]), description=str(data.get("description", "")),
-                        tasks=tasks, files=dict(data["files"]))
+                        tasks=tasks, files={plain_relative(k, str(manifest_path)).as_posix(): str(v)
+                                            for k, v in dict(data["files"]).items()})
     except KeyError as exc:
         raise ModelError(f"{manifest_path}: required field {exc.args[0]!r} is missing.") from None
     if not bundle.tasks:
@@ -207,14 +217,53 @@ def verify_bundle(bundle: Bundle) -> None:
             problems.append(f"{rel}: missing")
         elif sha256_file(path) != expected:
             problems.append(f"{rel}: checksum differs (file changed or damaged)")
-    for task, model in bundle.tasks.items():
-        for fold in model.folds:
-            rel = bundle.checkpoint_path(task, fold).relative_to(bundle.root).as_posix()
-            if rel not in bundle.files:
-                problems.append(f"{rel}: not listed in the manifest's checksums")
+    required = [f"{model.result_folder}/{name}" for model in bundle.tasks.values()
+                for name in ("dataset.json", "plans.json")]
+    required += [bundle.checkpoint_path(t, f).relative_to(bundle.root).as_posix()
+                 for t, m in bundle.tasks.items() for f in m.folds]
+    present = set()
+    for folder, dirs, names in os.walk(bundle.root):
+        for name in dirs + names:
+            path = Path(folder) / name
+            rel = path.relative_to(bundle.root).as_posix()
+            if path.is_symlink():
+                problems.append(f"{rel}: a link (bundles may not contain links)")
+            elif name in names and rel != MANIFEST_NAME:
+                present.add(rel)
+    problems += [f"{rel}: not listed in the manifest's checksums" for rel in required if rel not in bundle.files]
+    problems += [f"{rel}: not listed in the manifest's checksums" for rel in sorted(present - set(bundle.files))
+                 if rel not in required]
     if problems:
         raise ModelError(f"Bundle {bundle.name} {bundle.version} at {bundle.root} failed verification:\n  "
                          + "\n  ".join(problems) + "\nReinstall it from its source.")
+
+
+def check_checkpoint_records(path: Path) -> None:
+    """Refuse a checkpoint whose records could inflate in memory: torch's zip format with stored records only.
+
+    ``torch.save`` stores every record uncompressed and torch checks each tensor's declared size
+    against its record, so with stored records nothing loaded can exceed the file's own size; a
+    deflated record (which torch would inflate whole) or a directory that claims more than the file
+    holds is refused before ``torch.load`` sees the file.
+    """
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except zipfile.BadZipFile as exc:
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"PK\x03\x04":
+                raise ModelError(f"{path}: not a readable checkpoint (truncated or damaged?): {exc}") from exc
+        raise ModelError(f"{path}: refused: not in torch's zip checkpoint format (older formats declare tensor sizes "
+                         f"that are allocated before they are read). Re-save it with a current torch.") from None
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ModelError(f"{path}: refused: record {info.filename} is compressed ({info.compress_size} bytes "
+                             f"inflating to {info.file_size}); torch.save never compresses, and such a record could "
+                             f"fill the memory. Re-export the bundle.")
+        if info.file_size != info.compress_size or info.header_offset + info.compress_size > size:
+            raise ModelError(f"{path}: refused: record {info.filename} claims {info.file_size} bytes that the "
+                             f"{size}-byte file does not hold.")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -223,6 +272,7 @@ def load_checkpoint(path: Path) -> dict:
 
     import torch
 
+    check_checkpoint_records(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -312,80 +362,94 @@ def build_bundle(out: str | Path, *, name: str, version: str, license: str, desc
 # --------------------------------------------------------------------------------------------
 
 
-def _safe_extract(archive: Path, target: Path) -> None:
-    """Extract a zip, refusing absolute paths, '..' components and links."""
+INSTALL_PREFIX = ".install."
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def check_bundle_name(name: str, where: str = "bundle name") -> str:
+    """A bundle name as a plain folder name (letters, digits, '.', '_', '-'; not starting with '.'), or a ModelError."""
+    text = str(name)
+    if not text or text.startswith(".") or not set(text) <= _NAME_CHARS or len(text) > 128:
+        raise ModelError(f"{where}: {text!r} is not a bundle name; a name is letters, digits, '.', '_' and '-' "
+                         f"(no path, not starting with '.').")
+    return text
+
+
+def _install_alive(folder: Path) -> bool:
+    """Whether the install that made a ``.install.<pid>.*`` work folder may still be running."""
     try:
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                name = info.filename
-                parts = PurePosixPath(name.replace("\\", "/")).parts
-                if name.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts:
-                    raise ModelError(f"{archive}: refused: entry {name!r} would be written outside the bundle folder.")
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise ModelError(f"{archive}: refused: entry {name!r} is a link; bundles may not contain links.")
-            for info in zf.infolist():
-                destination = (target / info.filename).resolve()
-                if not str(destination).startswith(str(target.resolve())):
-                    raise ModelError(f"{archive}: refused: entry {info.filename!r} escapes the bundle folder.")
-                zf.extract(info, target)
-    except zipfile.BadZipFile as exc:
-        raise ModelError(f"{archive}: not a valid zip file ({exc}).") from exc
-
-
-def _copy_folder(source: Path, target: Path) -> None:
-    root = source.resolve()
-    for path in source.rglob("*"):
-        if path.is_symlink() and not str(path.resolve()).startswith(str(root)):
-            raise ModelError(f"{path}: refused: a link pointing outside the bundle ({path.resolve()}).")
-    shutil.copytree(source, target, symlinks=False)
-
-
-def _download(url: str, target: Path) -> None:
+        pid = int(folder.name[len(INSTALL_PREFIX):].split(".", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return True
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as fh:
-            shutil.copyfileobj(response, fh, length=1 << 20)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{url}: download failed ({exc}).") from exc
+        import psutil
+
+        return psutil.pid_exists(pid)
+    except ImportError:
+        pass
+    if os.name == "nt":  # without psutil, only the age tells: a day-old install is not running
+        import time
+
+        return time.time() - folder.stat().st_mtime < 86400
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
-def _bundle_root_in(folder: Path) -> Path:
-    """The bundle folder inside an unpacked source: itself, or its one subfolder with a manifest."""
-    if (folder / MANIFEST_NAME).is_file():
-        return folder
-    found = [p.parent for p in folder.glob(f"*/{MANIFEST_NAME}")]
-    if len(found) == 1:
-        return found[0]
-    raise ModelError(f"No {MANIFEST_NAME} at the top of the source or in exactly one folder below it.")
+def clean_interrupted_installs(store: Path) -> list[Path]:
+    """Remove the work folders of installs that were killed (their process is gone); returns them."""
+    removed = []
+    if store.is_dir():
+        for folder in store.glob(INSTALL_PREFIX + "*"):
+            if folder.is_dir() and not folder.is_symlink() and not _install_alive(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
 
 
-def install_bundle(source: str | Path, store: Path | None = None, force: bool = False) -> Bundle:
-    """Install a bundle from a folder, a zip or an http(s)/file URL, verifying every checksum first."""
+def install_bundle(source: str | Path, store: Path | None = None, force: bool = False, allow_http: bool = False,
+                   limits: Limits | None = None) -> Bundle:
+    """Install a bundle from a folder, a zip or an https/file URL (http with ``allow_http``), checking it first.
+
+    Nothing reaches the store's bundle folder before the bundle passed every check (limits, listed
+    files, plain paths, plans, checksums); a refused or interrupted install leaves only a work
+    folder that this function removes (and the next install removes if the process was killed).
+    """
     store = store or store_root()
+    limits = limits or Limits.from_env()
     store.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".install.", dir=store))
+    clean_interrupted_installs(store)
+    work = Path(tempfile.mkdtemp(prefix=f"{INSTALL_PREFIX}{os.getpid()}.", dir=store))
     try:
         text = str(source)
-        scheme = urllib.parse.urlparse(text).scheme
-        if scheme in ("http", "https", "file"):
+        scheme = urllib.parse.urlparse(text).scheme.lower()
+        if scheme in ("http", "https", "file", "ftp"):
             local = work / "download"
-            _download(text, local)
+            unpack.download(text, local, limits, allow_http=allow_http)
         else:
             local = Path(source)
             if not local.exists():
                 raise ModelError(f"{local}: no such file or folder to install from.")
-        unpacked = work / "unpacked"
+        root = work / "unpacked"
+        root.mkdir()
         if local.is_dir():
-            _copy_folder(local, unpacked)
+            unpack.copy_folder(local, root, limits)
         elif zipfile.is_zipfile(local):
-            unpacked.mkdir()
-            _safe_extract(local, unpacked)
+            unpack.extract_zip(local, root, limits)
         else:
             raise ModelError(f"{source}: neither a bundle folder nor a zip file.")
-        root = _bundle_root_in(unpacked)
         bundle = load_bundle(root)
         verify_bundle(bundle)
-        if not bundle.name or "/" in bundle.name or bundle.name.startswith("."):
-            raise ModelError(f"{root / MANIFEST_NAME}: bundle name {bundle.name!r} is not a usable folder name.")
+        check_bundle_name(bundle.name, f"{root / MANIFEST_NAME}: bundle name")
+        for task in bundle.tasks:
+            for fold in bundle.tasks[task].folds:
+                check_checkpoint_records(bundle.checkpoint_path(task, fold))
         final = store / bundle.name
         if final.exists():
             if not force:
@@ -415,8 +479,8 @@ def list_bundles(store: Path | None = None) -> list[Bundle]:
 def remove_bundle(name: str, store: Path | None = None) -> Path:
     """Delete an installed bundle; returns the folder removed."""
     store = store or store_root()
-    folder = store / name
-    if not (folder / MANIFEST_NAME).is_file():
+    folder = store / check_bundle_name(name, "models remove")
+    if folder.is_symlink() or not (folder / MANIFEST_NAME).is_file():
         installed = ", ".join(b.name for b in list_bundles(store)) or "none"
         raise ModelError(f"No bundle named {name!r} is installed in {store} (installed: {installed}).")
     shutil.rmtree(folder)

@@ -1,0 +1,243 @@
+"""Bringing an untrusted bundle's files into a work folder: from a folder, a zip or a URL, within limits.
+
+Every file must be one the manifest lists, at a plain relative path (no ``..``, no absolute or
+drive paths, no links); sizes are checked against the limits (and the free disk) before anything
+is written: a zip's declared sizes and compression ratios, a folder's file sizes, a download's
+announced length, and every byte as it arrives. Downloads are https (plain http only when asked),
+follow redirects only to the same scheme and host, and stop at a size cap and a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ..errors import ModelError
+
+MANIFEST_NAME = "segrap-model.json"
+GiB = 1 << 30
+
+
+def _env_bytes(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, "") or default)
+    except ValueError:
+        raise ModelError(f"{name}={os.environ[name]!r} is not a number of bytes.") from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an install may spend; the defaults fit a five-fold, two-task nnU-Net bundle many times over."""
+
+    bundle_bytes: int = 32 * GiB  # all files together
+    file_bytes: int = 8 * GiB  # any one file
+    manifest_bytes: int = 16 << 20
+    compression_ratio: float = 200.0  # a zip entry's declared size over its compressed size
+    download_s: float = 6 * 3600.0  # the whole download
+    read_timeout_s: float = 60.0  # one read of the response
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        """The defaults, with SEGRAP_MAX_BUNDLE_BYTES / SEGRAP_MAX_BUNDLE_FILE_BYTES when set."""
+        return cls(bundle_bytes=_env_bytes("SEGRAP_MAX_BUNDLE_BYTES", cls.bundle_bytes),
+                   file_bytes=_env_bytes("SEGRAP_MAX_BUNDLE_FILE_BYTES", cls.file_bytes))
+
+
+def plain_relative(path: str, where: str) -> PurePosixPath:
+    """A manifest path as a plain relative POSIX path inside the bundle, or a ModelError naming it."""
+    text = str(path)
+    parts = PurePosixPath(text).parts
+    if (not text or "\\" in text or "\0" in text or text.startswith("/") or ":" in text
+            or any(p in ("", ".", "..") for p in text.split("/"))):
+        raise ModelError(f"{where}: refused: {text!r} is not a plain relative path inside the bundle "
+                         f"(no '..', '.', absolute, drive or backslash paths).")
+    return PurePosixPath(*parts)
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def _check_total(total: int, limits: Limits, where: str, target: Path) -> None:
+    if total > limits.bundle_bytes:
+        raise ModelError(f"{where}: refused: the bundle's files add up to {total / GiB:.2f} GiB, over the limit of "
+                         f"{limits.bundle_bytes / GiB:.2f} GiB (SEGRAP_MAX_BUNDLE_BYTES).")
+    free = _free_bytes(target)
+    if total > free:
+        raise ModelError(f"{where}: the bundle needs {total / GiB:.2f} GiB and {target} has only "
+                         f"{free / GiB:.2f} GiB free.")
+
+
+def _manifest_files(data: bytes, where: str) -> set[str]:
+    """The relative paths a manifest lists (its 'files'), each checked to be plain."""
+    try:
+        manifest = json.loads(data)
+        files = manifest["files"]
+        if not isinstance(files, Mapping):
+            raise TypeError("'files' is not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{where}: the manifest {MANIFEST_NAME} cannot be read ({exc}).") from None
+    return {plain_relative(p, where).as_posix() for p in files}
+
+
+# --------------------------------------------------------------------------------------------
+# Zip
+# --------------------------------------------------------------------------------------------
+
+
+def extract_zip(archive: Path, target: Path, limits: Limits) -> Path:
+    """Extract a bundle zip into ``target`` after checking every entry; returns the bundle's folder in it."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+            manifests = [i for i in infos if PurePosixPath(i.filename).name == MANIFEST_NAME
+                         and len(PurePosixPath(i.filename).parts) <= 2]
+            if len(manifests) != 1:
+                raise ModelError(f"{archive}: no {MANIFEST_NAME} at the top of the zip or in exactly one folder "
+                                 f"below it.")
+            manifest = manifests[0]
+            prefix = PurePosixPath(manifest.filename).parent.as_posix()
+            prefix = "" if prefix == "." else prefix + "/"
+            if manifest.file_size > limits.manifest_bytes:
+                raise ModelError(f"{archive}: refused: its manifest declares {manifest.file_size} bytes.")
+            listed = _manifest_files(zf.read(manifest), f"{archive}:{manifest.filename}")
+            total = 0
+            for info in infos:
+                name = info.filename
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise ModelError(f"{archive}: refused: entry {name!r} is a link; bundles may not contain links.")
+                if not name.startswith(prefix):
+                    raise ModelError(f"{archive}: refused: entry {name!r} is outside the bundle folder {prefix!r}.")
+                rel = plain_relative(name[len(prefix):], f"{archive}: entry").as_posix()
+                if info is not manifest and rel not in listed:
+                    raise ModelError(f"{archive}: refused: entry {name!r} is not listed in the manifest.")
+                if info.file_size > limits.file_bytes:
+                    raise ModelError(f"{archive}: refused: entry {name!r} declares {info.file_size / GiB:.2f} GiB, "
+                                     f"over the per-file limit of {limits.file_bytes / GiB:.2f} GiB.")
+                ratio = info.file_size / max(info.compress_size, 1)
+                if info.file_size > (1 << 20) and ratio > limits.compression_ratio:
+                    raise ModelError(f"{archive}: refused: entry {name!r} inflates {ratio:.0f}-fold "
+                                     f"({info.compress_size} -> {info.file_size} bytes; the limit is "
+                                     f"{limits.compression_ratio:.0f}): a zip bomb, not model files.")
+                total += info.file_size
+            _check_total(total, limits, str(archive), target)
+            for info in infos:
+                rel = plain_relative(info.filename[len(prefix):], str(archive))
+                destination = target.joinpath(*rel.parts)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                # zipfile stops at the declared size and checks the CRC, so a lying header cannot write more
+                with zf.open(info) as src, open(destination, "xb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    except zipfile.BadZipFile as exc:
+        raise ModelError(f"{archive}: not a valid zip file ({exc}).") from exc
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Folder
+# --------------------------------------------------------------------------------------------
+
+
+def copy_folder(source: Path, target: Path, limits: Limits) -> Path:
+    """Copy a bundle folder's manifest and listed files into ``target``, refusing links and unlisted files."""
+    root = source / MANIFEST_NAME
+    if not root.is_file():
+        found = [p.parent for p in source.glob(f"*/{MANIFEST_NAME}")]
+        if len(found) != 1:
+            raise ModelError(f"{source}: no {MANIFEST_NAME} at the top of the folder or in exactly one folder below it.")
+        source = found[0]
+    present: dict[str, Path] = {}
+    total = 0
+    for folder, dirs, files in os.walk(source, followlinks=False):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink() or (os.name == "nt" and path.is_junction() if hasattr(path, "is_junction") else False):
+                raise ModelError(f"{path}: refused: a link inside the bundle folder; bundles may not contain links.")
+        for name in files:
+            path = Path(folder) / name
+            mode = path.lstat()
+            if not stat.S_ISREG(mode.st_mode):
+                raise ModelError(f"{path}: refused: not a regular file.")
+            if mode.st_size > limits.file_bytes:
+                raise ModelError(f"{path}: refused: {mode.st_size / GiB:.2f} GiB, over the per-file limit of "
+                                 f"{limits.file_bytes / GiB:.2f} GiB.")
+            present[path.relative_to(source).as_posix()] = path
+            total += mode.st_size
+    manifest = source / MANIFEST_NAME
+    if manifest.stat().st_size > limits.manifest_bytes:
+        raise ModelError(f"{manifest}: refused: {manifest.stat().st_size} bytes is not a manifest.")
+    listed = _manifest_files(manifest.read_bytes(), str(manifest))
+    unlisted = sorted(set(present) - listed - {MANIFEST_NAME})
+    if unlisted:
+        raise ModelError(f"{source}: refused: file(s) not listed in the manifest: {', '.join(unlisted[:5])}"
+                         f"{' ...' if len(unlisted) > 5 else ''}.")
+    _check_total(total, limits, str(source), target)
+    for rel, path in present.items():
+        destination = target / rel
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination, follow_symlinks=False)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# URL
+# --------------------------------------------------------------------------------------------
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to the same scheme and host; anything else is a ModelError naming both."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlparse(req.full_url), urllib.parse.urlparse(newurl)
+        if (old.scheme, old.netloc) != (new.scheme, new.netloc):
+            raise ModelError(f"{req.full_url}: refused: the server redirects to {newurl}, another scheme or host. "
+                             f"Install from that address directly if you trust it.")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def download(url: str, target: Path, limits: Limits, allow_http: bool = False) -> None:
+    """Download ``url`` to ``target``: https (http if ``allow_http``) or file, within the size cap and deadline."""
+    scheme = urllib.parse.urlparse(url).scheme.lower()
+    if scheme == "http" and not allow_http:
+        raise ModelError(f"{url}: refused: plain http can be altered on the way, checksums and all (they travel "
+                         f"in the same download); use https, or pass --allow-http on a network you trust.")
+    if scheme not in ("https", "http", "file"):
+        raise ModelError(f"{url}: unsupported URL scheme {scheme!r}; use https.")
+    opener = urllib.request.build_opener(_SameOriginRedirects)
+    deadline = time.monotonic() + limits.download_s
+    cap = min(limits.bundle_bytes, _free_bytes(target.parent))
+    written = 0
+    try:
+        with opener.open(url, timeout=min(limits.read_timeout_s, limits.download_s)) as response, \
+                open(target, "wb") as fh:
+            length = response.headers.get("Content-Length") if hasattr(response, "headers") else None
+            if length is not None and length.isdigit() and int(length) > cap:
+                raise ModelError(f"{url}: refused: the server announces {int(length) / GiB:.2f} GiB, over the "
+                                 f"limit of {cap / GiB:.2f} GiB (bundle limit or free disk).")
+            read = getattr(response, "read1", response.read)
+            while True:
+                if time.monotonic() > deadline:
+                    raise ModelError(f"{url}: download took longer than {limits.download_s:.0f} s "
+                                     f"({written} bytes received); refused.")
+                block = read(1 << 16)  # what has arrived, so a trickling body still meets the deadline
+                if not block:
+                    break
+                written += len(block)
+                if written > cap:
+                    raise ModelError(f"{url}: refused: the download passed {cap / GiB:.2f} GiB (bundle limit or "
+                                     f"free disk) and was stopped.")
+                fh.write(block)
+    except ModelError:
+        raise
+    except (OSError, ValueError, urllib.error.URLError) as exc:
+        raise ModelError(f"{url}: download failed ({exc}).") from exc
