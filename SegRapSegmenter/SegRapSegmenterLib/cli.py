@@ -215,9 +215,13 @@ def _cohort_cases(input_dir: Path, part: str) -> list[tuple[str, Path | None, Pa
 def _cmd_segment(args) -> int:
     from .errors import InputError
 
+    from .pipeline import check_case_id
+
     if args.input_dir is None:
         if not args.ct and not args.contrast_ct:
             raise InputError("Give --ct (and --contrast-ct), or --input-dir for a cohort.")
+        if args.case_id is not None:
+            check_case_id(args.case_id, "--case-id")
         request = _request_from_args(args, args.ct, args.contrast_ct, args.case_id, args.out)
         return _run_worker(request, args, "segrap segment")
     if args.ct or args.contrast_ct or args.case_id:
@@ -225,6 +229,12 @@ def _cmd_segment(args) -> int:
     failures = []
     cases = _cohort_cases(args.input_dir, args.part)
     for number, (case_id, ct, contrast) in enumerate(cases, start=1):
+        try:
+            check_case_id(case_id, f"--input-dir case folder {args.input_dir / case_id}:")
+        except InputError as exc:
+            print(f"[{number}/{len(cases)}] error: {exc}", file=sys.stderr)
+            failures.append((case_id, EXIT_INPUT))
+            continue
         out = args.out / case_id
         if (out / f"{case_id}.provenance.json").is_file():
             print(f"[{number}/{len(cases)}] {case_id}: already done, skipped", file=sys.stderr)
@@ -256,11 +266,13 @@ def _add_models(sub) -> None:
     inst = msub.add_parser("install", help="install a bundle from a folder, a zip or an http(s)/file URL")
     inst.add_argument("source")
     inst.add_argument("--force", action="store_true", help="replace an installed bundle of the same name")
+    inst.add_argument("--allow-http", action="store_true", help="allow a plain http URL (it can be altered on the "
+                      "way, checksums included; https is the default)")
     msub.add_parser("list", help="list installed bundles")
     ver = msub.add_parser("verify", help="check every file's checksum")
     ver.add_argument("name", nargs="?", help="bundle name (default: all installed), folder, or 'demo'")
     rem = msub.add_parser("remove", help="delete an installed bundle")
-    rem.add_argument("name")
+    rem.add_argument("name", help="the installed bundle's name (as `segrap models list` shows it), not a path")
     p.set_defaults(func=_cmd_models)
 
 
@@ -268,7 +280,7 @@ def _cmd_models(args) -> int:
     from .inference import bundles as M
 
     if args.models_command == "install":
-        bundle = M.install_bundle(args.source, force=args.force)
+        bundle = M.install_bundle(args.source, force=args.force, allow_http=args.allow_http)
         print(f"installed {bundle.name} {bundle.version} ({bundle.license}) at {bundle.root}")
     elif args.models_command == "list":
         bundles = M.list_bundles()

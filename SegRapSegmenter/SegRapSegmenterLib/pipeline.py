@@ -97,9 +97,44 @@ def default_case_id(path: str | Path) -> str:
     return name or "case"
 
 
+STAGING_PREFIX = ".segrap-partial-"
+
+
+def check_case_id(case_id: str, where: str = "case id") -> str:
+    """A case id as a plain name (it names files inside the output folder), or an InputError naming it.
+
+    Refused: path separators, '.' and '..', a leading dot (hidden files and the staging folders),
+    drive or stream colons, control characters, surrounding spaces and names over 200 characters.
+    Every caller (CLI, batch mode, worker, Slicer logic, DICOM node) checks ids here.
+    """
+    text = str(case_id)
+    if (not text or text.startswith(".") or text != text.strip() or len(text) > 200
+            or any(c in text for c in "/\\:") or any(ord(c) < 32 for c in text)):
+        raise InputError(f"{where} {text!r} is not a plain name: a case id names files inside the output folder, so "
+                         f"it may not hold '/', '\\', ':' or control characters, start with '.', or be '..'.")
+    return text
+
+
 def staging_path(out_dir: str | Path, case_id: str) -> Path:
     """The staging folder a run of ``case_id`` writes into before moving its outputs into place."""
-    return Path(out_dir) / f".segrap-partial-{case_id}"
+    return Path(out_dir) / f"{STAGING_PREFIX}{check_case_id(case_id)}"
+
+
+def request_paths(req: SegmentRequest) -> tuple[str, Path]:
+    """The request's case id and staging folder, checked: the id is a plain name, the staging folder a
+    ``.segrap-partial-*`` folder directly inside ``out_dir`` (it is deleted after the run, so it may be nothing else).
+    """
+    case_id = check_case_id(req.case_id) if req.case_id else check_case_id(
+        default_case_id(req.ct or req.contrast_ct or "case"), "the case id taken from the input's name")
+    if not req.staging_dir:
+        return case_id, staging_path(req.out_dir, case_id)
+    staging = Path(req.staging_dir)
+    out = Path(req.out_dir)
+    inside = os.path.normcase(os.path.abspath(staging.parent)) == os.path.normcase(os.path.abspath(out))
+    if not inside or not staging.name.startswith(STAGING_PREFIX) or staging.is_symlink():
+        raise InputError(f"staging_dir {req.staging_dir!r} is not a {STAGING_PREFIX}* folder directly inside the "
+                         f"output folder {req.out_dir!r}; refused (the staging folder is deleted after the run).")
+    return case_id, staging
 
 
 def _check_request(req: SegmentRequest) -> tuple[str, ...]:
@@ -233,9 +268,8 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     t_start = time.perf_counter()
     tasks = _check_request(req)
     out_dir = Path(req.out_dir)
-    case_id = req.case_id or default_case_id(req.ct or req.contrast_ct)
+    case_id, staging = request_paths(req)
     _check_out_dir(out_dir)
-    staging = Path(req.staging_dir) if req.staging_dir else staging_path(out_dir, case_id)
 
     progress("model", 0.0, "checking the model bundle")
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import WorkerError
-from .pipeline import SegmentRequest, default_case_id, staging_path
+from .pipeline import SegmentRequest, request_paths
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
@@ -44,9 +44,7 @@ class WorkerRun:
     def __init__(self, request: SegmentRequest, python: str | None = None):
         self.request = request
         self.python = python or sys.executable
-        case_id = request.case_id or default_case_id(request.ct or request.contrast_ct or "case")
-        if request.staging_dir is None:
-            request.staging_dir = str(staging_path(request.out_dir, case_id))
+        request.staging_dir = str(request_paths(request)[1])  # checked: cancel deletes it
         self._tmp = Path(tempfile.mkdtemp(prefix="segrap-run-"))
         self.log_path = self._tmp / "worker.log"
         self.process: subprocess.Popen | None = None

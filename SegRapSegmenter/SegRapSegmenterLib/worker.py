@@ -54,7 +54,7 @@ def run_request(request_path: Path) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     from .errors import Cancelled, SegRapError
-    from .pipeline import SegmentRequest, default_case_id, run, staging_path
+    from .pipeline import SegmentRequest, request_paths, run
 
     staging = None
     try:
@@ -64,8 +64,9 @@ def run_request(request_path: Path) -> int:
         except (OSError, ValueError, TypeError) as exc:
             emit("error", kind="InputError", message=f"{request_path}: not a valid request ({exc}).")
             return 3
-        case_id = req.case_id or default_case_id(req.ct or req.contrast_ct or "case")
-        staging = Path(req.staging_dir) if req.staging_dir else staging_path(req.out_dir, case_id)
+        # a plain case id and a staging folder inside the output folder, or an InputError: the
+        # staging folder is deleted at the end, so it must be ours before it is remembered
+        case_id, staging = request_paths(req)
         emit("start", pid=os.getpid(), case_id=case_id, request=data)
         result = run(req,
                      progress=lambda stage, fraction, message: emit("progress", stage=stage,

@@ -265,7 +265,7 @@ class SegmentationLogic:
             raise SegRapError("A segmentation is already running: wait for it or cancel it first.")
         tasks = tuple(dict.fromkeys(t.strip().lower() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)))
         from ..anatomy import structures as S
-        from ..pipeline import SegmentRequest
+        from ..pipeline import SegmentRequest, check_case_id
         from ..runner import WorkerRun
 
         if structures is not None:
@@ -285,7 +285,7 @@ class SegmentationLogic:
             folds = tuple(f.strip() for f in folds.split(",") if f.strip()) or None
         workdir = Path(tempfile.mkdtemp(prefix="segrap-slicer-"))
         try:
-            case_id = safe_case_id(reference.GetName())
+            case_id = check_case_id(safe_case_id(reference.GetName()))
             ct_path = str(SC.write_volume(ctNode, workdir / "ct.nrrd", "CT")) if ctNode is not None else None
             contrast_path = (str(SC.write_volume(contrastCtNode, workdir / "contrast_ct.nrrd", "Contrast CT"))
                              if contrastCtNode is not None and "gtv" in tasks else None)
@@ -293,7 +293,7 @@ class SegmentationLogic:
                 ct=ct_path, contrast_ct=contrast_path, out_dir=str(workdir / "out"), case_id=case_id, bundle=bundle,
                 tasks=tasks, structures=tuple(structures) if structures is not None else None, device=device,
                 folds=tuple(str(f) for f in folds) if folds else None, mirror=mirror, tile_step_size=tile_step_size,
-                threads=threads, low_memory=lowMemory, register=register, staging_dir=str(workdir / "staging"))
+                threads=threads, low_memory=lowMemory, register=register)  # staging: inside out_dir
             worker = WorkerRun(request, python=self.python or default_python())
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
