@@ -28,6 +28,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from ..errors import DicomError
+from .limits import check_size, max_voxels
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,37 @@ def _looks_like_raw_dataset(path: Path) -> bool:
     return len(head) == 4 and head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
+DEFLATED = "1.2.840.10008.1.2.1.99"
+DEFLATED_FILE_LIMIT = 64 << 20  # inflated bytes of one file: a 4096 x 4096 16-bit slice is 32 MiB
+
+
+def _check_inflated_size(path: Path) -> None:
+    """Refuse a Deflated Explicit VR file that inflates past DEFLATED_FILE_LIMIT (pydicom inflates it whole)."""
+    import struct
+    import zlib
+
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+        if head[128:132] != b"DICM" or DEFLATED.encode() not in head:
+            return
+        # the file meta group (explicit VR little endian) starts with its own length: (0002,0000) UL
+        if head[132:138] != b"\x02\x00\x00\x00UL":
+            raise DicomError(f"{path}: a deflated DICOM file without a file meta group length; refused.")
+        fh.seek(144 + struct.unpack("<I", head[140:144])[0])
+        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        for block in iter(lambda: fh.read(1 << 16), b""):
+            total += len(inflater.decompress(block, DEFLATED_FILE_LIMIT + 1 - total))
+            while inflater.unconsumed_tail and total <= DEFLATED_FILE_LIMIT:
+                total += len(inflater.decompress(inflater.unconsumed_tail, DEFLATED_FILE_LIMIT + 1 - total))
+            if total > DEFLATED_FILE_LIMIT:
+                raise DicomError(f"{path}: refused: the deflated data set inflates past {DEFLATED_FILE_LIMIT >> 20} "
+                                 f"MiB, more than one CT slice holds (a compression bomb?).")
+
+
 def _read_header(path: Path) -> Dataset | None:
     """The header of a DICOM file, None when the file is not DICOM; DicomError when it is damaged."""
     try:
+        _check_inflated_size(path)
         return pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         if not _looks_like_raw_dataset(path):
@@ -285,9 +314,10 @@ class _Slice:
 
 def _load_slices(info: SeriesInfo) -> tuple[list[_Slice], list[str]]:
     """Read every file of the series with its pixel data; localizer images are left out (noted)."""
-    slices, notes, localizers = [], [], 0
+    slices, notes, localizers, voxels = [], [], 0, 0
     for path in info.files:
         try:
+            _check_inflated_size(path)
             ds = pydicom.dcmread(path, force=True)  # discovery accepted it; force admits files without preamble
         except Exception as exc:  # noqa: BLE001
             raise DicomError(f"{path}: a damaged DICOM file ({type(exc).__name__}: {exc}). Remove it or export "
@@ -303,6 +333,13 @@ def _load_slices(info: SeriesInfo) -> tuple[list[_Slice], list[str]]:
                              f"({CT_IMAGE_STORAGE}). Export it as classic CT images.")
         if "PixelData" not in ds:
             raise DicomError(f"{path}: a CT image without pixel data; the file is damaged or truncated.")
+        # the declared size, before any pixel data is decoded: one slice, then the series so far
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        voxels += rows * columns
+        check_size((columns, rows, len(slices) + 1), f"{path}: series {info.series_uid}", DicomError)
+        if voxels > max_voxels():
+            raise DicomError(f"{path}: series {info.series_uid} declares {voxels:,} voxels in its first "
+                             f"{len(slices) + 1} images, over the limit of {max_voxels():,} (SEGRAP_MAX_VOXELS).")
         slices.append(_Slice(path, ds, _floats(ds, "ImageOrientationPatient", 6, path),
                              _floats(ds, "ImagePositionPatient", 3, path)))
     if localizers:

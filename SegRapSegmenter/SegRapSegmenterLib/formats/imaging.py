@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import GeometryError, InputError
+from .limits import check_size
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,27 @@ def check_file_complete(path: Path, role: str = "Image") -> None:
         with opener(path, "rb") as fh:
             header = fh.read(544)
             total = len(header)
+            expected = _nifti_expected_bytes(header)
             for block in iter(lambda: fh.read(1 << 22), b""):
                 total += len(block)
+                if expected is not None and total >= expected:  # trailing bytes are not read (a gzip bomb's tail)
+                    break
     except (EOFError, OSError, zlib.error) as exc:
         raise InputError(f"{role} {path}: the file is truncated or damaged ({exc}); copy it again.") from exc
-    expected = _nifti_expected_bytes(header)
     if expected is not None and total < expected:
         raise InputError(f"{role} {path}: the file is truncated ({total} of {expected} bytes); copy it again.")
+
+
+def check_declared_size(path: Path, role: str = "Image") -> None:
+    """Refuse an image file whose header declares more voxels than the limit, before its voxels are read."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise InputError(f"{role} {path}: cannot be read as an image ({first}). Is the file complete?") from exc
+    check_size(reader.GetSize(), f"{role} {path}")
 
 
 def read_volume(path: str | Path, role: str = "CT", series_uid: str | None = None) -> VolumeSource:
@@ -100,6 +115,7 @@ def read_volume(path: str | Path, role: str = "CT", series_uid: str | None = Non
         if not _is_image_file(path):
             raise InputError(f"{role} {path}: unsupported file type; give a NIfTI (.nii, .nii.gz), NRRD (.nrrd) "
                              f"or MetaImage (.mha, .mhd) file, or a DICOM series folder.")
+        check_declared_size(path, role)
         check_file_complete(path, role)
         try:
             image = sitk.ReadImage(str(path))
