@@ -324,3 +324,14 @@ def test_download_is_capped_in_size_and_time(store, hostile_server, monkeypatch)
 def test_redirect_to_another_scheme_or_host_is_refused(store, hostile_server):
     with pytest.raises(ModelError, match="redirects to ftp://elsewhere.invalid"):
         M.install_bundle(f"{hostile_server}/redirect", allow_http=True)
+
+
+def test_nnunet_residual_encoder_plans_pass_the_allow_list(bundle):
+    """The ResEnc presets' network (as nnU-Net's planner writes it) is allowed and builds."""
+    from SegRapSegmenterLib.inference.architecture import build_network
+
+    plans = json.loads((bundle / "oar" / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    arch["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    arch["arch_kwargs"]["n_blocks_per_stage"] = arch["arch_kwargs"].pop("n_conv_per_stage")
+    assert type(build_network(plans, "3d_fullres", 1, 55, "plans.json")).__name__ == "ResidualEncoderUNet"

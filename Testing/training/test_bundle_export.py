@@ -46,6 +46,14 @@ def test_export_takes_the_finished_folds_and_records_how_each_model_mirrored(tmp
     assert bundle.tasks["gtv"].orientation is None  # stock trainer, dataset without orientation: unknown
     assert bundle.description.startswith("Test models. Trained with oar: SegRapStagedTrainer_2000ep_fg33")
     assert bundle.license == "CC-BY-4.0"
+    # what `segrap train export-bundle` writes passes every install check (plans allow-list, listed files, limits)
+    import shutil
+
+    from SegRapSegmenterLib.inference.bundles import install_bundle
+
+    assert install_bundle(out, store=tmp_path / "store").name == "test"
+    archive = shutil.make_archive(str(tmp_path / "bundle-zip"), "zip", tmp_path, "bundle")
+    assert install_bundle(archive, store=tmp_path / "store", force=True).name == "test"
 
 
 def test_export_refuses_unfinished_folds_and_mirroring_a_model_never_saw(tmp_path):
