@@ -28,6 +28,7 @@ import SimpleITK as sitk
 
 from ..arrays import uint8_image
 from ..errors import InputError, ModelError
+from ..formats.limits import max_voxels
 from .body import BodyBox, body_box_of_image, reoriented_box
 from .architecture import build_network, check_plans
 from .bundles import Bundle, load_checkpoint
@@ -172,6 +173,22 @@ def plan_mirroring(training: str, requested: bool, allowed: tuple[int, ...] | No
     return allowed, False
 
 
+def check_network_grid(shape, spacing, network_spacing, patch_size) -> None:
+    """Refuse an image whose grid at the network's spacing (padded to one tile) exceeds the voxel limit.
+
+    nnU-Net resamples the image to the plans' spacing before anything else, so a small image with
+    coarse voxels (or a long thin one, padded to a whole tile) can need far more memory than its file.
+    """
+    if len(network_spacing) != len(shape):
+        return
+    grid = [max(int(round(n * s / t)), int(p)) for n, s, t, p in zip(shape, spacing, network_spacing, patch_size)]
+    count = int(np.prod(grid, dtype=np.int64))
+    if count > max_voxels():
+        raise InputError(f"At the model's spacing {list(network_spacing)} mm the image ({list(shape)} voxels of "
+                         f"{[round(float(v), 3) for v in spacing]} mm) becomes {grid} = {count:,} voxels, over the "
+                         f"limit of {max_voxels():,} (SEGRAP_MAX_VOXELS); crop or resample it first.")
+
+
 class TaskPredictor:
     """A ready-to-run nnU-Net predictor for one task of a bundle (network built, folds loaded)."""
 
@@ -301,6 +318,7 @@ class TaskPredictor:
         forward = list(pm.transpose_forward)
         network_spacing = list(cm.spacing)
         input_spacing = [spacing[i] for i in forward]
+        check_network_grid([array.shape[1:][i] for i in forward], input_spacing, network_spacing, cm.patch_size)
         orders = axis_orders(cm, network_spacing, input_spacing) if len(network_spacing) == 3 else None
         if orders is None or self.label_manager.has_regions:
             message = (f"{self.task}: the plans' score resampling ({cm.configuration.get('resampling_fn_probabilities')}) "
