@@ -444,12 +444,15 @@ def install_bundle(source: str | Path, store: Path | None = None, force: bool = 
             unpack.extract_zip(local, root, limits)
         else:
             raise ModelError(f"{source}: neither a bundle folder nor a zip file.")
-        bundle = load_bundle(root)
-        verify_bundle(bundle)
-        check_bundle_name(bundle.name, f"{root / MANIFEST_NAME}: bundle name")
-        for task in bundle.tasks:
-            for fold in bundle.tasks[task].folds:
-                check_checkpoint_records(bundle.checkpoint_path(task, fold))
+        try:
+            bundle = load_bundle(root)
+            verify_bundle(bundle)
+            check_bundle_name(bundle.name, f"{root / MANIFEST_NAME}: bundle name")
+            for task in bundle.tasks:
+                for fold in bundle.tasks[task].folds:
+                    check_checkpoint_records(bundle.checkpoint_path(task, fold))
+        except ModelError as exc:  # name the source the user gave, not the work folder
+            raise ModelError(str(exc).replace(str(root), str(source).rstrip("/\\"))) from exc
         final = store / bundle.name
         if final.exists():
             if not force:
