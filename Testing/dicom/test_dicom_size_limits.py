@@ -1,4 +1,5 @@
-"""DICOM size bombs (issue 20): deflated data sets and declared pixel counts are refused before they are inflated or decoded."""
+"""DICOM size bombs (issue 20): deflated data sets and declared pixel counts are refused before they are
+inflated or decoded."""
 
 from __future__ import annotations
 

@@ -174,7 +174,8 @@ def test_unlisted_file_is_refused_and_an_unlisted_swapped_plans_fails_verify(sto
     assert "oar/plans.json: not listed" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("entry", ["../outside.txt", "/etc/hostname", "oar/../../outside.txt", "C:/x", "oar\\x", "./oar"])
+@pytest.mark.parametrize("entry", ["../outside.txt", "/etc/hostname", "oar/../../outside.txt", "C:/x", "oar\\x",
+                                   "./oar"])
 def test_manifest_paths_must_be_plain_relative_paths(store, bundle, tmp_path, entry):
     rewrite_checksums(bundle)
     manifest = json.loads((bundle / M.MANIFEST_NAME).read_text())

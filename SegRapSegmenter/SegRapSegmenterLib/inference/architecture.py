@@ -133,15 +133,15 @@ def network_spec(plans: Mapping, configuration: str, where: str) -> tuple[type, 
                          f"dynamic_network_architectures networks ({', '.join(sorted(set(NETWORKS)))}).")
     from dynamic_network_architectures.architectures import unet
 
-    module, attribute = NETWORKS[class_name]
+    attribute = NETWORKS[class_name][1]
     network_class = getattr(unet, attribute)
     kwargs = arch.get("arch_kwargs")
     imports = arch.get("_kw_requires_import", [])
     if not isinstance(kwargs, Mapping) or not isinstance(imports, (list, tuple)):
         raise ModelError(f"{where}: the architecture's arch_kwargs / _kw_requires_import are malformed.")
-    names, takes_any = _parameters(network_class, where)
+    names, _ = _parameters(network_class, where)
     unknown = [k for k in kwargs if k not in names or k in _OURS]
-    if unknown or takes_any:
+    if unknown:
         raise ModelError(f"{where}: refused: network argument(s) {', '.join(map(repr, unknown))} are not "
                          f"arguments of {attribute} a plans file may set.")
     resolved = dict(kwargs)
@@ -156,8 +156,10 @@ def network_spec(plans: Mapping, configuration: str, where: str) -> tuple[type, 
             continue
         table = _allowed_classes(key)
         if value not in table:
+            allowed = sorted({f"torch.nn.{c.__name__}" if c.__module__.startswith("torch") else c.__name__
+                              for c in table.values()})
             raise ModelError(f"{where}: refused: {key} {value!r} is not an allowed class (allowed: "
-                             f"{', '.join(sorted({f'torch.nn.{c.__name__}' if c.__module__.startswith('torch') else c.__name__ for c in table.values()}))}).")
+                             f"{', '.join(allowed)}).")
         resolved[key] = table[value]
     for key in class_arguments():
         if isinstance(resolved.get(key), str):

@@ -154,14 +154,15 @@ def copy_folder(source: Path, target: Path, limits: Limits) -> Path:
     if not root.is_file():
         found = [p.parent for p in source.glob(f"*/{MANIFEST_NAME}")]
         if len(found) != 1:
-            raise ModelError(f"{source}: no {MANIFEST_NAME} at the top of the folder or in exactly one folder below it.")
+            raise ModelError(f"{source}: no {MANIFEST_NAME} at the top of the folder or in exactly one folder "
+                             f"below it.")
         source = found[0]
     present: dict[str, Path] = {}
     total = 0
     for folder, dirs, files in os.walk(source, followlinks=False):
         for name in dirs + files:
             path = Path(folder) / name
-            if path.is_symlink() or (os.name == "nt" and path.is_junction() if hasattr(path, "is_junction") else False):
+            if path.is_symlink() or getattr(path, "is_junction", lambda: False)():  # junctions: Windows
                 raise ModelError(f"{path}: refused: a link inside the bundle folder; bundles may not contain links.")
         for name in files:
             path = Path(folder) / name
