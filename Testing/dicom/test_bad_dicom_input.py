@@ -127,13 +127,14 @@ def test_corrupt_file_with_cut_pixel_data(standard, tmp_path):
     _fails(tmp_path, str(files[30]), "pixel data cannot be decoded", "truncated")
 
 
-def test_unsupported_transfer_syntax_is_named(standard, tmp_path):
+def test_undecodable_transfer_syntax_is_named(standard, tmp_path):
+    """A syntax no installed plugin decodes (MPEG-2 video) keeps a clear refusal naming it."""
     files = _copy(standard, tmp_path)
     ds = pydicom.dcmread(files[0])
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"  # JPEG Lossless SV1, the usual lossless CT syntax
-    ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 Main Profile / Main Level
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3"])
     ds.save_as(files[0])
-    _fails(tmp_path, str(files[0]), "JPEG Lossless", "1.2.840.10008.1.2.4.70", "pylibjpeg")
+    _fails(tmp_path, str(files[0]), "MPEG2", "1.2.840.10008.1.2.4.100", "Export the CT uncompressed")
 
 
 def test_uneven_slice_spacing(standard, tmp_path):
