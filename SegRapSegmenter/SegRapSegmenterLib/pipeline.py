@@ -336,6 +336,9 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
         "postprocessing": {"keep_largest_component": req.keep_largest_component, "fill_holes": req.fill_holes,
                            "changes": cleanup},
         "structures": structures, "warnings": warnings, "timings_s": {},
+        "empty_structures": {"names": [n for n in masks if not masks.crop(n)[1].any()],
+                             "handling": "kept: an empty segment (tag SegRap.Empty) in the .seg.nrrd, a ROI without "
+                                         "contours marked EMPTY in the RTSTRUCT"},
         "notice": "Automatically generated contours: review and edit before clinical use.",
     }
     outputs = _write_outputs(req, case_id, masks, reference, ct, provenance, staging, out_dir, timings, t_start, t0)
@@ -360,7 +363,7 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, refer
         names: dict[str, Path] = {"segmentation": staging / f"{case_id}.seg.nrrd"}
         write_seg_nrrd(names["segmentation"], masks, reference, provenance={
             "model": {"name": provenance["bundle"]["name"], "version": provenance["bundle"]["version"]},
-            "case_id": case_id, "notice": provenance["notice"]})
+            "case_id": case_id, "notice": provenance["notice"], "empty_structures": provenance["empty_structures"]})
         if req.nifti:
             folder = staging / f"{case_id}_structures"
             folder.mkdir()

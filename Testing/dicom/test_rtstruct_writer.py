@@ -347,3 +347,20 @@ def test_writing_is_atomic(standard, tmp_path):
     write_rtstruct({"Brain": standard.masks["Brain"]}, standard.volume, target, model_name="m", model_version="1")
     assert [p.name for p in tmp_path.iterdir()] == ["rt.dcm"]
     assert pydicom.dcmread(target).SOPClassUID == RT_STRUCTURE_SET_STORAGE
+
+
+def test_an_empty_structure_is_kept_as_a_roi_without_contours_and_said_so(standard, tmp_path, dciodvfy):
+    """A planner must see "not found", not a structure that silently went missing."""
+    masks = {"Brain": standard.masks["Brain"], "Chiasm": np.zeros(standard.volume.image.GetSize()[::-1], bool)}
+    path = write_rtstruct(masks, standard.volume, tmp_path / "rt.dcm", model_name="m", model_version="1")
+    ds = pydicom.dcmread(path)
+    assert [r.ROIName for r in ds.StructureSetROISequence] == ["Brain", "OpticChiasm"]
+    brain, chiasm = ds.ROIContourSequence
+    assert "ContourSequence" in brain and "ContourSequence" not in chiasm
+    observations = {o.ReferencedROINumber: o for o in ds.RTROIObservationsSequence}
+    assert "EMPTY" in observations[chiasm.ReferencedROINumber].ROIObservationDescription
+    assert "ROIObservationDescription" not in observations[brain.ReferencedROINumber]
+    assert "Empty (ROIs without contours, not found by the model): OpticChiasm." in ds.StructureSetDescription
+    assert dciodvfy(path) == []
+    back = read_rtstruct(path, standard.volume)
+    assert not back["Chiasm"].any() and np.array_equal(back["Brain"], masks["Brain"])

@@ -24,6 +24,7 @@ from ..arrays import CroppedMasks, bounding_box, crop_of
 from ..errors import GeometryError, InputError
 
 _LPS = "left-posterior-superior"
+EMPTY_TAG = "SegRap.Empty"  # segment tag of a structure the model did not find (kept as an empty segment)
 
 
 @dataclass
@@ -113,6 +114,8 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
 
     Catalogue structures (any spelling) are written in catalogue order with their SegRap name,
     color and terminology tag; other names are kept as they are, after them, with a grey color.
+    An empty mask stays a segment (empty extent) tagged ``SegRap.Empty:1``: "not found" is shown,
+    not hidden, as in the RTSTRUCT.
     """
     from ..anatomy.terminology import terminology_entry
 
@@ -154,7 +157,10 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
             tag = f"TerminologyEntry:{terminology_entry(s)}|"
         else:
             color, tag = (0.5, 0.5, 0.5), ""
-        custom.update(_segment_fields(i, name, name, color, layer, value, _extent(*ordered.crop(name)), tag))
+        extent = _extent(*ordered.crop(name))
+        if extent == "0 -1 0 -1 0 -1":
+            tag += f"{EMPTY_TAG}:1|"
+        custom.update(_segment_fields(i, name, name, color, layer, value, extent, tag))
     if provenance is not None:
         custom["SegRap_Provenance"] = json.dumps(provenance, separators=(",", ":"), sort_keys=True)
     data = np.stack(layers, axis=-1)  # z, y, x, layer -> NRRD axes layer, i, j, k with C index order
