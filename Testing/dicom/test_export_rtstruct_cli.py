@@ -190,3 +190,24 @@ def test_a_contradictory_segmentation_file_exits_3(standard, tmp_path, capsys, d
     err = capsys.readouterr().err
     assert str(bad) in err and expected in err, err
     assert not out_dir.exists()
+
+
+def test_export_rtstruct_decodes_no_ct_pixels(standard, tmp_path, dciodvfy):
+    """Every CT slice holds pixel data nobody can decode (MPEG-2): only the headers are needed, so it works."""
+    import shutil
+
+    from pydicom.encaps import encapsulate
+
+    ct = tmp_path / "ct"
+    shutil.copytree(standard.written.ct_dir, ct)
+    for path in ct.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+        ds.PixelData = encapsulate([b"\x00\x00\x01\xb3"])
+        ds.save_as(path)
+    seg = write_seg_nrrd(tmp_path / "result.seg.nrrd", _masks(standard), standard.volume.image)
+    out = tmp_path / "RS.dcm"
+    assert _export(seg, ct, out) == 0
+    assert dciodvfy(out) == []
+    back = read_rtstruct(out, standard.volume)
+    assert all(np.array_equal(back[n], standard.masks[n]) for n in SOME)
