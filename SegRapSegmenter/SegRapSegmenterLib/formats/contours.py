@@ -14,9 +14,12 @@ Collinear vertices are dropped. ``keyhole`` joins each hole to its outline by a 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Corner bits of a marching-squares cell at (y, x): a = (y, x), b = (y, x+1), c = (y+1, x+1), d = (y+1, x).
 _A, _B, _C, _D = 1, 2, 4, 8
@@ -311,7 +314,7 @@ def _splice(outer: np.ndarray, o: int, hole: np.ndarray, h: int) -> np.ndarray:
 
 
 def _channel(outline: np.ndarray, used: np.ndarray, hole: np.ndarray, others: list[np.ndarray]
-             ) -> tuple[int, int]:
+             ) -> tuple[int, int] | None:
     """A hole vertex and an outline vertex whose straight join crosses no edge and passes no voxel centre."""
     a, b = _edges([outline, hole, *others])
     free = np.flatnonzero(~used)
@@ -326,7 +329,7 @@ def _channel(outline: np.ndarray, used: np.ndarray, hole: np.ndarray, others: li
                 continue
             if not _touches(p, q, a, b):
                 return int(h), int(free[o])
-    raise AssertionError("no keyhole channel found")  # a hole always has a vertex that sees its outline
+    return None  # not seen on any mask: some hole vertex always sees its outline
 
 
 def keyhole(contours: Contours) -> Contours:
@@ -353,15 +356,23 @@ def keyhole(contours: Contours) -> Contours:
             mine = sorted((h for h in holes if parent[h] == k), key=lambda h: area[h])  # largest hole first
             outline = polys[k]
             used = np.zeros(len(outline), dtype=bool)
-            for i, h in enumerate(mine):
-                rest = [polys[j] for j in ks if j != k and j != h and j not in mine[:i]]
-                hv, ov = _channel(outline, used, polys[h], rest)
+            spliced, kept = [], []  # kept: holes no channel reached, left as contours of their own (read by even-odd)
+            for h in mine:
+                rest = [polys[j] for j in ks if j != k and j != h and j not in spliced]
+                found = _channel(outline, used, polys[h], rest)
+                if found is None:
+                    log.warning("slice %d: no keyhole channel for a hole of %d vertices; written as its own contour",
+                                z, len(polys[h]))
+                    kept.append(polys[h])
+                    continue
+                hv, ov = found
                 outline = _splice(outline, ov, polys[h], hv)
+                spliced.append(h)
                 n = len(polys[h])
                 used = np.concatenate([used[:ov + 1], np.zeros(n + 1, bool), used[ov:]])
                 used[[ov, ov + 1, ov + 1 + n, ov + 2 + n]] = True  # the channel's ends, each now twice
-            out_slices.append(z)
-            out_polys.append(outline)
+            out_slices += [z] * (1 + len(kept))
+            out_polys += [outline, *kept]
     counts = [len(p) for p in out_polys]
     return Contours(np.array(out_slices, dtype=np.int64), np.r_[0, np.cumsum(counts)].astype(np.int64),
                     np.concatenate(out_polys))
