@@ -132,7 +132,8 @@ def _check_out_dir(out_dir: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise OutputError(f"Output folder {out_dir}: {existing} is a file, not a folder; choose another --out.")
+        raise OutputError(f"Output folder {out_dir}: cannot be created ({existing} is a file, not a folder); choose "
+                          f"another --out.")
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "not writable" if existing == out_dir else f"cannot be created ({existing} is not writable)"
         raise OutputError(f"Output folder {out_dir}: {what}; choose another --out.")
