@@ -92,6 +92,11 @@ def _cmd_phantom(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _add_contour_holes(p) -> None:
+    p.add_argument("--contour-holes", choices=("keyhole", "xor"), default="keyhole",
+                   help="how a hole in a slice is written (DICOM PS3.3 C.8.8.6.3): keyhole (default; every reader reads it the same) or xor (CLOSEDPLANAR_XOR contours, for planning systems that read them)")
+
+
 def _add_segment(sub) -> None:
     from .inference.predictor import DEVICES
 
@@ -131,6 +136,7 @@ def _add_segment(sub) -> None:
                    "challenge's 4D .mha files")
     p.add_argument("--rtstruct", action="store_true", help="also write a DICOM-RT structure set (DICOM CT only)")
     p.add_argument("--roi-names", choices=("tg263", "segrap"), default="tg263", help="RTSTRUCT ROI names")
+    _add_contour_holes(p)
     p.add_argument("--no-largest-component", dest="largest", action="store_false",
                    help="keep every component of single-component organs")
     p.add_argument("--fill-holes", action="store_true", help="fill holes in every structure")
@@ -152,7 +158,7 @@ def _request_from_args(args, ct, contrast, case_id, out_dir):
         device=args.device, folds=_split(args.folds), mirror=args.mirror, tile_step_size=args.step,
         threads=args.threads, low_memory=args.low_memory, register=args.register, ct_series=args.ct_series,
         contrast_series=args.contrast_series, nifti=args.nifti, rtstruct=args.rtstruct, roi_names=args.roi_names,
-        keep_largest_component=args.largest, fill_holes=args.fill_holes)
+        keep_largest_component=args.largest, fill_holes=args.fill_holes, contour_holes=args.contour_holes)
 
 
 def _run_worker(request, args, label: str) -> int:
@@ -411,6 +417,7 @@ def _add_export_rtstruct(sub) -> None:
     p.add_argument("-o", "--out", required=True, type=Path, help="RTSTRUCT file to write")
     p.add_argument("--roi-names", choices=("tg263", "segrap"), default="tg263",
                    help="ROI names: TG-263 (default) or the SegRap names")
+    _add_contour_holes(p)
     p.set_defaults(func=_cmd_export_rtstruct)
 
 
@@ -418,7 +425,7 @@ def _cmd_export_rtstruct(args) -> int:
     from .formats.rtstruct import export_rtstruct
 
     path, notes = export_rtstruct(args.segmentation, args.reference_ct, args.out, roi_names=args.roi_names,
-                                  series_uid=args.ct_series)
+                                  series_uid=args.ct_series, contour_holes=args.contour_holes)
     for note in notes:
         print(f"note: {note}")
     print(path)

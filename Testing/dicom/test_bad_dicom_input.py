@@ -127,13 +127,14 @@ def test_corrupt_file_with_cut_pixel_data(standard, tmp_path):
     _fails(tmp_path, str(files[30]), "pixel data cannot be decoded", "truncated")
 
 
-def test_unsupported_transfer_syntax_is_named(standard, tmp_path):
+def test_undecodable_transfer_syntax_is_named(standard, tmp_path):
+    """A syntax no installed plugin decodes (MPEG-2 video) keeps a clear refusal naming it."""
     files = _copy(standard, tmp_path)
     ds = pydicom.dcmread(files[0])
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"  # JPEG Lossless SV1, the usual lossless CT syntax
-    ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 Main Profile / Main Level
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3"])
     ds.save_as(files[0])
-    _fails(tmp_path, str(files[0]), "JPEG Lossless", "1.2.840.10008.1.2.4.70", "pylibjpeg")
+    _fails(tmp_path, str(files[0]), "MPEG2", "1.2.840.10008.1.2.4.100", "Export the CT uncompressed")
 
 
 def test_uneven_slice_spacing(standard, tmp_path):
@@ -161,3 +162,40 @@ def test_missing_image_position(standard, tmp_path):
     del ds.ImagePositionPatient
     ds.save_as(files[2])
     _fails(tmp_path, str(files[2]), "ImagePositionPatient is missing")
+
+
+def _without_frame_of_reference(standard, tmp_path: Path) -> Path:
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    for path in _copy(standard, folder):
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+    return folder
+
+
+def test_a_ct_without_frame_of_reference_is_read_and_noted(standard, tmp_path):
+    volume = read_ct_series(_without_frame_of_reference(standard, tmp_path))
+    assert volume.series.frame_of_reference_uid == ""
+    assert any("no FrameOfReferenceUID" in n for n in volume.notes)
+
+
+def test_a_ct_without_frame_of_reference_is_refused_for_an_rtstruct_before_inference(standard, tmp_path, capsys):
+    """Refused with exit 3 before any model runs, and the refused run leaves no --out folder behind."""
+    from SegRapSegmenterLib import cli
+
+    out = tmp_path / "not-yet" / "out"
+    rc = cli.main(["segment", "--ct", str(_without_frame_of_reference(standard, tmp_path)), "--tasks", "oar",
+                   "--rtstruct", "--out", str(out), "--bundle", "demo", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 3, err[-2000:]
+    assert "no FrameOfReferenceUID" in err and "leave out --rtstruct" in err
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_a_slice_without_frame_of_reference_among_others_is_refused(standard, tmp_path):
+    files = _copy(standard, tmp_path)
+    ds = pydicom.dcmread(files[4])
+    del ds.FrameOfReferenceUID
+    ds.save_as(files[4])
+    _fails(tmp_path, str(files[4]), "no FrameOfReferenceUID, while other slices")

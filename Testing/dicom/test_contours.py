@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from SegRapSegmenterLib.formats.contours import Contours, fill, trace
+from SegRapSegmenterLib.formats.contours import Contours, fill, keyhole, signed_areas, trace
 
 
 def _roundtrip(mask: np.ndarray) -> tuple[Contours, np.ndarray]:
@@ -92,3 +92,28 @@ def test_empty_mask_gives_no_contours():
     found = trace(np.zeros((3, 4, 4), dtype=bool))
     assert len(found) == 0
     assert not fill(found, (3, 4, 4)).any()
+
+
+def _union_fill(contours: Contours, shape) -> np.ndarray:
+    """Each contour filled on its own and OR-ed: how readers that union a slice's contours read them."""
+    out = np.zeros(shape, dtype=bool)
+    for k in range(len(contours)):
+        one = Contours(contours.slices[k:k + 1], np.array([0, contours.offsets[k + 1] - contours.offsets[k]]),
+                       contours.contour(k))
+        out |= fill(one, shape)
+    return out
+
+
+def test_keyhole_contours_read_the_same_by_even_odd_and_union_readers():
+    """Rings, holes with islands in them, many holes per region: no hole contour is left after the cut."""
+    rng = np.random.default_rng(7)
+    holes_seen = 0
+    for _ in range(12):
+        mask = rng.random((2, 40, 40)) > 0.35  # dense noise: regions riddled with holes and islands
+        contours = trace(mask)
+        holes_seen += int((signed_areas(contours) < 0).sum())
+        cut = keyhole(contours)
+        assert not (signed_areas(cut) < 0).any()
+        assert np.array_equal(fill(cut, mask.shape), mask)
+        assert np.array_equal(_union_fill(cut, mask.shape), mask)
+    assert holes_seen > 100

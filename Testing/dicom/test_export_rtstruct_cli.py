@@ -125,3 +125,89 @@ def test_dicom_phantom_command_writes_both_series(tmp_path, capsys):
     assert len(list((tmp_path / "CT").iterdir())) == 4 and len(list((tmp_path / "CT_contrast").iterdir())) == 4
     assert (tmp_path / "masks.seg.nrrd").exists()
     assert str(tmp_path / "CT") in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation files whose header contradicts their array: refused with exit 3, naming file and contradiction
+# --------------------------------------------------------------------------------------------
+
+
+def _valid_file(standard, tmp_path):
+    import nrrd
+
+    seg = write_seg_nrrd(tmp_path / "good.seg.nrrd", _masks(standard), standard.volume.image)
+    return nrrd.read(str(seg), index_order="C")
+
+
+def _rewrite(tmp_path, name, data, header):
+    import nrrd
+
+    path = tmp_path / name
+    custom = {k: "string" for k in header if k.startswith(("Segment", "SegRap"))}
+    nrrd.write(str(path), data, header=header, index_order="C", custom_field_map=custom)
+    return path
+
+
+def _layers_transposed(data, header):
+    """The issue's case: a (z, y, x, layer) array written as if its first NRRD axis were the layers."""
+    flipped = np.ascontiguousarray(np.moveaxis(data, -1, 0))  # NRRD axes: x, y, z, layer -> list axis = x
+    h = dict(header)
+    h.pop("sizes", None)
+    return flipped, h
+
+
+def _value_nobody_names(data, header):
+    data = data.copy()
+    data[5, 5, 5, 0] = 200
+    return data, header
+
+
+def _extent_outside(data, header):
+    return data, {**header, "Segment0_Extent": "0 400 0 10 0 10"}
+
+
+def _geometry_missing(data, header):
+    h = {k: v for k, v in header.items() if k != "space directions"}
+    return data, h
+
+
+def _layer_missing(data, header):
+    return data, {**header, "Segment1_Layer": "7"}
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (_layers_transposed, "which no segment is in"),
+    (_value_nobody_names, "label value 200"),
+    (_extent_outside, "outside the file's grid"),
+    (_geometry_missing, "no 'space directions'"),
+    (_layer_missing, "layer 7"),
+], ids=["layer-count", "label-value", "extent", "geometry", "layer-index"])
+def test_a_contradictory_segmentation_file_exits_3(standard, tmp_path, capsys, damage, expected):
+    data, header = _valid_file(standard, tmp_path)
+    bad = _rewrite(tmp_path, "bad.seg.nrrd", *damage(data, header))
+    out_dir = tmp_path / "never"
+    assert _export(bad, standard.written.ct_dir, out_dir / "RS.dcm") == BAD_INPUT == 3
+    err = capsys.readouterr().err
+    assert str(bad) in err and expected in err, err
+    assert not out_dir.exists()
+
+
+def test_export_rtstruct_decodes_no_ct_pixels(standard, tmp_path, dciodvfy):
+    """Every CT slice holds pixel data nobody can decode (MPEG-2): only the headers are needed, so it works."""
+    import shutil
+
+    from pydicom.encaps import encapsulate
+
+    ct = tmp_path / "ct"
+    shutil.copytree(standard.written.ct_dir, ct)
+    for path in ct.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+        ds.PixelData = encapsulate([b"\x00\x00\x01\xb3"])
+        ds.save_as(path)
+    seg = write_seg_nrrd(tmp_path / "result.seg.nrrd", _masks(standard), standard.volume.image)
+    out = tmp_path / "RS.dcm"
+    assert _export(seg, ct, out) == 0
+    assert dciodvfy(out) == []
+    back = read_rtstruct(out, standard.volume)
+    assert all(np.array_equal(back[n], standard.masks[n]) for n in SOME)

@@ -8,6 +8,8 @@ import pytest
 import SimpleITK as sitk
 from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.errors import GeometryError, InputError
+from SegRapSegmenterLib.formats import rtstruct
+from SegRapSegmenterLib.formats.contours import Contours, fill
 from SegRapSegmenterLib.formats.dicom import read_ct_series
 from SegRapSegmenterLib.formats.rtstruct import RT_STRUCTURE_SET_STORAGE, read_rtstruct, write_rtstruct
 from SegRapSegmenterLib.phantom.dicom_series import write_series
@@ -242,16 +244,53 @@ def test_two_by_two_and_single_voxel_structures_survive(standard, tmp_path):
     assert np.array_equal(back["Lens_L"], two) and np.array_equal(back["Lens_R"], masks["Lens_R"])
 
 
-def test_holes_are_separate_contours_on_the_same_slice(standard, tmp_path):
-    ring = np.zeros(standard.volume.image.GetSize()[::-1], dtype=bool)
+def _ring(volume) -> np.ndarray:
+    ring = np.zeros(volume.image.GetSize()[::-1], dtype=bool)
     ring[15, 30:50, 30:50] = True
     ring[15, 36:44, 36:44] = False
+    ring[15, 39:41, 39:41] = True  # an island in the hole: a region of its own
+    return ring
+
+
+def _union_of_contours(path, volume) -> np.ndarray:
+    """The voxels inside any one contour of the first ROI: how readers that OR a slice's contours fill them."""
+    placement = rtstruct._Placement(volume)
+    shape = volume.image.GetSize()[::-1]
+    out = np.zeros(shape, dtype=bool)
+    for item in pydicom.dcmread(path).ROIContourSequence[0].ContourSequence:
+        idx = placement.index(np.array(item.ContourData, dtype=float).reshape(-1, 3))
+        one = Contours(np.array([int(round(idx[0, 2]))]), np.array([0, len(idx)]), idx[:, [1, 0]])
+        out |= fill(one, shape)
+    return out
+
+
+def test_holes_are_keyhole_cut_by_default(standard, tmp_path):
+    """A ring with an island: one keyhole contour for the ring, one for the island; a union reader reads it right."""
+    ring = _ring(standard.volume)
     path = write_rtstruct({"Trachea": ring}, standard.volume, tmp_path / "rt.dcm", model_name="m", model_version="1")
     contours = pydicom.dcmread(path).ROIContourSequence[0].ContourSequence
-    assert len(contours) == 2
+    assert len(contours) == 2 and {c.ContourGeometricType for c in contours} == {"CLOSED_PLANAR"}
     refs = {c.ContourImageSequence[0].ReferencedSOPInstanceUID for c in contours}
     assert refs == {standard.volume.series.slices[15].sop_instance_uid}
     assert np.array_equal(read_rtstruct(path, standard.volume)["Trachea"], ring)
+    assert np.array_equal(_union_of_contours(path, standard.volume), ring)
+
+
+def test_holes_as_closedplanar_xor(standard, tmp_path):
+    ring = _ring(standard.volume)
+    ring[20, 30:35, 30:35] = True  # a slice without a hole stays CLOSED_PLANAR
+    path = write_rtstruct({"Trachea": ring}, standard.volume, tmp_path / "rt.dcm", model_name="m", model_version="1",
+                          contour_holes="xor")
+    contours = pydicom.dcmread(path).ROIContourSequence[0].ContourSequence
+    types = sorted(c.ContourGeometricType for c in contours)
+    assert types == ["CLOSEDPLANAR_XOR"] * 3 + ["CLOSED_PLANAR"]
+    assert np.array_equal(read_rtstruct(path, standard.volume)["Trachea"], ring)
+
+
+def test_an_unknown_hole_encoding_is_refused(standard, tmp_path):
+    with pytest.raises(InputError, match="contour_holes"):
+        write_rtstruct({"Trachea": _ring(standard.volume)}, standard.volume, tmp_path / "rt.dcm", model_name="m",
+                       model_version="1", contour_holes="union")
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +347,20 @@ def test_writing_is_atomic(standard, tmp_path):
     write_rtstruct({"Brain": standard.masks["Brain"]}, standard.volume, target, model_name="m", model_version="1")
     assert [p.name for p in tmp_path.iterdir()] == ["rt.dcm"]
     assert pydicom.dcmread(target).SOPClassUID == RT_STRUCTURE_SET_STORAGE
+
+
+def test_an_empty_structure_is_kept_as_a_roi_without_contours_and_said_so(standard, tmp_path, dciodvfy):
+    """A planner must see "not found", not a structure that silently went missing."""
+    masks = {"Brain": standard.masks["Brain"], "Chiasm": np.zeros(standard.volume.image.GetSize()[::-1], bool)}
+    path = write_rtstruct(masks, standard.volume, tmp_path / "rt.dcm", model_name="m", model_version="1")
+    ds = pydicom.dcmread(path)
+    assert [r.ROIName for r in ds.StructureSetROISequence] == ["Brain", "OpticChiasm"]
+    brain, chiasm = ds.ROIContourSequence
+    assert "ContourSequence" in brain and "ContourSequence" not in chiasm
+    observations = {o.ReferencedROINumber: o for o in ds.RTROIObservationsSequence}
+    assert "EMPTY" in observations[chiasm.ReferencedROINumber].ROIObservationDescription
+    assert "ROIObservationDescription" not in observations[brain.ReferencedROINumber]
+    assert "Empty (ROIs without contours, not found by the model): OpticChiasm." in ds.StructureSetDescription
+    assert dciodvfy(path) == []
+    back = read_rtstruct(path, standard.volume)
+    assert not back["Chiasm"].any() and np.array_equal(back["Brain"], masks["Brain"])

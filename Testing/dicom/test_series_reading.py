@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import RLELossless, generate_uid
 from SegRapSegmenterLib.formats.dicom import discover_series, read_ct_series
+from SegRapSegmenterLib.formats.pydicom_compat import save_bare_dataset
 from SegRapSegmenterLib.phantom.dicom_series import VARIANTS, patient_of, variant_case, write_phantom_dicom
 
 PATIENT = ("Phantom^SegRap0000", "PHANTOM-0000")
@@ -176,7 +177,7 @@ def test_files_without_preamble_are_read(standard, tmp_path):
         ds = pydicom.dcmread(path)
         del ds.file_meta
         ds.preamble = None
-        ds.save_as(tmp_path / path.stem, implicit_vr=True, little_endian=True)
+        save_bare_dataset(ds, tmp_path / path.stem, implicit_vr=True)
     assert (tmp_path / "CT0001").read_bytes()[128:132] != b"DICM"
     volume = read_ct_series(tmp_path)
     assert np.array_equal(sitk.GetArrayViewFromImage(volume.image), sitk.GetArrayViewFromImage(standard.volume.image))

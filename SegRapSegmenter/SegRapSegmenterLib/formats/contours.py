@@ -8,14 +8,18 @@ cells are cut around the inside corners (the foreground is 4-connected), so diag
 become separate contours and no contour touches or crosses another one or itself. Each
 4-connected region of a slice gives one outer contour, each hole one more contour inside it: a
 reader must combine the contours of a slice with the even-odd rule (``fill`` does).
-Collinear vertices are dropped.
+Collinear vertices are dropped. ``keyhole`` joins each hole to its outline by a zero-width channel
+(DICOM PS3.3 C.8.8.6.3), so that readers which union a slice's contours read the same voxels.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Corner bits of a marching-squares cell at (y, x): a = (y, x), b = (y, x+1), c = (y+1, x+1), d = (y+1, x).
 _A, _B, _C, _D = 1, 2, 4, 8
@@ -220,3 +224,155 @@ def fill(contours: Contours, shape: tuple[int, int, int]) -> np.ndarray:
     inside = np.cumsum(diff.reshape(len(rows_used), width), axis=1)[:, :nx] > 0
     out.reshape(nz * ny, nx)[rows_used] = inside
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Keyhole: holes joined to their outline
+# --------------------------------------------------------------------------------------------
+
+_EPS = 1e-9
+_CENTRE_CLEARANCE = 0.05  # voxel: a channel keeps this far from every voxel centre
+
+
+def _inside(point: np.ndarray, poly: np.ndarray) -> bool:
+    """Even-odd test of one (y, x) point against a closed polygon."""
+    a, b = poly, np.roll(poly, -1, axis=0)
+    y, x = point
+    crosses = (a[:, 0] > y) != (b[:, 0] > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xc = a[:, 1] + (y - a[:, 0]) * (b[:, 1] - a[:, 1]) / (b[:, 0] - a[:, 0])
+    return bool(np.count_nonzero(crosses & (xc > x)) % 2)
+
+
+def signed_areas(contours: Contours) -> np.ndarray:
+    """Signed area (voxels) of each contour: positive for an outline, negative for a hole (``trace``'s winding)."""
+    if len(contours) == 0:
+        return np.zeros(0)
+    pts = contours.points
+    nxt = np.arange(len(pts)) + 1
+    nxt[contours.offsets[1:] - 1] = contours.offsets[:-1]
+    cross = pts[:, 0] * pts[nxt, 1] - pts[nxt, 0] * pts[:, 1]
+    return np.add.reduceat(cross, contours.offsets[:-1]) / 2.0
+
+
+def _clear_of_centres(p: np.ndarray, q: np.ndarray) -> bool:
+    """True when the segment p-q passes no voxel centre (integer y, x) closer than the clearance."""
+    d = q - p
+    for axis in (0, 1):
+        other = 1 - axis
+        if abs(d[axis]) < _EPS:
+            if abs(p[axis] - round(p[axis])) < _CENTRE_CLEARANCE:  # runs along a line of centres
+                lo, hi = sorted((p[other], q[other]))
+                if np.floor(hi + _CENTRE_CLEARANCE) >= np.ceil(lo - _CENTRE_CLEARANCE):
+                    return False
+            continue
+        lo, hi = sorted((p[axis], q[axis]))
+        grid = np.arange(np.ceil(lo), np.floor(hi) + 1)
+        if grid.size:
+            t = (grid - p[axis]) / d[axis]
+            at = p[other] + t * d[other]
+            if np.any(np.abs(at - np.round(at)) < _CENTRE_CLEARANCE):
+                return False
+    return True
+
+
+def _orient(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Twice the signed area of the triangles u, v, w ((y, x) points, broadcast)."""
+    return (v[..., 0] - u[..., 0]) * (w[..., 1] - u[..., 1]) - (v[..., 1] - u[..., 1]) * (w[..., 0] - u[..., 0])
+
+
+def _on_segment(u: np.ndarray, v: np.ndarray, w: np.ndarray, orient: np.ndarray) -> np.ndarray:
+    """Whether w lies on the segment u-v, given the orientation of u, v, w."""
+    tol = 1e-7
+    return ((np.abs(orient) < tol) & (np.minimum(u[..., 0], v[..., 0]) - tol <= w[..., 0])
+            & (w[..., 0] <= np.maximum(u[..., 0], v[..., 0]) + tol)
+            & (np.minimum(u[..., 1], v[..., 1]) - tol <= w[..., 1])
+            & (w[..., 1] <= np.maximum(u[..., 1], v[..., 1]) + tol))
+
+
+def _touches(p: np.ndarray, q: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the segment p-q crosses or touches any edge a-b, leaving out the edges that end at p or q."""
+    ends = (np.all(np.abs(a - p) < _EPS, axis=1) | np.all(np.abs(b - p) < _EPS, axis=1)
+            | np.all(np.abs(a - q) < _EPS, axis=1) | np.all(np.abs(b - q) < _EPS, axis=1))
+    a, b = a[~ends], b[~ends]
+    o1, o2, o3, o4 = _orient(p, q, a), _orient(p, q, b), _orient(a, b, p), _orient(a, b, q)
+    proper = (o1 * o2 < -_EPS) & (o3 * o4 < -_EPS)
+    touch = (_on_segment(p, q, a, o1) | _on_segment(p, q, b, o2) | _on_segment(a, b, p, o3)
+             | _on_segment(a, b, q, o4))
+    return bool(np.any(proper | touch))
+
+
+def _edges(polys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    a = np.concatenate(polys)
+    b = np.concatenate([np.roll(p, -1, axis=0) for p in polys])
+    return a, b
+
+
+def _splice(outer: np.ndarray, o: int, hole: np.ndarray, h: int) -> np.ndarray:
+    """outer[..o], hole from h all the way round back to h, then back to outer[o] and on."""
+    return np.concatenate([outer[:o + 1], hole[h:], hole[:h + 1], outer[o:]])
+
+
+def _channel(outline: np.ndarray, used: np.ndarray, hole: np.ndarray, others: list[np.ndarray]
+             ) -> tuple[int, int] | None:
+    """A hole vertex and an outline vertex whose straight join crosses no edge and passes no voxel centre."""
+    a, b = _edges([outline, hole, *others])
+    free = np.flatnonzero(~used)
+    dist = np.linalg.norm(hole[:, None, :] - outline[None, free, :], axis=2)
+    order = np.argsort(dist, axis=None, kind="stable")
+    for start in range(0, order.size, 64):
+        chunk = order[start:start + 64]
+        hs, os_ = np.unravel_index(chunk, dist.shape)
+        for h, o in zip(hs, os_):
+            p, q = hole[h], outline[free[o]]
+            if not _clear_of_centres(p, q):
+                continue
+            if not _touches(p, q, a, b):
+                return int(h), int(free[o])
+    return None  # not seen on any mask: some hole vertex always sees its outline
+
+
+def keyhole(contours: Contours) -> Contours:
+    """The same regions with every hole joined to its enclosing outline by a zero-width channel (PS3.3 C.8.8.6.3).
+
+    Each outline and the holes directly inside it become one contour; the channel runs straight
+    from a hole vertex to an outline vertex, crosses no other contour and passes no voxel centre,
+    so any reader, whatever its fill rule (even-odd, union, nonzero winding), fills the same voxels.
+    """
+    area = signed_areas(contours)
+    if not np.any(area < 0):
+        return contours
+    out_slices, out_polys = [], []
+    for z in np.unique(contours.slices):
+        ks = np.flatnonzero(contours.slices == z)
+        polys = {k: contours.contour(k) for k in ks}
+        holes = [k for k in ks if area[k] < 0]
+        outlines = [k for k in ks if area[k] > 0]
+        parent = {}
+        for h in holes:  # the smallest outline around the hole is the one it is cut from
+            around = [k for k in outlines if _inside(polys[h][0], polys[k])]
+            parent[h] = min(around, key=lambda k: area[k])
+        for k in outlines:
+            mine = sorted((h for h in holes if parent[h] == k), key=lambda h: area[h])  # largest hole first
+            outline = polys[k]
+            used = np.zeros(len(outline), dtype=bool)
+            spliced, kept = [], []  # kept: holes no channel reached, left as contours of their own (read by even-odd)
+            for h in mine:
+                rest = [polys[j] for j in ks if j != k and j != h and j not in spliced]
+                found = _channel(outline, used, polys[h], rest)
+                if found is None:
+                    log.warning("slice %d: no keyhole channel for a hole of %d vertices; written as its own contour",
+                                z, len(polys[h]))
+                    kept.append(polys[h])
+                    continue
+                hv, ov = found
+                outline = _splice(outline, ov, polys[h], hv)
+                spliced.append(h)
+                n = len(polys[h])
+                used = np.concatenate([used[:ov + 1], np.zeros(n + 1, bool), used[ov:]])
+                used[[ov, ov + 1, ov + 1 + n, ov + 2 + n]] = True  # the channel's ends, each now twice
+            out_slices += [z] * (1 + len(kept))
+            out_polys += [outline, *kept]
+    counts = [len(p) for p in out_polys]
+    return Contours(np.array(out_slices, dtype=np.int64), np.r_[0, np.cumsum(counts)].astype(np.int64),
+                    np.concatenate(out_polys))

@@ -29,6 +29,7 @@ from pydicom.uid import UID
 
 from ..errors import DicomError
 from .limits import check_size, max_voxels
+from .pydicom_compat import decoder_problem, original_encoding
 
 log = logging.getLogger(__name__)
 
@@ -261,18 +262,14 @@ def _check_transfer_syntax(path: Path, ds: Dataset) -> str:
                          f"CT uncompressed (Explicit VR Little Endian).")
     if not uid.is_compressed:
         return str(uid)
-    from pydicom.pixels import get_decoder
-
-    try:
-        decoder = get_decoder(uid)
-    except NotImplementedError:
+    problem = decoder_problem(uid)
+    if problem == "unsupported":
         raise DicomError(f"{path}: pixel data in the transfer syntax {uid.name} ({uid}), which pydicom cannot "
-                         f"decode. Export the CT uncompressed (Explicit VR Little Endian).") from None
-    if not decoder.is_available:
-        needs = "; ".join(str(d) for d in decoder.missing_dependencies)
+                         f"decode. Export the CT uncompressed (Explicit VR Little Endian).")
+    if problem:
         raise DicomError(f"{path}: pixel data in the transfer syntax {uid.name} ({uid}), and no installed "
-                         f"pixel-data plugin decodes it ({needs}). Install a decoder or export the CT "
-                         f"uncompressed (Explicit VR Little Endian).")
+                         f"pixel-data plugin decodes it ({problem}). Install python-gdcm (a dependency of "
+                         f"segrap-segmenter) or export the CT uncompressed (Explicit VR Little Endian).")
     return str(uid)
 
 
@@ -295,7 +292,7 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
         return
     if meta is None:
         ds.file_meta = meta = pydicom.dataset.FileMetaDataset()
-    implicit, little = ds.original_encoding
+    implicit, little = original_encoding(ds)
     if implicit is not False:
         meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     else:
@@ -312,13 +309,13 @@ class _Slice:
     distance: float = 0.0
 
 
-def _load_slices(info: SeriesInfo) -> tuple[list[_Slice], list[str]]:
-    """Read every file of the series with its pixel data; localizer images are left out (noted)."""
+def _load_slices(info: SeriesInfo, pixels: bool = True) -> tuple[list[_Slice], list[str]]:
+    """Read every file of the series (with its pixel data unless not asked); localizers are left out (noted)."""
     slices, notes, localizers, voxels = [], [], 0, 0
     for path in info.files:
-        try:
-            _check_inflated_size(path)
-            ds = pydicom.dcmread(path, force=True)  # discovery accepted it; force admits files without preamble
+        try:  # discovery accepted it; force admits files without preamble
+            _check_inflated_size(path)  # pydicom inflates a deflated file whole, headers-only reads too
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
         except Exception as exc:  # noqa: BLE001
             raise DicomError(f"{path}: a damaged DICOM file ({type(exc).__name__}: {exc}). Remove it or export "
                              f"the series again.") from exc
@@ -331,7 +328,7 @@ def _load_slices(info: SeriesInfo) -> tuple[list[_Slice], list[str]]:
                 f"SOP class {_text(ds, 'SOPClassUID')}"
             raise DicomError(f"{path}: {kind} is not supported; the series must be single-frame CT Image Storage "
                              f"({CT_IMAGE_STORAGE}). Export it as classic CT images.")
-        if "PixelData" not in ds:
+        if pixels and "PixelData" not in ds:
             raise DicomError(f"{path}: a CT image without pixel data; the file is damaged or truncated.")
         # the declared size, before any pixel data is decoded: one slice, then the series so far
         rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
@@ -358,10 +355,10 @@ def _check_uniform(folder: Path, slices: list[_Slice]) -> None:
                 f"{s.path.name} has {np.round(s.iop, 5).tolist()}. Remove the odd images (a localizer or a "
                 f"reformat) or choose another series.")
     frames = Counter(_text(s.ds, "FrameOfReferenceUID") for s in slices)
-    if "" in frames:
+    if "" in frames and len(frames) > 1:
         bad = next(s for s in slices if not _text(s.ds, "FrameOfReferenceUID"))
-        raise DicomError(f"{bad.path}: no FrameOfReferenceUID; an RT structure set cannot reference this CT. "
-                         f"Export the series again from the scanner or PACS.")
+        raise DicomError(f"{bad.path}: no FrameOfReferenceUID, while other slices of the series have one. Export "
+                         f"the series again from the scanner or PACS.")
     if len(frames) > 1:
         listing = ", ".join(f"{uid} ({n} slices)" for uid, n in frames.most_common())
         raise DicomError(f"{folder}: the series mixes frames of reference: {listing}. One CT series must have one "
@@ -469,11 +466,17 @@ def _untilt(folder: Path, slices: list[_Slice], hu: np.ndarray, row: np.ndarray,
     return out
 
 
-def read_ct_series(folder: str | Path, series_uid: str | None = None) -> DicomVolume:
-    """Read the CT series in ``folder`` (or the one ``series_uid`` names) into HU with its geometry and UIDs."""
+def read_ct_series(folder: str | Path, series_uid: str | None = None, *, pixels: bool = True) -> DicomVolume:
+    """Read the CT series in ``folder`` (or the one ``series_uid`` names) into HU with its geometry and UIDs.
+
+    ``pixels=False`` reads the headers only (no pixel data is decoded, so any transfer syntax
+    works): the image then has the series' grid with zero voxels, which is all that placing
+    contours on it needs. A series without FrameOfReferenceUID is read (noted); only an
+    RTSTRUCT on it is refused.
+    """
     folder = Path(folder)
     info = choose_ct_series(folder, discover_series(folder), series_uid)
-    slices, notes = _load_slices(info)
+    slices, notes = _load_slices(info, pixels)
     if not slices:
         raise DicomError(f"{folder}: series {info.series_uid} holds no axial CT images (only localizers).")
     _check_uniform(folder, slices)
@@ -483,12 +486,16 @@ def read_ct_series(folder: str | Path, series_uid: str | None = None) -> DicomVo
     normal /= np.linalg.norm(normal)
     step = _sort_and_check_spacing(folder, slices, normal)
     row_spacing, col_spacing = _floats(slices[0].ds, "PixelSpacing", 2, slices[0].path)
-    hu, syntax = _hounsfield(slices)
     # PixelSpacing is (between rows, between columns): x (along a row) steps by the column spacing
     spacing_xy = (float(col_spacing), float(row_spacing))
-    hu = _untilt(folder, slices, hu, row, col, spacing_xy, notes)
-
-    image = sitk.GetImageFromArray(hu)
+    if pixels:
+        hu, syntax = _hounsfield(slices)
+        hu = _untilt(folder, slices, hu, row, col, spacing_xy, notes)
+        image = sitk.GetImageFromArray(hu)
+    else:  # the grid only: the tilt correction moves voxels, not the grid
+        syntax = ",".join(sorted({str(getattr(getattr(s.ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+                                  for s in slices}))
+        image = sitk.Image([int(slices[0].ds.Columns), int(slices[0].ds.Rows), len(slices)], sitk.sitkUInt8)
     image.SetSpacing((spacing_xy[0], spacing_xy[1], step))
     image.SetOrigin(tuple(float(v) for v in slices[0].ipp))
     image.SetDirection(tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()))
@@ -503,9 +510,12 @@ def read_ct_series(folder: str | Path, series_uid: str | None = None) -> DicomVo
         header=header, transfer_syntax=syntax)
     if not series.study_uid:
         raise DicomError(f"{slices[0].path}: no StudyInstanceUID; export the series again from the scanner or PACS.")
-    notes.insert(0, f"CT series {info.series_uid}: {len(slices)} slices of {hu.shape[1]} x {hu.shape[2]}, "
+    if not series.frame_of_reference_uid:
+        notes.append("the CT series has no FrameOfReferenceUID (an RTSTRUCT cannot reference it)")
+    ny, nx = image.GetSize()[1], image.GetSize()[0]
+    notes.insert(0, f"CT series {info.series_uid}: {len(slices)} slices of {ny} x {nx}, "
                     f"spacing {spacing_xy[0]:.4g} x {spacing_xy[1]:.4g} x {step:.4g} mm, sorted along the slice "
-                    f"normal, rescaled to HU")
+                    f"normal" + (", rescaled to HU" if pixels else " (headers only)"))
     return DicomVolume(image=image, series=series, notes=notes)
 
 

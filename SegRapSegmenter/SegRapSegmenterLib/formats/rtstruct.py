@@ -3,8 +3,11 @@
 The writer references the CT series the masks were made on by its original UIDs (frame of
 reference, study, series and every slice), so a planning system attaches the structure set to
 the CT it already holds. Contours come from ``contours.trace``: the 0.5 iso-line of each slice,
-one closed contour per 4-connected region plus one per hole, to be combined with the even-odd
-rule; a reader that fills the voxels whose centre lies inside gets the masks back exactly.
+one closed contour per 4-connected region plus one per hole. Holes are written as PS3.3 C.8.8.6.3
+defines them without ambiguity: by default as a "keyhole" (each hole joined to its outline by a
+zero-width channel, so every reader, whether it unions or XORs a slice's contours, fills the same
+voxels), or as CLOSEDPLANAR_XOR contours on the slices with a hole (``contour_holes="xor"``). A
+reader that fills the voxels whose centre lies inside gets the masks back exactly.
 
 The file is written in Implicit VR Little Endian, whose 32-bit lengths hold ContourData of any
 size as DS. (Explicit VR gives DS a 16-bit length; a contour of more than about 2000 points does
@@ -37,7 +40,8 @@ from .. import __version__
 from ..anatomy import structures as S
 from ..arrays import CroppedMasks
 from ..errors import DicomError, GeometryError, InputError, StructureNameError
-from .contours import Contours, fill, trace
+from .contours import Contours, fill, keyhole, signed_areas, trace
+from .pydicom_compat import save_file
 
 if TYPE_CHECKING:
     from .dicom import DicomVolume
@@ -48,7 +52,10 @@ RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # RT Referenced Study Sequence items name the study with this (retired) SOP class, as planning systems expect.
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 ROI_NAME_STYLES = ("tg263", "segrap")
+CONTOUR_HOLES = ("keyhole", "xor")  # how a hole in a slice is encoded (PS3.3 C.8.8.6.3); keyhole by default
+CLOSED_TYPES = ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR")  # the contour geometric types read as areas
 STRUCTURE_SET_LABEL = "AUTO UNREVIEWED"  # SH: 16 characters at most
+EMPTY_NOTE = "EMPTY: the model found no voxel of this structure on this CT; check before planning."
 REVIEW_WARNING = ("Auto-generated structures: they must be reviewed and approved by a qualified person before "
                   "any clinical use.")
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
@@ -240,15 +247,25 @@ class _Placement:
 # --------------------------------------------------------------------------------------------
 
 
+def _encode_holes(contours: Contours, contour_holes: str) -> tuple[Contours, list[str]]:
+    """The contours to write and each one's geometric type: keyhole-cut, or XOR-typed on slices with a hole."""
+    if contour_holes == "keyhole":
+        cut = keyhole(contours)
+        return cut, ["CLOSED_PLANAR"] * len(cut)
+    holed = set(contours.slices[signed_areas(contours) < 0].tolist())
+    return contours, ["CLOSEDPLANAR_XOR" if int(z) in holed else "CLOSED_PLANAR" for z in contours.slices]
+
+
 def _contour_items(contours: Contours, placement: _Placement, slice_refs: Sequence[tuple[str, str]],
-                   implicit: bool) -> list[Dataset]:
+                   implicit: bool, contour_holes: str) -> list[Dataset]:
+    contours, types = _encode_holes(contours, contour_holes)
     items = []
     for k in range(len(contours)):
         z = int(contours.slices[k])
         pts = placement.patient(contours.contour(k), z)
         item = Dataset()
         item.ContourImageSequence = [_image_ref(*slice_refs[z])]
-        item.ContourGeometricType = "CLOSED_PLANAR"
+        item.ContourGeometricType = types[k]
         item.NumberOfContourPoints = len(pts)
         item.ContourNumber = k + 1
         item[_CONTOUR_DATA] = _raw_ds(_CONTOUR_DATA, _ds_bytes(pts), implicit)
@@ -258,11 +275,18 @@ def _contour_items(contours: Contours, placement: _Placement, slice_refs: Sequen
 
 
 def build_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, *, model_name: str, model_version: str,
-                   roi_names: str = "tg263", notes: Sequence[str] = (), explicit_vr: bool = False) -> Dataset:
+                   roi_names: str = "tg263", notes: Sequence[str] = (), explicit_vr: bool = False,
+                   contour_holes: str = "keyhole") -> Dataset:
     """The RT Structure Set dataset of ``masks`` (z, y, x on ``reference.image``'s grid); see ``write_rtstruct``."""
     if roi_names not in ROI_NAME_STYLES:
         raise InputError(f"roi_names must be one of {', '.join(ROI_NAME_STYLES)}, got {roi_names!r}.")
+    if contour_holes not in CONTOUR_HOLES:
+        raise InputError(f"contour_holes must be one of {', '.join(CONTOUR_HOLES)}, got {contour_holes!r}.")
     image, series = reference.image, reference.series
+    if not series.frame_of_reference_uid:
+        raise DicomError(f"{series.folder}: the CT series {series.series_uid} has no FrameOfReferenceUID; an RT "
+                         f"structure set cannot reference it. Export the series again from the scanner or PACS "
+                         f"(or leave out the RTSTRUCT).")
     shape = tuple(image.GetSize()[::-1])
     rois = _rois(masks, shape, roi_names)
     placement = _Placement(reference)
@@ -301,9 +325,6 @@ def build_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, *, m
     ds.StructureSetLabel = STRUCTURE_SET_LABEL
     ds.StructureSetName = "SegRap auto-contours: review before clinical use"
     description = f"Generated by {model_name} {model_version} with SegRap Segmenter {__version__}. {REVIEW_WARNING}"
-    if notes:
-        description += " " + " ".join(f"{n.rstrip('.')}." for n in notes)
-    ds.StructureSetDescription = description.replace("\\", "/")[:1024]
     ds.InstanceNumber = 1
     ds.StructureSetDate, ds.StructureSetTime = date, time
 
@@ -319,7 +340,7 @@ def build_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, *, m
     frame.RTReferencedStudySequence = [referenced_study]
     ds.ReferencedFrameOfReferenceSequence = [frame]
 
-    roi_items, contour_items, observation_items = [], [], []
+    roi_items, contour_items, observation_items, empty = [], [], [], []
     for roi in rois:
         item = Dataset()
         item.ROINumber = roi.number
@@ -340,7 +361,10 @@ def build_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, *, m
         contour.ReferencedROINumber = roi.number
         found = _trace_roi(masks, roi.key)
         if len(found):
-            contour.ContourSequence = DicomSequence(_contour_items(found, placement, slice_refs, implicit))
+            contour.ContourSequence = DicomSequence(_contour_items(found, placement, slice_refs, implicit,
+                                                                   contour_holes))
+        else:  # kept, without contours: the planner sees "not found" instead of a structure gone missing
+            empty.append(roi.name)
         contour_items.append(contour)
 
         observation = Dataset()
@@ -348,6 +372,8 @@ def build_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, *, m
         observation.ReferencedROINumber = roi.number
         observation.RTROIInterpretedType = roi.structure.rt_type if roi.structure else ""
         observation.ROIInterpreter = ""
+        if not len(found):
+            observation.ROIObservationDescription = EMPTY_NOTE
         if roi.structure is not None:
             observation.SegmentedPropertyCategoryCodeSequence = [_code_item(roi.structure.category)]
             identification = _code_item(roi.structure.type)
@@ -358,6 +384,11 @@ def build_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, *, m
     ds.StructureSetROISequence = roi_items
     ds.ROIContourSequence = contour_items
     ds.RTROIObservationsSequence = observation_items
+    if empty:  # before the notes, so the 1024-character limit never cuts it
+        description += f" Empty (ROIs without contours, not found by the model): {', '.join(empty)}."
+    if notes:
+        description += " " + " ".join(f"{n.rstrip('.')}." for n in notes)
+    ds.StructureSetDescription = description.replace("\\", "/")[:1024]
     # Approval: a planning system shows the set as not approved until someone reviews it
     ds.ApprovalStatus = "UNAPPROVED"
     return ds
@@ -365,19 +396,20 @@ def build_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, *, m
 
 def write_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, path: str | Path, *, model_name: str,
                    model_version: str, roi_names: str = "tg263", notes: Sequence[str] = (),
-                   explicit_vr: bool = False) -> Path:
+                   explicit_vr: bool = False, contour_holes: str = "keyhole") -> Path:
     """Write the structures as an RTSTRUCT on the CT series of ``reference``; the file appears only when complete.
 
     ``masks``: name (any catalogue spelling; other names are written as given, without codes) ->
     boolean (z, y, x) mask on ``reference.image``'s grid; a mapping with ``crop(name)`` and
     ``shape`` (``StructureMasks``, ``RoiMasks``) is read crop by crop. ``roi_names``: ``tg263``
     (default) or ``segrap``. ``notes``: provenance sentences added to the structure set description.
-    Each slice gets one CLOSED_PLANAR contour per 4-connected region and one per hole; readers
-    must combine a slice's contours with the even-odd rule (holes are not keyhole-cut).
+    ``contour_holes``: ``keyhole`` (default: each hole joined to its region's outline by a
+    zero-width channel, one CLOSED_PLANAR contour per region) or ``xor`` (one contour per region
+    and per hole, CLOSEDPLANAR_XOR on the slices that have a hole).
     """
     path = Path(path)
     ds = build_rtstruct(masks, reference, model_name=model_name, model_version=model_version, roi_names=roi_names,
-                        notes=notes, explicit_vr=explicit_vr)
+                        notes=notes, explicit_vr=explicit_vr, contour_holes=contour_holes)
     for item in (ds, *ds.ROIContourSequence):
         _keep_raw(item, not explicit_vr)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -385,7 +417,7 @@ def write_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, path
     try:
         with warnings.catch_warnings():  # explicit VR only: pydicom warns as it writes long ContourData as UN
             warnings.filterwarnings("ignore", message=".*exceeds the size of 64 kByte.*")
-            ds.save_as(tmp, enforce_file_format=True)
+            save_file(ds, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -452,7 +484,8 @@ def read_rtstruct(path: str | Path, reference: DicomVolume | sitk.Image) -> RoiM
     drawn on, as read by ``read_ct_series`` (its frame of reference is checked), or just its image.
     Keys are SegRap names where the ROI name is a catalogue spelling, else the ROI name itself.
     The result is a mapping that holds each mask cropped (``.crop(name)``) and builds the full mask
-    on indexing. Closed planar contours only; points and open contours are skipped.
+    on indexing. Closed planar contours only (CLOSED_PLANAR, keyhole-cut or not, and
+    CLOSEDPLANAR_XOR); points and open contours are skipped.
     """
     path = Path(path)
     if path.is_dir():
@@ -482,7 +515,7 @@ def read_rtstruct(path: str | Path, reference: DicomVolume | sitk.Image) -> RoiM
             key = name if name not in crops else f"{name} #{number}"
         polygons, slices = [], []
         for item in roi.get("ContourSequence", []):
-            if str(item.get("ContourGeometricType", "")).upper() != "CLOSED_PLANAR":
+            if str(item.get("ContourGeometricType", "")).upper() not in CLOSED_TYPES:
                 continue
             pts = _contour_points(item, path)
             if len(pts) < 3:
@@ -593,20 +626,21 @@ def _model_of(provenance: dict | None) -> tuple[str, str]:
 
 
 def export_rtstruct(seg_path: str | Path, ct_folder: str | Path, out: str | Path, *, roi_names: str = "tg263",
-                    series_uid: str | None = None) -> tuple[Path, list[str]]:
+                    series_uid: str | None = None, contour_holes: str = "keyhole") -> tuple[Path, list[str]]:
     """A ``.seg.nrrd`` (ours or one edited in Slicer) as an RTSTRUCT on the CT series in ``ct_folder``.
 
-    Returns the written path and the provenance notes (resampling, CT reading) it records.
+    Only the CT's headers are read (no pixel data is decoded), so a CT in any transfer syntax
+    works. Returns the written path and the provenance notes (resampling, CT reading) it records.
     """
     from .dicom import read_ct_series
     from .segfile import read_seg_nrrd
 
     seg = read_seg_nrrd(seg_path)
-    volume = read_ct_series(ct_folder, series_uid)
+    volume = read_ct_series(ct_folder, series_uid, pixels=False)
     masks, notes = masks_on_grid(seg.masks, seg.reference, volume.image, what=f"The segmentation {Path(seg_path).name}")
     for note in notes:
         log.info("%s", note)
     model_name, model_version = _model_of(seg.provenance)
     path = write_rtstruct(masks, volume, out, model_name=model_name, model_version=model_version, roi_names=roi_names,
-                          notes=[*notes, *volume.notes[1:]])
+                          notes=[*notes, *volume.notes[1:]], contour_holes=contour_holes)
     return path, notes

@@ -24,6 +24,7 @@ from ..arrays import CroppedMasks, bounding_box, crop_of
 from ..errors import GeometryError, InputError
 
 _LPS = "left-posterior-superior"
+EMPTY_TAG = "SegRap.Empty"  # segment tag of a structure the model did not find (kept as an empty segment)
 
 
 @dataclass
@@ -113,6 +114,8 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
 
     Catalogue structures (any spelling) are written in catalogue order with their SegRap name,
     color and terminology tag; other names are kept as they are, after them, with a grey color.
+    An empty mask stays a segment (empty extent) tagged ``SegRap.Empty:1``: "not found" is shown,
+    not hidden, as in the RTSTRUCT.
     """
     from ..anatomy.terminology import terminology_entry
 
@@ -154,7 +157,10 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
             tag = f"TerminologyEntry:{terminology_entry(s)}|"
         else:
             color, tag = (0.5, 0.5, 0.5), ""
-        custom.update(_segment_fields(i, name, name, color, layer, value, _extent(*ordered.crop(name)), tag))
+        extent = _extent(*ordered.crop(name))
+        if extent == "0 -1 0 -1 0 -1":
+            tag += f"{EMPTY_TAG}:1|"
+        custom.update(_segment_fields(i, name, name, color, layer, value, extent, tag))
     if provenance is not None:
         custom["SegRap_Provenance"] = json.dumps(provenance, separators=(",", ":"), sort_keys=True)
     data = np.stack(layers, axis=-1)  # z, y, x, layer -> NRRD axes layer, i, j, k with C index order
@@ -172,6 +178,10 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
 
 
 def _geometry_from_header(header: dict, path: Path, spatial_axes: list[int]) -> sitk.Image:
+    for key in ("space directions", "space origin"):
+        if key not in header:
+            raise InputError(f"{path}: no {key!r} field, so the voxels have no position in space (Slicer writes "
+                             f"both); save the segmentation again from Slicer.")
     space = str(header.get("space", _LPS)).lower()
     flip = np.ones(3)
     if space in ("right-anterior-superior", "ras"):
@@ -179,11 +189,16 @@ def _geometry_from_header(header: dict, path: Path, spatial_axes: list[int]) -> 
     elif space not in (_LPS, "lps"):
         raise InputError(f"{path}: unsupported NRRD space {space!r}; expected left-posterior-superior.")
     dirs = np.asarray(header["space directions"], dtype=float)
+    if dirs.shape != (len(header["sizes"]), 3):
+        raise InputError(f"{path}: 'space directions' holds {dirs.shape[0]} vectors for {len(header['sizes'])} axes.")
     columns = np.array([dirs[a] for a in spatial_axes]).T * flip[:, None]  # column j: step of index axis j
+    if not np.all(np.isfinite(columns)) or abs(np.linalg.det(columns)) < 1e-12:
+        raise GeometryError(f"{path}: 'space directions' of the spatial axes {columns.T.tolist()} do not span 3D "
+                            f"space (missing, zero or parallel vectors).")
     spacing = np.linalg.norm(columns, axis=0)
-    if np.any(spacing == 0):
-        raise GeometryError(f"{path}: zero voxel spacing in 'space directions'.")
-    origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=float) * flip
+    origin = np.asarray(header["space origin"], dtype=float) * flip
+    if origin.shape != (3,) or not np.all(np.isfinite(origin)):
+        raise InputError(f"{path}: 'space origin' {header['space origin']!r} is not three numbers.")
     sizes = [int(header["sizes"][a]) for a in spatial_axes]
     ref = sitk.Image(sizes, sitk.sitkUInt8)
     ref.SetSpacing(spacing.tolist())
@@ -192,8 +207,105 @@ def _geometry_from_header(header: dict, path: Path, spatial_axes: list[int]) -> 
     return ref
 
 
+def _ints(path: Path, text, count: int, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split()]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise InputError(f"{path}: {what} is {text!r}, not {count} integers.")
+    return values
+
+
+@dataclass
+class _Segment:
+    index: int
+    name: str
+    layer: int
+    value: int
+    extent: list[int]  # i0 i1 j0 j1 k0 k1 in the reference image's index space
+
+
+def _segments(path: Path, header: dict) -> list[_Segment]:
+    """The segments the header declares, numbered 0, 1, ... as Slicer reads them; each field checked."""
+    indices = sorted({int(m.group(1)) for k in header for m in [re.match(r"Segment(\d+)_", str(k))] if m})
+    if not indices:
+        raise InputError(f"{path}: no Segment*_ fields; is this a Slicer segmentation (.seg.nrrd)?")
+    if indices != list(range(len(indices))):
+        gap = next(i for i in range(len(indices) + 1) if i not in indices)
+        raise InputError(f"{path}: segment fields are numbered {indices[:8]}{'...' if len(indices) > 8 else ''}; "
+                         f"Segment{gap}_ is missing, and Slicer stops reading at the first gap.")
+    out = []
+    for i in indices:
+        f = lambda key, default=None: header.get(f"Segment{i}_{key}", default)  # noqa: E731
+        if f("ID") is None:
+            raise InputError(f"{path}: Segment{i}_ fields without a Segment{i}_ID.")
+        name = str(f("Name") or f("ID"))
+        layer = _ints(path, f("Layer", i), 1, f"the Layer of segment {name!r}")[0]  # Slicer: no layer -> own index
+        value = _ints(path, f("LabelValue", 1), 1, f"the LabelValue of segment {name!r}")[0]
+        if not 1 <= value <= 255:
+            raise InputError(f"{path}: segment {name!r} has LabelValue {value}; label values are 1 to 255.")
+        extent = _ints(path, f("Extent", "0 -1 0 -1 0 -1"), 6, f"the Extent of segment {name!r}")
+        out.append(_Segment(i, name, layer, value, extent))
+    return out
+
+
+def _check_segments(path: Path, segments: list[_Segment], layers: list[np.ndarray], offset: list[int]) -> None:
+    """Refuse a file whose segment fields contradict its voxels: layers, label values, extents (Slicer's rules)."""
+    from scipy import ndimage
+
+    shape_xyz = layers[0].shape[::-1]
+    grid = [(o, o + n - 1) for o, n in zip(offset, shape_xyz)]
+    by_layer: dict[int, dict[int, _Segment]] = {}
+    for seg in segments:
+        if not 0 <= seg.layer < len(layers):
+            raise InputError(f"{path}: segment {seg.name!r} is in layer {seg.layer}, but the file has {len(layers)} "
+                             f"layer(s) (the size of its 'list' axis).")
+        other = by_layer.setdefault(seg.layer, {}).get(seg.value)
+        if other is not None:
+            raise InputError(f"{path}: segments {other.name!r} and {seg.name!r} both claim label value {seg.value} "
+                             f"in layer {seg.layer}.")
+        by_layer[seg.layer][seg.value] = seg
+    for k, layer in enumerate(layers):
+        counts = np.bincount(layer.ravel(), minlength=256)
+        named = by_layer.get(k, {})
+        stray = [v for v in np.flatnonzero(counts[1:]) + 1 if int(v) not in named]
+        if stray:
+            v = int(stray[0])
+            where = f"layer {k}" if named else f"layer {k}, which no segment is in,"
+            raise InputError(f"{path}: {where} holds label value {v} in {counts[v]} voxels, which no segment names "
+                             f"({len(stray)} such value(s) in this layer, {len(layers)} layers in the file); the "
+                             f"header does not describe the array. Save the segmentation again from Slicer.")
+    for seg in segments:
+        lo, hi = seg.extent[0::2], seg.extent[1::2]
+        if all(a <= b for a, b in zip(lo, hi)) and any(a < g0 or b > g1 for a, b, (g0, g1) in zip(lo, hi, grid)):
+            raise InputError(f"{path}: segment {seg.name!r} has Extent {' '.join(map(str, seg.extent))}, outside the "
+                             f"file's grid ({' '.join(f'{g0} {g1}' for g0, g1 in grid)}).")
+    for k, layer in enumerate(layers):
+        named = by_layer.get(k, {})
+        boxes = ndimage.find_objects(layer) if named else []
+        for value, seg in named.items():
+            box = boxes[value - 1] if value <= len(boxes) else None
+            if box is None:
+                continue
+            z, y, x = box
+            found = [x.start + offset[0], x.stop - 1 + offset[0], y.start + offset[1], y.stop - 1 + offset[1],
+                     z.start + offset[2], z.stop - 1 + offset[2]]
+            lo, hi = seg.extent[0::2], seg.extent[1::2]
+            if any(f < a for f, a in zip(found[0::2], lo)) or any(f > b for f, b in zip(found[1::2], hi)):
+                raise InputError(f"{path}: segment {seg.name!r} has voxels in {' '.join(map(str, found))} "
+                                 f"(i0 i1 j0 j1 k0 k1) but its Extent is {' '.join(map(str, seg.extent))}; Slicer "
+                                 f"would drop the voxels outside it.")
+
+
 def read_seg_nrrd(path: str | Path) -> SegmentationFile:
-    """Read a ``.seg.nrrd`` written by Slicer or by ``write_seg_nrrd`` (3D or 4D, any layer count)."""
+    """Read a ``.seg.nrrd`` written by Slicer or by ``write_seg_nrrd`` (3D or 4D, any layer count).
+
+    The file is checked against Slicer's format and refused (InputError, naming the file and the
+    contradiction) when its header and array disagree: a layer axis that is not the declared
+    'list' axis, a segment in a layer the file lacks, a label value no segment names, an extent
+    outside the grid or narrower than the segment's voxels, geometry missing or degenerate.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such segmentation file.")
@@ -201,41 +313,42 @@ def read_seg_nrrd(path: str | Path) -> SegmentationFile:
         data, header = nrrd.read(str(path), index_order="C")
     except Exception as exc:  # pynrrd raises several types for a damaged file
         raise InputError(f"{path}: not a readable NRRD file ({exc}).") from exc
+    if not np.issubdtype(data.dtype, np.integer):
+        raise InputError(f"{path}: voxels of type {data.dtype}; a segmentation holds integer label values.")
     kinds = [str(k).lower() for k in header.get("kinds", [])]
     if data.ndim == 4:
         # C order reverses the NRRD axes: data is (k, j, i, list)
-        list_axis = kinds.index("list") if "list" in kinds else 0
-        if list_axis != 0:
-            raise InputError(f"{path}: the layer axis must be the first NRRD axis, it is axis {list_axis}.")
+        if kinds[1:] != ["domain"] * 3 or kinds[:1] not in (["list"], ["vector"]):
+            raise InputError(f"{path}: a 4D segmentation must have kinds 'list domain domain domain' (layers, then "
+                             f"i, j, k), found {' '.join(kinds) or 'none'}.")
         spatial = [1, 2, 3]
         layers = [data[..., i] for i in range(data.shape[-1])]
     elif data.ndim == 3:
+        if kinds and any(k not in ("domain", "space") for k in kinds):
+            raise InputError(f"{path}: a 3D segmentation must have three spatial ('domain') axes, found kinds "
+                             f"{' '.join(kinds)}.")
         spatial = [0, 1, 2]
         layers = [data]
     else:
         raise InputError(f"{path}: a segmentation must be 3D or 4D, found {data.ndim}D.")
     reference = _geometry_from_header(header, path, spatial)
+    segments = _segments(path, header)
+    offset = _ints(path, header.get("Segmentation_ReferenceImageExtentOffset", "0 0 0"), 3,
+                   "Segmentation_ReferenceImageExtentOffset")
+    _check_segments(path, segments, layers, offset)
 
-    indices = sorted({int(m.group(1)) for k in header for m in [re.match(r"Segment(\d+)_", str(k))] if m})
-    if not indices:
-        raise InputError(f"{path}: no Segment*_ fields; is this a Slicer segmentation (.seg.nrrd)?")
     masks: dict[str, np.ndarray] = {}
     colors: dict[str, tuple[float, float, float]] = {}
     tags: dict[str, str] = {}
-    for i in indices:
-        f = lambda key, default=None: header.get(f"Segment{i}_{key}", default)  # noqa: E731
-        raw_name = f("Name") or f("ID") or f"Segment_{i}"
+    for seg in segments:
         try:
-            name = S.get(raw_name).name
+            name = S.get(seg.name).name
         except KeyError:
-            name = raw_name
-        layer, value = int(f("Layer", 0)), int(f("LabelValue", 1))
-        if layer >= len(layers):
-            raise InputError(f"{path}: segment {raw_name!r} is in layer {layer}, but the file has {len(layers)}.")
+            name = seg.name
         if name in masks:
             raise InputError(f"{path}: two segments are named {name!r}; rename one in Slicer and save again.")
-        masks[name] = layers[layer] == value
-        colors[name] = tuple(float(c) for c in str(f("Color", "0.5 0.5 0.5")).split())
-        tags[name] = str(f("Tags", ""))
+        masks[name] = layers[seg.layer] == seg.value
+        colors[name] = tuple(float(c) for c in str(header.get(f"Segment{seg.index}_Color", "0.5 0.5 0.5")).split())
+        tags[name] = str(header.get(f"Segment{seg.index}_Tags", ""))
     provenance = header.get("SegRap_Provenance")
     return SegmentationFile(masks, reference, colors, tags, json.loads(provenance) if provenance else None)

@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from .. import __version__
 from ..errors import InputError
+from ..formats.pydicom_compat import save_file
 from .cases import PhantomCase, make_case
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -200,7 +201,7 @@ def write_series(image: sitk.Image, folder: str | Path, *, patient: dict[str, st
         if transfer_syntax != ExplicitVRLittleEndian:
             ds.compress(transfer_syntax)
         path = folder / f"CT{instance:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        save_file(ds, path)
         written.append(path)
     return written
 

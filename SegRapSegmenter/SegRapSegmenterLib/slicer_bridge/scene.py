@@ -34,6 +34,7 @@ from vtk.util import numpy_support
 
 from ..arrays import EMPTY_BOX, bounding_box
 from ..errors import DicomError, GeometryError, InputError
+from ..formats.segfile import EMPTY_TAG
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ BINARY_LABELMAP = "Binary labelmap"
 INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"  # set by Slicer's DICOM scalar volume plugin
 MODEL_ATTRIBUTE = "SegRap.Model"  # "name version" of the bundle that made a segmentation
 PROVENANCE_ATTRIBUTE = "SegRap.Provenance"  # the .seg.nrrd's provenance record (JSON)
+EMPTY_ATTRIBUTE = "SegRap.EmptySegments"  # comma-separated names of the segments the model found empty
 
 
 class DicomDatabase(Protocol):
@@ -219,6 +221,11 @@ def _place_in_study(segmentation_node, reference_volume) -> None:
             hierarchy.SetItemParent(segmentation_item, parent)
 
 
+def _tagged_empty(segment) -> bool:
+    """Whether ``segfile`` marked the segment as a structure the model did not find (tag ``SegRap.Empty``)."""
+    return bool(segment.HasTag(EMPTY_TAG))
+
+
 def load_segmentation(path: str | Path, reference_volume, segmentation_node=None, *, name: str | None = None,
                       show_3d: bool = False):
     """Load a ``.seg.nrrd`` into a segmentation node on the reference volume's geometry; returns the node.
@@ -267,6 +274,13 @@ def load_segmentation(path: str | Path, reference_volume, segmentation_node=None
         if name:
             version = model.get("version") or provenance.get("version", "")
             segmentation_node.SetAttribute(MODEL_ATTRIBUTE, f"{name} {version}".strip())
+    empty = [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName()
+             for i in range(segmentation.GetNumberOfSegments()) if _tagged_empty(
+                 segmentation.GetSegment(segmentation.GetNthSegmentID(i)))]
+    segmentation_node.SetAttribute(EMPTY_ATTRIBUTE, ",".join(empty))  # kept as segments: "not found" stays visible
+    if empty:
+        log.warning("%s: %d structure(s) not found by the model, kept as empty segments: %s", path.name, len(empty),
+                    ", ".join(empty))
     _place_in_study(segmentation_node, reference_volume)
     if show_3d:
         segmentation_node.CreateClosedSurfaceRepresentation()
@@ -466,7 +480,7 @@ def ct_dicom_volume(volume_node, database: DicomDatabase | None, workdir: str | 
             os.symlink(source.resolve(), target)
         except OSError:  # no symlinks (Windows without the right): copy
             shutil.copyfile(source, target)
-    return read_ct_series(folder)
+    return read_ct_series(folder, pixels=False)  # the RTSTRUCT needs the grid and UIDs, not the pixels
 
 
 def export_rtstruct(segmentation_node, volume_node, path: str | Path, database: DicomDatabase | None, *,

@@ -161,6 +161,18 @@ class WorkerResultToSegmentationNodeTest(unittest.TestCase):
             self.assertTrue(masks[inner].any())
             self.assertFalse((masks[inner] & ~masks[outer]).any(), f"{inner} outside {outer}")
 
+    def test_a_structure_the_model_did_not_find_stays_an_empty_segment_and_is_listed(self):
+        masks = dict(self.truth)
+        masks["Chiasm"] = np.zeros_like(masks["Chiasm"])
+        path = segfile.write_seg_nrrd(self.root / "empty.seg.nrrd", masks, self.case.ct)
+        node = SC.load_segmentation(path, self.ct)
+        segmentation = node.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 47)
+        chiasm = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Chiasm"))
+        self.assertTrue(chiasm.HasTag(segfile.EMPTY_TAG))
+        self.assertFalse(SC.segmentation_masks(node, self.ct, ["Chiasm"])["Chiasm"].any())
+        self.assertEqual(node.GetAttribute(SC.EMPTY_ATTRIBUTE), "Chiasm")
+
     def test_loading_into_an_existing_node_replaces_same_names_and_keeps_the_others(self):
         node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
         node.SetReferenceImageGeometryParameterFromVolumeNode(self.ct)
