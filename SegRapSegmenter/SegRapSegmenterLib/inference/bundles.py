@@ -22,11 +22,12 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..anatomy import structures as S
-from ..errors import ModelError
+from ..errors import Cancelled, ModelError
 
 MANIFEST_NAME = "segrap-model.json"
 FORMAT = "segrap-model/1"
@@ -340,10 +341,27 @@ def _copy_folder(source: Path, target: Path) -> None:
     shutil.copytree(source, target, symlinks=False)
 
 
-def _download(url: str, target: Path) -> None:
+Report = Callable[[str, "float | None"], None]  # message, fraction done (None: not known)
+
+
+def _download(url: str, target: Path, report: Report | None = None,
+              should_stop: Callable[[], bool] | None = None) -> None:
+    """Copy ``url`` to ``target`` in 1 MiB blocks, reporting bytes so far; ``should_stop()`` True cancels."""
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as fh:
-            shutil.copyfileobj(response, fh, length=1 << 20)
+            total = int(response.headers.get("Content-Length") or 0) or None
+            done = 0
+            while True:
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"{url}: download cancelled.")
+                block = response.read(1 << 20)
+                if not block:
+                    break
+                fh.write(block)
+                done += len(block)
+                if report is not None:
+                    size = f" of {total / 2**20:.0f}" if total else ""
+                    report(f"Downloading: {done / 2**20:.0f}{size} MiB", done / total if total else None)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{url}: download failed ({exc}).") from exc
 
@@ -358,8 +376,13 @@ def _bundle_root_in(folder: Path) -> Path:
     raise ModelError(f"No {MANIFEST_NAME} at the top of the source or in exactly one folder below it.")
 
 
-def install_bundle(source: str | Path, store: Path | None = None, force: bool = False) -> Bundle:
-    """Install a bundle from a folder, a zip or an http(s)/file URL, verifying every checksum first."""
+def install_bundle(source: str | Path, store: Path | None = None, force: bool = False, *,
+                   report: Report | None = None, should_stop: Callable[[], bool] | None = None) -> Bundle:
+    """Install a bundle from a folder, a zip or an http(s)/file URL, verifying every checksum first.
+
+    ``report(message, fraction)`` hears about the download; ``should_stop()`` returning True stops
+    it with ``Cancelled`` (nothing is installed then).
+    """
     store = store or store_root()
     store.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".install.", dir=store))
@@ -368,7 +391,7 @@ def install_bundle(source: str | Path, store: Path | None = None, force: bool = 
         scheme = urllib.parse.urlparse(text).scheme
         if scheme in ("http", "https", "file"):
             local = work / "download"
-            _download(text, local)
+            _download(text, local, report, should_stop)
         else:
             local = Path(source)
             if not local.exists():
@@ -383,7 +406,11 @@ def install_bundle(source: str | Path, store: Path | None = None, force: bool = 
             raise ModelError(f"{source}: neither a bundle folder nor a zip file.")
         root = _bundle_root_in(unpacked)
         bundle = load_bundle(root)
+        if report is not None:
+            report("Verifying the checksums", None)
         verify_bundle(bundle)
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"{source}: installation cancelled.")
         if not bundle.name or "/" in bundle.name or bundle.name.startswith("."):
             raise ModelError(f"{root / MANIFEST_NAME}: bundle name {bundle.name!r} is not a usable folder name.")
         final = store / bundle.name
