@@ -312,7 +312,7 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.setCurrentText(p.bundle)
                 self._showBundle(p.bundle)
             path = self.ui.pythonExecutablePathLineEdit
-            if path.currentPath != p.pythonExecutable:
+            if os.path.normpath(path.currentPath or ".") != os.path.normpath(p.pythonExecutable or "."):
                 path.currentPath = p.pythonExecutable
         finally:
             self._syncingWidgets = False
@@ -325,7 +325,8 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onPythonChosen(self, path: str) -> None:
         if self._parameterNode is not None and not self._syncingWidgets:
             self._parameterNode.pythonExecutable = path
-        self._forgetProbe()
+        if self._probe is not None and self._probe.executable != self._python():
+            self._forgetProbe()
 
     def _updateApplyButton(self) -> None:
         p = self._parameterNode
@@ -346,8 +347,9 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from SegRapSegmenterLib.slicer_bridge.background import BackgroundTask
         from SegRapSegmenterLib.slicer_bridge.logic import qt_scheduler
 
-        if self._task is not None:
-            slicer.util.errorDisplay(f"Wait for the current task ({self._task.name}) or cancel it first.",
+        if self._task is not None or self.logic.running:  # one thing at a time owns the progress bar and Cancel
+            slicer.util.errorDisplay("Wait for the running " + (f"task ({self._task.name})" if self._task else
+                                                                 "segmentation") + " or cancel it first.",
                                      windowTitle="SegRap Segmenter")
             return
 
