@@ -810,6 +810,7 @@ class SegRapSegmenterTest(ScriptedLoadableModuleTest):
         entry = slicer.vtkSlicerTerminologyEntry()
         terminologies = slicer.modules.terminologies.logic()
         self.assertTrue(terminologies.DeserializeTerminologyEntry(terminology.terminology_entry("Parotid_L"), entry))
+        # the three-argument form exists from Slicer 5.10 (vtkSlicerTerminologiesModuleLogic.h v5.10.0:374-376)
         self.assertTrue(terminologies.UpdateEntryFromLoadedTerminologies(entry, [name], []))
         color = entry.GetTypeModifierObject().GetRecommendedDisplayRGBValue()
         self.assertEqual(tuple(color), structures.get("Parotid_L").color)

@@ -88,6 +88,37 @@ class StartupImportTest(unittest.TestCase):
             ast.parse("match x:\n    case 1:\n        pass\n", feature_version=(3, 9))
 
 
+NOT_IN_SLICER = ("scipy", "nrrd", "torch", "nnunetv2", "psutil")  # none ships with Slicer 5.10 or 5.12
+
+
+def run_without(blocked: tuple[str, ...], code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where importing any of ``blocked`` raises ImportError."""
+    prelude = f"import sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+class BareSlicerTest(unittest.TestCase):
+    """The self-test's torch-free parts (terminology, panel lists) need only what Slicer itself ships,
+    as on Slicer's extension build servers."""
+
+    def test_catalogue_terminology_and_bundle_list_work_without_scipy_pynrrd_or_torch(self):
+        proc = run_without(NOT_IN_SLICER, (
+            "from SegRapSegmenterLib.anatomy import structures, terminology\n"
+            "from SegRapSegmenterLib.slicer_bridge.logic import SegmentationLogic\n"
+            "assert len(structures.STRUCTURES) == 47\n"
+            "assert terminology.terminology_entry('Parotid_L')\n"
+            "choices = SegmentationLogic.bundleChoices()\n"
+            "print(sorted(choices), [SegmentationLogic.describeBundle(b)[:20] for b in choices.values()])\n"))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def test_the_block_works(self):
+        proc = run_without(("scipy",), "import scipy\n")
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("ModuleNotFoundError: import of scipy halted", proc.stderr)
+
+
 class SlicerVersionTest(unittest.TestCase):
     """The module runs on Slicer 5.10 and later and says so plainly on an older one (slicer_bridge.compat)."""
 
