@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-from scipy import ndimage
 
 from ..arrays import CroppedMasks
 from ..errors import DecompositionConflictError, InputError, StructureNameError
@@ -441,6 +440,8 @@ def recompose(labelmap: np.ndarray) -> StructureMasks:
     One pass finds each class's bounding box; each OAR is then a lookup-table gather over the
     union of its classes' boxes only, so the cost follows the structures' size, not 45 volumes.
     """
+    from scipy import ndimage  # here, not at the top: Slicer lists the catalogue without scipy installed
+
     lm = _as_label_map(labelmap, NUM_CLASSES, "The Task 1 label map")
     boxes = ndimage.find_objects(lm, max_label=NUM_CLASSES)
     empty = tuple(slice(0, 0) for _ in range(lm.ndim))

@@ -23,14 +23,15 @@ import shutil
 import tempfile
 import urllib.parse
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..anatomy import structures as S
-from ..errors import ModelError
+from ..errors import Cancelled, ModelError
 from . import unpack
 from .architecture import check_plans
-from .unpack import Limits, plain_relative
+from .unpack import Limits, Report, plain_relative
 
 MANIFEST_NAME = unpack.MANIFEST_NAME
 FORMAT = "segrap-model/1"
@@ -414,12 +415,15 @@ def clean_interrupted_installs(store: Path) -> list[Path]:
 
 
 def install_bundle(source: str | Path, store: Path | None = None, force: bool = False, allow_http: bool = False,
-                   limits: Limits | None = None) -> Bundle:
+                   limits: Limits | None = None, *, report: Report | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> Bundle:
     """Install a bundle from a folder, a zip or an https/file URL (http with ``allow_http``), checking it first.
 
     Nothing reaches the store's bundle folder before the bundle passed every check (limits, listed
     files, plain paths, plans, checksums); a refused or interrupted install leaves only a work
     folder that this function removes (and the next install removes if the process was killed).
+    ``report(message, fraction)`` hears about the download; ``should_stop()`` returning True stops
+    it with ``Cancelled`` (nothing is installed then).
     """
     store = store or store_root()
     limits = limits or Limits.from_env()
@@ -431,7 +435,7 @@ def install_bundle(source: str | Path, store: Path | None = None, force: bool = 
         scheme = urllib.parse.urlparse(text).scheme.lower()
         if scheme in ("http", "https", "file", "ftp"):
             local = work / "download"
-            unpack.download(text, local, limits, allow_http=allow_http)
+            unpack.download(text, local, limits, allow_http=allow_http, report=report, should_stop=should_stop)
         else:
             local = Path(source)
             if not local.exists():
@@ -446,6 +450,8 @@ def install_bundle(source: str | Path, store: Path | None = None, force: bool = 
             raise ModelError(f"{source}: neither a bundle folder nor a zip file.")
         try:
             bundle = load_bundle(root)
+            if report is not None:
+                report("Verifying the checksums", None)
             verify_bundle(bundle)
             check_bundle_name(bundle.name, f"{root / MANIFEST_NAME}: bundle name")
             for task in bundle.tasks:
@@ -453,6 +459,8 @@ def install_bundle(source: str | Path, store: Path | None = None, force: bool = 
                     check_checkpoint_records(bundle.checkpoint_path(task, fold))
         except ModelError as exc:  # name the source the user gave, not the work folder
             raise ModelError(str(exc).replace(str(root), str(source).rstrip("/\\"))) from exc
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"{source}: installation cancelled.")
         final = store / bundle.name
         if final.exists():
             if not force:

@@ -18,11 +18,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import ModelError
+from ..errors import Cancelled, ModelError
 
 MANIFEST_NAME = "segrap-model.json"
 GiB = 1 << 30
@@ -206,8 +206,16 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def download(url: str, target: Path, limits: Limits, allow_http: bool = False) -> None:
-    """Download ``url`` to ``target``: https (http if ``allow_http``) or file, within the size cap and deadline."""
+Report = Callable[[str, "float | None"], None]  # message, fraction done (None: not known)
+
+
+def download(url: str, target: Path, limits: Limits, allow_http: bool = False, report: Report | None = None,
+             should_stop: Callable[[], bool] | None = None) -> None:
+    """Download ``url`` to ``target``: https (http if ``allow_http``) or file, within the size cap and deadline.
+
+    ``report(message, fraction)`` hears about the bytes so far; ``should_stop()`` returning True stops the
+    download with ``Cancelled`` at its next block.
+    """
     scheme = urllib.parse.urlparse(url).scheme.lower()
     if scheme == "http" and not allow_http:
         raise ModelError(f"{url}: refused: plain http can be altered on the way, checksums and all (they travel "
@@ -226,7 +234,10 @@ def download(url: str, target: Path, limits: Limits, allow_http: bool = False) -
                 raise ModelError(f"{url}: refused: the server announces {int(length) / GiB:.2f} GiB, over the "
                                  f"limit of {cap / GiB:.2f} GiB (bundle limit or free disk).")
             read = getattr(response, "read1", response.read)
+            total = int(length) if length is not None and length.isdigit() else None
             while True:
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"{url}: download cancelled.")
                 if time.monotonic() > deadline:
                     raise ModelError(f"{url}: download took longer than {limits.download_s:.0f} s "
                                      f"({written} bytes received); refused.")
@@ -238,7 +249,10 @@ def download(url: str, target: Path, limits: Limits, allow_http: bool = False) -
                     raise ModelError(f"{url}: refused: the download passed {cap / GiB:.2f} GiB (bundle limit or "
                                      f"free disk) and was stopped.")
                 fh.write(block)
-    except ModelError:
+                if report is not None and (written - len(block)) >> 20 != written >> 20:  # once a MiB
+                    size = f" of {total / 2**20:.0f}" if total else ""
+                    report(f"Downloading: {written / 2**20:.0f}{size} MiB", written / total if total else None)
+    except (ModelError, Cancelled):
         raise
     except (OSError, ValueError, urllib.error.URLError) as exc:
         raise ModelError(f"{url}: download failed ({exc}).") from exc

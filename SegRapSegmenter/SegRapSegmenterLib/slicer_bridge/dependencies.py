@@ -5,7 +5,7 @@ environment that already has torch with CUDA). ``probe_python`` asks that Python
 subprocess, which packages it can import and which devices torch sees, so nothing heavy is
 imported into Slicer itself. ``install_plan`` turns what is missing into pinned ``pip``
 requirements plus a constraints file that holds the packages Slicer ships (SimpleITK, numpy,
-vtk) at the versions installed, so pip fails rather than replacing them. Installing is left to
+vtk, pydicom) and an installed torch at the versions installed, so pip fails rather than replacing them. Installing is left to
 the caller (``slicer.util.pip_install`` in Slicer, after the user agreed); nothing here downloads.
 """
 
@@ -17,20 +17,30 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# torch versions nnunetv2 2.8.1 accepts (its metadata: "torch!=2.9.*,>=2.1.2"): handed to the PyTorch
+# extension's installTorch, which appends it to "torch" (fepegar/SlicerPyTorch PyTorchUtils.py:240)
+TORCH_REQUIREMENT = ">=2.1.2,!=2.9.*"
 # import name -> pip requirement, pinned to what the core is tested with (pyproject.toml)
 REQUIREMENTS: dict[str, str] = {
-    "torch": "torch",  # installed through Slicer's PyTorch extension (right CUDA build), not pinned here
+    "torch": "torch" + TORCH_REQUIREMENT,  # in Slicer: through the PyTorch extension (right CUDA build)
     "nnunetv2": "nnunetv2==2.8.1",
     "scipy": "scipy>=1.10,<2",
-    "pydicom": "pydicom>=3.0,<4",
+    "pydicom": "pydicom>=2.4,<4",  # the core runs on Slicer 5.10's 2.4.4 and 5.12's 3.0.2
     "nrrd": "pynrrd>=1.0,<2",
+    "psutil": "psutil>=5.9",  # process-tree stop of the worker; Slicer does not ship it
 }
-# Packages Slicer ships and its own modules depend on: never installed, upgraded or replaced.
-SLICER_OWNED: dict[str, str] = {"SimpleITK": "SimpleITK", "numpy": "numpy", "vtk": "vtk"}
-# what the worker imports: the requirements and two of Slicer's packages (vtk it does not need)
-WORKER_IMPORTS: tuple[str, ...] = (*REQUIREMENTS, "numpy", "SimpleITK")
-# what Slicer's own process imports from the core (catalogue, result loading, RTSTRUCT export)
-IN_PROCESS_IMPORTS: tuple[str, ...] = ("scipy", "pydicom", "nrrd")
+# Packages Slicer ships and its own modules depend on (its DICOM plugins import pydicom): never
+# installed, upgraded or replaced in Slicer's Python; the constraints file holds them where they are.
+SLICER_OWNED: dict[str, str] = {"SimpleITK": "SimpleITK", "numpy": "numpy", "vtk": "vtk", "pydicom": "pydicom"}
+# Held at their installed version too when present: the PyTorch extension chose that torch build
+# for the GPU driver, and pip must not swap it for a CPU wheel while installing nnunetv2.
+HELD_IF_INSTALLED: tuple[str, ...] = ("torch", "torchvision")
+# what the worker imports
+WORKER_IMPORTS: tuple[str, ...] = ("torch", "nnunetv2", "scipy", "pydicom", "nrrd", "numpy", "SimpleITK")
+# what Slicer's own process imports from the core to start and follow a run and to export RTSTRUCT
+# (the pipeline module the request comes from needs scipy; the runner stops the worker with psutil;
+# the result's header is read without pynrrd): all that Slicer needs when the worker runs elsewhere
+IN_PROCESS_IMPORTS: tuple[str, ...] = ("scipy", "pydicom", "psutil")
 
 _PROBE = r"""
 import importlib, json, sys
@@ -133,9 +143,9 @@ def installed_version(distribution: str) -> str | None:
 
 
 def constraints_text() -> str:
-    """pip constraints holding Slicer's own packages at their installed versions (one ``name==version`` a line)."""
+    """pip constraints holding Slicer's own packages, and torch when installed, at their versions (``name==version``)."""
     lines = []
-    for name, distribution in SLICER_OWNED.items():
+    for distribution in (*SLICER_OWNED.values(), *HELD_IF_INSTALLED):
         version = installed_version(distribution)
         if version:
             lines.append(f"{distribution}=={version}")
@@ -149,6 +159,11 @@ class InstallPlan:
     requirements: list[str]  # pinned pip requirements, torch excluded
     torch: bool  # torch is missing: install it with the PyTorch extension (right CUDA build)
     refused: list[str]  # Slicer's own packages that are missing: a broken Slicer, not something to pip over
+
+    def requirements_names(self) -> list[str]:
+        """Import names of ``requirements`` (to check them after the install)."""
+        by_requirement = {requirement: name for name, requirement in REQUIREMENTS.items()}
+        return [by_requirement.get(r, r) for r in self.requirements]
 
     @property
     def empty(self) -> bool:
@@ -166,12 +181,17 @@ class InstallPlan:
         return "; ".join(parts) or "nothing"
 
 
-def install_plan(missing: list[str]) -> InstallPlan:
-    """The install plan for missing import names (``PythonProbe.missing``)."""
+def install_plan(missing: list[str], into_slicer: bool = True) -> InstallPlan:
+    """The install plan for missing import names (``PythonProbe.missing``, ``missing_here``).
+
+    ``into_slicer``: for Slicer's own Python, whose own packages are refused rather than installed;
+    False for another environment (the command the user runs there lists everything).
+    """
+    owned = SLICER_OWNED if into_slicer else {}
     return InstallPlan(
-        requirements=[REQUIREMENTS[name] for name in missing if name in REQUIREMENTS and name != "torch"],
+        requirements=[REQUIREMENTS.get(name, name) for name in missing if name != "torch" and name not in owned],
         torch="torch" in missing,
-        refused=[name for name in missing if name in SLICER_OWNED],
+        refused=[name for name in missing if name in owned],
     )
 
 
@@ -180,11 +200,12 @@ def pip_arguments(plan: InstallPlan, constraints_file: str | Path) -> list[str]:
     return [*plan.requirements, "--constraint", str(Path(constraints_file))]
 
 
-def install_in_slicer(plan: InstallPlan, pip_install, work_dir: str | Path) -> None:
+def install_in_slicer(plan: InstallPlan, pip_install, work_dir: str | Path) -> list[str]:
     """Run ``plan`` with Slicer's ``pip_install`` (call only after the user agreed); torch via the PyTorch extension.
 
     Only for Slicer's own Python: another environment is the user's to manage (the panel tells
-    them the ``pip install`` line instead). Slicer must be restarted afterwards.
+    them the ``pip install`` line instead). Returns the import names still missing afterwards:
+    packages that were never imported can be used at once, so no restart is needed when it is empty.
     """
     if plan.torch:
         try:
@@ -192,15 +213,23 @@ def install_in_slicer(plan: InstallPlan, pip_install, work_dir: str | Path) -> N
         except ImportError as exc:
             raise RuntimeError("PyTorch is missing and the PyTorch extension is not installed: install "
                                "'PyTorch' from the Extensions Manager, restart Slicer and try again.") from exc
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+        # installTorch(askConfirmation, forceComputationBackend, torchVersionRequirement, ...):
+        # fepegar/SlicerPyTorch PyTorchUtils/PyTorchUtils.py:194; None means it did not install
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                         torchVersionRequirement=TORCH_REQUIREMENT) is None:
             raise RuntimeError("The PyTorch extension could not install torch; see the log.")
     if plan.requirements:
         constraints = Path(work_dir) / "segrap-constraints.txt"
-        constraints.write_text(constraints_text())
+        constraints.write_text(constraints_text())  # written after torch, so pip keeps the build just installed
         pip_install(pip_arguments(plan, constraints))
+    import importlib
+
+    importlib.invalidate_caches()
+    wanted = [*plan.requirements_names(), *(["torch"] if plan.torch else [])]
+    return missing_here(tuple(wanted))
 
 
 def manual_command(python: str, plan: InstallPlan) -> str:
     """The command a user runs themselves to install the plan into another Python environment."""
-    items = (["torch"] if plan.torch else []) + plan.requirements
+    items = ([REQUIREMENTS["torch"]] if plan.torch else []) + plan.requirements
     return f'"{python}" -m pip install ' + " ".join(f'"{r}"' for r in items)

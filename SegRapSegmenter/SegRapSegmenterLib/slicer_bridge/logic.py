@@ -26,14 +26,15 @@ from typing import TYPE_CHECKING
 
 from .. import errors
 from ..errors import Cancelled, InputError, SegRapError, WorkerError
-from . import scene as SC
 
 if TYPE_CHECKING:
     from ..inference.bundles import Bundle
     from ..runner import WorkerOutcome, WorkerRun
 
-# The catalogue, model store, pipeline and runner need scipy, which Slicer does not ship: they are
-# imported where used, so the module loads (and can offer to install them) without it.
+# Slicer imports the module file, and so this module, at every start: everything that needs numpy,
+# SimpleITK or scipy (the scene glue, the catalogue, the model store, the pipeline and the runner) is
+# imported where it is used, so discovery stays light and the module loads (and can offer to install
+# what is missing) in a fresh Slicer. Testing/Python/test_startup_imports.py checks it.
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,24 @@ class SegmentationRun:
         self._cancel_requested = True
         threading.Thread(target=self.worker.cancel, name="segrap-cancel", daemon=True).start()
 
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop the worker on this thread and finish the run as cancelled, without calling back.
+
+        For module reload and Slicer exit (``cleanup()``): there is no later timer tick to finish
+        the run, and the panel's widgets may be gone, so neither callback is called.
+        """
+        if self.state != RUNNING:
+            return
+        self._cancel_requested = True
+        self.progress = self.finished = None
+        try:
+            self.worker.cancel()
+        except Exception:  # noqa: BLE001 - still finish the run and remove its temp files
+            log.exception("SegRap: stopping the worker failed")
+        self._thread.join(timeout_s)
+        if self.state == RUNNING:
+            self._finish()
+
     def poll(self) -> bool:
         """Hand queued events to ``progress``; finish the run when the worker is done. True while running."""
         if self.state != RUNNING:
@@ -193,6 +212,8 @@ class SegmentationRun:
             elif failure is not None:
                 self.state, self.error = FAILED, failure
             elif outcome is not None and outcome.ok:
+                from . import scene as SC
+
                 self.outputs = dict(outcome.final.get("outputs", {}))
                 SC.load_segmentation(self.outputs["segmentation"], self.reference_volume, self.segmentation_node,
                                      show_3d=self.show_3d)
@@ -267,6 +288,7 @@ class SegmentationLogic:
         from ..anatomy import structures as S
         from ..pipeline import SegmentRequest, check_case_id
         from ..runner import WorkerRun
+        from . import scene as SC
 
         if structures is not None:
             needed = {s.task for s in S.select(list(structures))}
@@ -324,6 +346,11 @@ class SegmentationLogic:
         if self.run is not None:
             self.run.cancel()
 
+    def stop(self) -> None:
+        """Stop the running segmentation now and wait for its worker (module reload, Slicer exit)."""
+        if self.run is not None:
+            self.run.stop()
+
     @property
     def running(self) -> bool:
         return self.run is not None and self.run.running
@@ -342,6 +369,8 @@ class SegmentationLogic:
         target = Path(path)
         if target.suffix.lower() != ".dcm":
             target = target / f"{safe_case_id(ctNode.GetName())}_RTSTRUCT.dcm"
+        from . import scene as SC
+
         database = SC.FolderDicomIndex(dicomFolder) if dicomFolder else SC.slicer_dicom_database()
         return SC.export_rtstruct(segmentationNode, ctNode, target, database, roi_names=roiNames)
 
@@ -367,11 +396,15 @@ class SegmentationLogic:
         return f"{bundle.name} {bundle.version} - license: {bundle.license} - tasks: {tasks}\n{bundle.description}"
 
     @staticmethod
-    def installModel(source: str, force: bool = False) -> "Bundle":
-        """Install a bundle from a folder, zip or URL into the model store (checksums verified first)."""
+    def installModel(source: str, force: bool = False, report=None, should_stop=None) -> "Bundle":
+        """Install a bundle from a folder, zip or URL into the model store (checksums verified first).
+
+        ``report(message, fraction)`` and ``should_stop()`` are for running it as a
+        ``background.BackgroundTask`` (the panel does: a URL download must not block Slicer).
+        """
         from ..inference import bundles as M
 
-        return M.install_bundle(source, force=force)
+        return M.install_bundle(source, force=force, report=report, should_stop=should_stop)
 
     @staticmethod
     def verifyModel(name: str | None) -> "Bundle":

@@ -193,12 +193,27 @@ def _segment_names(segmentation) -> list[str]:
             for i in range(segmentation.GetNumberOfSegments())]
 
 
+def nrrd_header_field(path: Path, key: str, limit: int = 1 << 20) -> str | None:
+    """One ``key:=value`` field of a NRRD file's text header, read with the standard library.
+
+    Slicer does not ship pynrrd, and its process needs only this one field of the worker's result,
+    so the header is read here: it is the text up to the first empty line (NRRD format spec).
+    """
+    prefix = f"{key}:=".encode()
+    with open(path, "rb") as fh:
+        for raw in iter(lambda: fh.readline(limit), b""):
+            line = raw.rstrip(b"\r\n")
+            if not line:
+                return None
+            if line.startswith(prefix):
+                return line[len(prefix):].decode("utf-8")
+    return None
+
+
 def _file_provenance(path: Path) -> dict | None:
     """The ``SegRap_Provenance`` field of a ``.seg.nrrd`` written by ``segfile`` (header only)."""
     try:
-        import nrrd
-
-        text = nrrd.read_header(str(path)).get("SegRap_Provenance")
+        text = nrrd_header_field(path, "SegRap_Provenance")
         return json.loads(text) if text else None
     except Exception:  # noqa: BLE001 - provenance is informative; a file without it still loads
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import types
 import unittest
 from pathlib import Path
 
@@ -49,18 +50,20 @@ class InstallPlanTest(unittest.TestCase):
     """Pinned requirements; torch left to the PyTorch extension; Slicer's packages never installed."""
 
     def test_plan_pins_requirements_and_refuses_slicers_own_packages(self):
-        plan = D.install_plan(["torch", "nnunetv2", "nrrd", "numpy"])
+        plan = D.install_plan(["torch", "nnunetv2", "nrrd", "numpy", "pydicom"])
         self.assertTrue(plan.torch)
         self.assertEqual(plan.requirements, [D.REQUIREMENTS["nnunetv2"], D.REQUIREMENTS["nrrd"]])
         self.assertTrue(all(any(op in r for op in ("==", ">=")) for r in plan.requirements))
-        self.assertEqual(plan.refused, ["numpy"])
+        self.assertEqual(plan.refused, ["numpy", "pydicom"])  # Slicer's DICOM plugins import its pydicom
+        self.assertEqual(plan.requirements_names(), ["nnunetv2", "nrrd"])
         self.assertIn("PyTorch extension", plan.describe())
         self.assertTrue(D.install_plan([]).empty)
 
-    def test_constraints_hold_slicers_packages_at_their_installed_versions(self):
+    def test_constraints_hold_slicers_packages_and_an_installed_torch_at_their_versions(self):
         lines = D.constraints_text().split()
-        for name in ("SimpleITK", "numpy"):
+        for name in ("SimpleITK", "numpy", "pydicom", "torch"):  # torch is installed in the test environment
             self.assertIn(f"{name}=={D.installed_version(name)}", lines)
+        self.assertNotIn("nnunetv2", " ".join(lines))
 
     def test_pip_accepts_the_arguments_and_the_constraints_file(self):
         plan = D.install_plan(["nrrd", "scipy"])  # installed here: pip resolves them without downloading
@@ -75,8 +78,69 @@ class InstallPlanTest(unittest.TestCase):
         self.assertIn("already satisfied", proc.stdout)
 
     def test_manual_command_for_another_environment(self):
-        command = D.manual_command("/opt/env/bin/python", D.install_plan(["torch", "pydicom"]))
-        self.assertEqual(command, '"/opt/env/bin/python" -m pip install "torch" "pydicom>=3.0,<4"')
+        plan = D.install_plan(["torch", "pydicom", "numpy"], into_slicer=False)  # nothing is Slicer's there
+        self.assertEqual(plan.refused, [])
+        command = D.manual_command("/opt/env/bin/python", plan)
+        self.assertEqual(command, '"/opt/env/bin/python" -m pip install "torch>=2.1.2,!=2.9.*" "pydicom>=2.4,<4" '
+                                  '"numpy"')
+
+    def test_torch_requirement_is_what_nnunetv2_declares(self):
+        import importlib.metadata as md
+
+        declared = [r for r in md.requires("nnunetv2") if r.startswith("torch") and "extra" not in r]
+        self.assertEqual(len(declared), 1, declared)
+        wanted = set(D.TORCH_REQUIREMENT.split(","))
+        self.assertEqual(set(declared[0][len("torch"):].split(",")), wanted)
+
+    def test_an_external_worker_python_needs_no_pynrrd_in_slicer(self):
+        # the first Apply with another Python chosen installs only what Slicer's own process imports
+        self.assertNotIn("nrrd", D.IN_PROCESS_IMPORTS)
+        self.assertNotIn("torch", D.IN_PROCESS_IMPORTS)
+        self.assertNotIn("nnunetv2", D.IN_PROCESS_IMPORTS)
+
+
+class InstallInSlicerTest(unittest.TestCase):
+    """install_in_slicer against the PyTorch extension's installTorch signature and real pip."""
+
+    def setUp(self):
+        self.calls = []
+        calls = self.calls
+
+        class PyTorchUtilsLogic:  # stand-in with the signature of fepegar/SlicerPyTorch PyTorchUtils.py:194
+            def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                             torchvisionVersionRequirement=None):
+                calls.append({"askConfirmation": askConfirmation, "backend": forceComputationBackend,
+                              "torch": torchVersionRequirement})
+                import torch
+
+                return torch
+
+        module = types.ModuleType("PyTorchUtils")
+        module.PyTorchUtilsLogic = PyTorchUtilsLogic
+        sys.modules["PyTorchUtils"] = module
+        self.addCleanup(sys.modules.pop, "PyTorchUtils", None)
+
+    def test_torch_comes_from_the_extension_with_nnunets_requirement_and_pip_is_constrained(self):
+        pip_calls = []
+
+        def pip_install(args):  # as slicer.util.pip_install, but a dry run without the network
+            pip_calls.append(list(args))
+            constraints = Path(args[args.index("--constraint") + 1]).read_text().split()
+            self.assertIn(f"torch=={D.installed_version('torch')}", constraints)  # written after torch is there
+            subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index",
+                            "--disable-pip-version-check", *args], check=True, capture_output=True, timeout=120)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            still = D.install_in_slicer(D.install_plan(["torch", "scipy", "nrrd"]), pip_install, tmp)
+        self.assertEqual(self.calls, [{"askConfirmation": False, "backend": None, "torch": D.TORCH_REQUIREMENT}])
+        self.assertEqual(len(pip_calls), 1)
+        self.assertEqual(pip_calls[0][:2], [D.REQUIREMENTS["scipy"], D.REQUIREMENTS["nrrd"]])
+        self.assertEqual(still, [])  # importable now: no restart asked for
+
+    def test_what_is_still_missing_afterwards_is_returned(self):
+        plan = D.InstallPlan(requirements=["segrap-no-such-package"], torch=False, refused=[])
+        still = D.install_in_slicer(plan, lambda args: None, tempfile.gettempdir())
+        self.assertEqual(still, ["segrap-no-such-package"])
 
     def test_missing_here_checks_without_importing(self):
         self.assertEqual(D.missing_here(("json", "no_such_module_segrap")), ["no_such_module_segrap"])

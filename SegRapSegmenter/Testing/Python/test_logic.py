@@ -21,7 +21,7 @@ from SegRapSegmenterLib.errors import Cancelled, InputError, ModelError, SegRapE
 from SegRapSegmenterLib.inference import bundles as models
 from SegRapSegmenterLib.phantom import cases as phantom
 from SegRapSegmenterLib.slicer_bridge import scene as SC
-from SegRapSegmenterLib.slicer_bridge.logic import CANCELLED, DONE, SegmentationLogic
+from SegRapSegmenterLib.slicer_bridge.logic import CANCELLED, DONE, FAILED, SegmentationLogic
 
 DEV_BUNDLE = Path("/tmp/dev-bundle")
 
@@ -157,6 +157,42 @@ class LogicWorkerRunTest(unittest.TestCase):
         self.assertEqual(fractions[-1], 1.0)
         self.assertFalse(logic.run.workdir.exists())
 
+    def test_stop_ends_the_worker_at_once_and_calls_nothing_back(self):
+        # what cleanup() does on module reload and Slicer exit: no later timer tick will finish the run
+        ct = SC.add_volume_node(self.scene, phantom.make_case(0, seed=0, size="small").ct, "CT")
+        before = node_ids(self.scene)
+        called = []
+        logic = SegmentationLogic(scheduler=lambda poll: None)
+        logic.segment(ct, None, tasks=("oar",), bundle=BUNDLE, device="cpu", wait=False, progress=called.append,
+                      finished=called.append)
+        run = logic.run
+        logic.stop()
+        self.assertEqual(run.state, CANCELLED)
+        self.assertEqual(called, [])
+        self.assertIsNotNone(run.worker.process.poll())  # the worker has ended
+        self.assertFalse(run.workdir.exists())
+        self.assertEqual(node_ids(self.scene), before)
+        logic.stop()  # a second stop (reload after exit) does nothing
+
+    def test_a_run_that_ends_after_its_scene_was_cleared_fails_cleanly(self):
+        # Close Scene while the worker runs: the result has nowhere to go, and nothing raises into the timer
+        crop = phantom.make_case(0, seed=0, size="small").ct[0:40, 20:60, 14:30]
+        ct = SC.add_volume_node(self.scene, crop, "Small CT")
+        polls, finished = [], []
+        logic = SegmentationLogic(scheduler=polls.append)
+        logic.segment(ct, None, tasks=("oar",), structures=["Eye_L"], bundle=BUNDLE, device="cpu", wait=False,
+                      finished=finished.append, show3D=False)
+        self.scene.Clear(0)
+        deadline = time.monotonic() + 300
+        while polls[0]():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        run = logic.run
+        self.assertEqual(finished, [run])
+        self.assertEqual(run.state, FAILED)
+        self.assertIn("not in a scene", str(run.error))
+        self.assertIsNone(run.segmentation_node)  # the node it made went with the scene, and is not kept
+        self.assertFalse(run.workdir.exists())
 
     @unittest.skipIf(BUNDLE != "demo", "needs the packaged demo bundle (a trained model that places left by position)")
     def test_a_left_right_swap_is_collected_for_the_modules_warning_dialog(self):

@@ -58,13 +58,6 @@ def _ui_widgets() -> list[ET.Element]:
     return list(ET.parse(UI_FILE).getroot().iter("widget"))
 
 
-def _parameter_name(widget: ET.Element) -> str | None:
-    for prop in widget.findall("property"):
-        if prop.get("name") == "SlicerParameterName":
-            return prop.findtext("string")
-    return None
-
-
 def _module_tree() -> ast.Module:
     return ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
 
@@ -137,14 +130,6 @@ class ModuleUiTest(unittest.TestCase):
         used = set(re.findall(r"\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
         self.assertGreater(len(used), 10)
         self.assertEqual(sorted(used - names), [], f"widgets used by {MODULE_FILE.name} but missing in the .ui")
-
-    def test_parameter_bindings_match_the_parameter_node(self):
-        bound = [p for p in map(_parameter_name, _ui_widgets()) if p]
-        self.assertEqual(len(bound), len(set(bound)), "two widgets bound to one parameter")
-        node = next(n for n in ast.walk(_module_tree())
-                    if isinstance(n, ast.ClassDef) and n.name == f"{MODULE_NAME}ParameterNode")
-        fields = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
-        self.assertEqual(set(bound), fields)
 
     def test_node_selectors_follow_the_scene(self):
         root = ET.parse(UI_FILE).getroot()

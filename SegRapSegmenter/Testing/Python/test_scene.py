@@ -8,6 +8,9 @@ under test; segments are checked voxel by voxel against the phantom truth.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
 import unittest
 from pathlib import Path
@@ -131,6 +134,20 @@ class WorkerResultToSegmentationNodeTest(unittest.TestCase):
     def setUp(self):
         self.scene = fresh_scene()
         self.ct = read_with_slicer(self.scene, self.root / "ct.nrrd")
+
+    def test_the_provenance_header_is_read_without_pynrrd(self):
+        # Slicer does not ship pynrrd: its process reads the one header field it needs with the standard library
+        import nrrd
+
+        expected = nrrd.read_header(str(self.result))["SegRap_Provenance"]
+        self.assertEqual(SC.nrrd_header_field(self.result, "SegRap_Provenance"), expected)
+        self.assertIsNone(SC.nrrd_header_field(self.result, "SegRap_NoSuchField"))
+        code = ("import json, sys\nsys.modules['nrrd'] = None\n"  # import nrrd now raises ImportError
+                "from SegRapSegmenterLib.slicer_bridge import scene\n"
+                f"print(json.dumps(scene._file_provenance(scene.Path({str(self.result)!r}))))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(json.loads(proc.stdout)["bundle"], "segrap-demo")
 
     def test_47_segments_with_names_colors_and_terminology(self):
         node = SC.load_segmentation(self.result, self.ct)
