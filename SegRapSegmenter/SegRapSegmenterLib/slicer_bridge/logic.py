@@ -396,15 +396,17 @@ class SegmentationLogic:
         return f"{bundle.name} {bundle.version} - license: {bundle.license} - tasks: {tasks}\n{bundle.description}"
 
     @staticmethod
-    def installModel(source: str, force: bool = False, report=None, should_stop=None) -> "Bundle":
+    def installModel(source: str, force: bool = False, report=None, should_stop=None,
+                     allow_http: bool = False) -> "Bundle":
         """Install a bundle from a folder, zip or URL into the model store (checksums verified first).
 
         ``report(message, fraction)`` and ``should_stop()`` are for running it as a
-        ``background.BackgroundTask`` (the panel does: a URL download must not block Slicer).
+        ``background.BackgroundTask`` (the panel does: a URL download must not block Slicer). Plain
+        http is refused unless ``allow_http`` (the checksums travel in the same download).
         """
         from ..inference import bundles as M
 
-        return M.install_bundle(source, force=force, report=report, should_stop=should_stop)
+        return M.install_bundle(source, force=force, allow_http=allow_http, report=report, should_stop=should_stop)
 
     @staticmethod
     def verifyModel(name: str | None) -> "Bundle":

@@ -66,7 +66,8 @@ class BackgroundDownloadTest(unittest.TestCase):
         from SegRapSegmenterLib.inference import bundles
 
         def install(report, should_stop):
-            return bundles.install_bundle(self.url, store=self.store, report=report, should_stop=should_stop)
+            return bundles.install_bundle(self.url, store=self.store, allow_http=True, report=report,
+                                           should_stop=should_stop)
 
         return BackgroundTask("install", install, done=self.done.append,
                               progress=lambda m, f: self.reports.append((m, f)), passes_control=True)
@@ -105,7 +106,7 @@ class BackgroundDownloadTest(unittest.TestCase):
 
         seen = []
         with self.assertRaises(Cancelled):
-            bundles.install_bundle(self.url, store=self.store, report=lambda m, f: seen.append(f),
+            bundles.install_bundle(self.url, store=self.store, allow_http=True, report=lambda m, f: seen.append(f),
                                    should_stop=lambda: bool(seen))
         self.assertEqual(len(seen), 1)
         self.assertEqual(list(self.store.iterdir()), [])
@@ -113,7 +114,8 @@ class BackgroundDownloadTest(unittest.TestCase):
     def test_the_logic_facade_passes_progress_and_cancel_through(self):
         calls = []
         with self.assertRaises(Cancelled):
-            SegmentationLogic.installModel(self.url, report=lambda m, f: calls.append(f), should_stop=lambda: True)
+            SegmentationLogic.installModel(self.url, report=lambda m, f: calls.append(f), should_stop=lambda: True,
+                                           allow_http=True)
         self.assertEqual(calls, [])  # stopped before the first block
 
 
