@@ -276,9 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-real-size-"))
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, SEGRAP_HOME=str(work / "home"))
-    import psutil
-
-    cap = int((args.cap_gib or psutil.virtual_memory().total / 2**30 * 0.9) * 2**30)
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30  # Linux, as the /proc sampler
+    cap = int((args.cap_gib or ram_gib * 0.9) * 2**30)
     notes = []
     try:
         t0 = time.perf_counter()
@@ -306,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         run_folds = list(bundle.task(tasks[0]).folds)[:args.run_folds]
         gflop = {t: network_gflop(bundle, t) for t in tasks}
         card, peak = card_peak_tflops() if device == "cuda" else ("cpu", None)
-        host = f"{os.cpu_count()} CPU threads, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+        host = f"{os.cpu_count()} CPU threads, {ram_gib:.0f} GiB RAM"
         if device == "cuda":
             host += f"; GPU {card}" + (f" (dense fp16 peak {peak:.0f} TFLOP/s)" if peak else " (peak unknown)")
         notes.append("per-tile forward GFLOP: " + ", ".join(f"{t} {g:.1f}" for t, g in gflop.items()))
