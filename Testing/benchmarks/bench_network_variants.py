@@ -31,10 +31,9 @@ from pathlib import Path
 def network_and_tile(bundle_dir: Path, task: str, device, patch=None):
     """Fold 0's network of the bundle (its weights) and one random tile of the configuration's patch."""
     import torch
-
-    from SegRapSegmenterLib.inference.bundles import load_bundle, load_checkpoint
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from SegRapSegmenterLib.inference.bundles import load_bundle, load_checkpoint
 
     bundle = load_bundle(bundle_dir)
     model = bundle.task(task)
@@ -75,7 +74,7 @@ def batched(network, x):
     return torch.stack(parts).sum(0) / len(combos)
 
 
-def timed(fn, network, x, device, repeats: int) -> tuple[float, "object"]:
+def timed(fn, network, x, device, repeats: int) -> tuple[float, object]:
     import torch
 
     autocast = torch.autocast("cuda", enabled=True) if device.type == "cuda" else contextlib.nullcontext()

@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_segment  # noqa: E402  (its process-tree memory sampler)
-import real_size_bundle  # noqa: E402
+import bench_segment
+import real_size_bundle
 
 SEGRAP_GRID = ((126, 1024, 1024), (3.0, 0.54, 0.54))  # z, y, x; SegRap's median size and spacing
 CROPS = {"segrap": None, "reduced": (32, 320, 256), "smoke": (16, 64, 64)}
@@ -53,7 +53,6 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe":
 def segrap_case(work: Path, crop: tuple[int, int, int] | None) -> tuple[dict[str, Path], tuple, str]:
     """The full phantom on SegRap's median grid (optionally a central crop): input files, size, description."""
     import SimpleITK as sitk
-
     from SegRapSegmenterLib.phantom import cases as phantom
 
     case = phantom.make_case(0, seed=99, size="full")
@@ -82,7 +81,7 @@ def _gpu_sampler(pids_of, peak: dict) -> None:
     while not peak.get("stop"):
         try:
             out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10).stdout
+                                 capture_output=True, text=True, timeout=10, check=False).stdout
         except (OSError, subprocess.TimeoutExpired):
             return
         pids = set(pids_of())
@@ -111,10 +110,9 @@ def run_measured(cmd: list[str], env: dict, cap_bytes: int, on_cuda: bool) -> di
 def network_gflop(bundle, task: str) -> float:
     """Forward-pass GFLOP of one tile of the task's network (counted on the meta device: no memory, no time)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from torch.utils.flop_counter import FlopCounterMode
 
     model = bundle.task(task)
     plans = json.loads((bundle.result_path(task) / "plans.json").read_text())
@@ -291,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{folds} fold; these figures show the benchmark works, they are not real-size figures")
         t0 = time.perf_counter()
         install = subprocess.run([sys.executable, "-m", "SegRapSegmenterLib.cli", "models", "install", str(source)],
-                                 env=env, capture_output=True, text=True)
+                                 env=env, capture_output=True, text=True, check=False)
         if install.returncode != 0:
             print(install.stdout + install.stderr, file=sys.stderr)
             return 1

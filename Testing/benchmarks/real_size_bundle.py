@@ -62,7 +62,6 @@ def plan(work: Path, task: str) -> dict:
     """nnU-Net's ResEnc L plans for SegRap's median geometry with the poster's patch (see the module's docstring)."""
     import numpy as np
     import SimpleITK as sitk
-
     from SegRapSegmenterLib.training.plans import POSTER_PATCH
 
     name = "Dataset991_SegRapRealSize"
@@ -81,7 +80,8 @@ def plan(work: Path, task: str) -> dict:
     os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                       nnUNet_results=str(work / "results"))
     from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
-        nnUNetPlannerResEncL)
+        nnUNetPlannerResEncL,
+    )
 
     class PosterPatchPlanner(nnUNetPlannerResEncL):
         """ResEnc L whose patch search starts (and, as it fits L's memory target, ends) at the poster's patch."""
@@ -123,7 +123,6 @@ def result_folder(work: Path, task: str, plans: dict, folds: int, patch: tuple[i
     else (the network too) from the planned one.
     """
     import torch
-
     from SegRapSegmenterLib.training.plans import add_configuration
 
     configuration = CONFIGURATION if patch is None else f"{CONFIGURATION}_p{'x'.join(str(p) for p in patch)}"

@@ -22,7 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_real_size.py
 def test_smoke_run_segments_with_ours_and_stock_and_prints_the_figures_last(tmp_path):
     results = tmp_path / "figures.json"
     done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--work", str(tmp_path / "work"), "--results",
-                           str(results)], capture_output=True, text=True, timeout=1200)
+                           str(results)], check=False, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-6:]
     assert any(line.startswith("ours/stock, mirroring off: wall time") for line in last), done.stdout[-2000:]
