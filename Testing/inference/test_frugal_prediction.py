@@ -55,6 +55,9 @@ def test_slab_wise_prediction_equals_stock_whole_volume(case, oar_predictor):
     assert run["path"] == "frugal"
     held, depth = run["score_slices_held"]
     assert held <= oar_predictor.configuration.patch_size[0] < depth  # never the whole volume's scores
+    stages = run["timings_s"]  # where the time went, for the provenance and the benchmarks
+    assert set(stages) == {"preprocess", "network", "labels", "scores"}
+    assert stages["network"] > 0 and min(stages.values()) >= 0
 
 
 def test_resampled_scores_give_stock_labels_on_a_finer_input_grid(case, oar_predictor):

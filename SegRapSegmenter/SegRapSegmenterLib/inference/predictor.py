@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -189,6 +190,57 @@ def check_network_grid(shape, spacing, network_spacing, patch_size) -> None:
                          f"limit of {max_voxels():,} (SEGRAP_MAX_VOXELS); crop or resample it first.")
 
 
+class StageClock:
+    """Seconds one task's run spends per stage, for the provenance: where the time goes.
+
+    ``preprocess``: nnU-Net's crop, normalisation and resampling of the image; ``network``: the
+    networks' forward passes (folds, mirrored copies), on CUDA from events recorded around each tile,
+    so no tile waits for a measurement; ``labels``: score slices to labels on the input grid (arg-max,
+    copy to the host, interpolation near boundaries); ``scores``: the rest of the sliding window
+    (Gaussian weighting, accumulation, normalisation, moving the image and scores).
+    """
+
+    def __init__(self, device):
+        self.seconds: dict[str, float] = {}
+        self._cuda = device.type == "cuda"
+        self._events: list = []
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def timed_network(self, evaluate: Callable) -> Callable:
+        """``evaluate`` that adds its time to ``network``."""
+        import torch
+
+        def timed(tile):
+            if self._cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = evaluate(tile)
+                end.record()
+                self._events.append((start, end))
+                return out
+            t0 = time.perf_counter()
+            out = evaluate(tile)
+            self.add("network", time.perf_counter() - t0)
+            return out
+
+        return timed
+
+    def report(self) -> dict[str, float]:
+        """The stages in seconds (rounded); ``scores`` is the sliding window less network and labels."""
+        if self._events:
+            import torch
+
+            torch.cuda.synchronize()
+            self.add("network", sum(a.elapsed_time(b) for a, b in self._events) / 1000)
+            self._events.clear()
+        out = dict(self.seconds)
+        window = out.pop("sliding_window", 0.0)
+        out["scores"] = max(0.0, window - out.get("network", 0.0) - out.get("labels", 0.0))
+        return {k: round(v, 3) for k, v in out.items()}
+
+
 class TaskPredictor:
     """A ready-to-run nnU-Net predictor for one task of a bundle (network built, folds loaded)."""
 
@@ -217,16 +269,17 @@ class TaskPredictor:
             configuration = plans_manager.get_configuration(model.configuration)
         except Exception as exc:
             raise ModelError(f"{result / 'plans.json'}: no configuration {model.configuration!r} ({exc}).") from exc
-        checkpoints = [load_checkpoint(bundle.checkpoint_path(task, f)) for f in folds]
+        # one checkpoint in memory at a time (a ResEnc L fold is 0.56 GB): fold 0 now, the others below
+        first = load_checkpoint(bundle.checkpoint_path(task, folds[0]))
         num_inputs = determine_num_input_channels(plans_manager, configuration, dataset_json)
         num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
         try:
             network = build_network(plans, model.configuration, num_inputs, num_outputs, str(result / "plans.json"))
-            network.load_state_dict(checkpoints[0]["network_weights"])
+            network.load_state_dict(first["network_weights"])
         except (RuntimeError, KeyError, ImportError, AttributeError) as exc:
             raise ModelError(f"{bundle.checkpoint_path(task, folds[0])}: the weights do not fit the network of "
                              f"{result / 'plans.json'} ({exc}).") from exc
-        allowed_axes = checkpoints[0].get("inference_allowed_mirroring_axes")
+        allowed_axes = first.get("inference_allowed_mirroring_axes")
         mirror = model.test_time_mirroring if options.mirror is None else options.mirror
         # the network sees the image in the bundle's orientation, transposed by nnU-Net's plans:
         # with an L/R-first orientation letter the left-right axis is array axis 2 (x)
@@ -261,12 +314,13 @@ class TaskPredictor:
         # one network per fold, on the device (every tile goes through each fold in turn, so reloading
         # weights per tile is not an option); the checkpoints are not kept: nnU-Net's predictor, when a
         # plan needs it, takes its weights from these networks
+        self._trainer_name = first.get("trainer_name", model.trainer)
+        del first
         self._networks = [network.to(self.device).eval()]
-        for c in checkpoints[1:]:
+        for f in folds[1:]:
             fold_network = copy.deepcopy(network)
-            fold_network.load_state_dict(c["network_weights"])
+            fold_network.load_state_dict(load_checkpoint(bundle.checkpoint_path(task, f))["network_weights"])
             self._networks.append(fold_network)
-        self._trainer_name = checkpoints[0].get("trainer_name", model.trainer)
         self._allowed_axes = allowed_axes
         self._stock = None
         self.last_run: dict = {}
@@ -329,9 +383,12 @@ class TaskPredictor:
                 warn(message)
             self.last_run["path"] = "stock"
             return self._predict_stock(array, spacing, progress)
+        self._clock = clock = StageClock(self.device)
+        t0 = time.perf_counter()
         preprocessor = cm.preprocessor_class(verbose=False)
         data, _, props = preprocessor.run_case_npy(array, None, {"spacing": list(spacing)}, pm, cm, self.dataset_json)
         del array
+        clock.add("preprocess", time.perf_counter() - t0)
         low_memory = self.options.low_memory
         try:
             labels = self._stream(data, props, orders, box, progress, low_memory)
@@ -349,6 +406,7 @@ class TaskPredictor:
             self.last_run["low_memory"] = self.last_run["low_memory_fallback"] = True
             labels = self._stream(data, props, orders, box, progress, True)
         self.last_run["path"] = "frugal"
+        self.last_run["timings_s"] = clock.report()
         return labels
 
     def _stream(self, data: np.ndarray, props: dict, orders, box: BodyBox, progress, low_memory: bool) -> np.ndarray:
@@ -357,6 +415,7 @@ class TaskPredictor:
         from acvl_utils.cropping_and_padding.padding import pad_nd_image
         from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
+        t_stream = time.perf_counter()
         pm, cm = self.plans_manager, self.configuration
         forward = list(pm.transpose_forward)
         shape_out = [int(n) for n in props["shape_after_cropping_and_before_resampling"]]
@@ -394,12 +453,20 @@ class TaskPredictor:
         labels = np.zeros([b - a for a, b in zip(out_start, out_stop)], np.uint8)
         scores_of = self.label_manager.num_segmentation_heads
         stats: dict = {}
-        for z, scores in stream_scores(self._evaluate, padded, tiles, region, gaussian, scores_of, store,
-                                       tile_progress, stats):
+        clock = self._clock
+        labelling = 0.0
+        for z, scores in stream_scores(clock.timed_network(self._evaluate), padded, tiles, region, gaussian,
+                                       scores_of, store, tile_progress, stats):
+            if store.type == "cuda":
+                torch.cuda.synchronize(store)  # .cpu() waits anyway; this keeps the wait out of the labelling time
+            t0 = time.perf_counter()
             slice_labels = scores.argmax(0).to(torch.uint8).cpu().numpy()
             slice_scores = scores.cpu().numpy() if needs_scores else None
             for j, out in labeler.add(z - region.start[0], slice_scores, slice_labels):
                 labels[j] = out
+            labelling += time.perf_counter() - t0
+        clock.add("labels", labelling)
+        clock.add("sliding_window", time.perf_counter() - t_stream)
         if not labeler.complete:
             raise ModelError(f"{self.task}: the sliding window ended before every slice was labelled; please report this.")
         self.last_run["tiles"] = evaluated
