@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 2 a usage error (argparse); 3 bad input (image, DICOM, geometry, names);
 4 a missing or bad model bundle; 5 an output folder that cannot be written; 6 the worker process
-died; 1 any other error; 130 interrupted or cancelled. Every error message says what to fix.
+died; 7 a DICOM peer that cannot be reached, rejects the association or refuses a store; 1 any
+other error; 130 interrupted or cancelled. Every error message says what to fix.
 """
 
 from __future__ import annotations
@@ -648,6 +649,82 @@ def _cmd_train(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# segrap send / segrap serve (the DICOM node: docs in node/ and the README)
+# --------------------------------------------------------------------------------------------
+
+
+def _add_send(sub) -> None:
+    p = sub.add_parser("send", help="send DICOM files (e.g. an RTSTRUCT) to a DICOM node: C-ECHO, then C-STORE")
+    p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="DICOM files, or folders searched for them")
+    p.add_argument("--to", required=True, metavar="AE@HOST:PORT", help="the destination, e.g. TPS@10.0.0.5:104")
+    p.add_argument("--calling-ae", default="SEGRAP", help="our AE title (default SEGRAP)")
+    p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")
+    p.set_defaults(func=_cmd_send)
+
+
+def _cmd_send(args) -> int:
+    from .node.address import parse_destination
+    from .node.scu import send_files
+
+    report = send_files(args.paths, parse_destination(args.to), args.calling_ae, timeout=args.timeout)
+    for warning in report.warnings:
+        print(f"segrap send: warning: {warning}", file=sys.stderr)
+    print(f"sent {len(report.sent)} file(s) to {report.destination}")
+    return EXIT_OK
+
+
+def _add_serve(sub) -> None:
+    from .inference.predictor import DEVICES
+
+    p = sub.add_parser("serve", help="run the DICOM auto-contouring node: CT studies in, RTSTRUCT out",
+                       description="A Storage SCP that contours every complete CT study it receives and sends the "
+                       "RTSTRUCT to the destinations. Flags win over the --config file.")
+    p.add_argument("--config", type=Path, help="TOML file with the same settings (see the README)")
+    p.add_argument("--status", action="store_true", help="print the queue of the node whose --spool is given, "
+                   "and exit")
+    p.add_argument("--ae-title", help="the node's AE title (default SEGRAP)")
+    p.add_argument("--host", help="address to listen on (default 0.0.0.0; 127.0.0.1 for this machine only)")
+    p.add_argument("--port", type=int, help="port to listen on (default 11112)")
+    p.add_argument("--spool", type=Path, help="folder for received images, the database, outputs and the audit log")
+    p.add_argument("--destination", action="append", default=[], metavar="AE@HOST:PORT",
+                   help="where each RTSTRUCT is sent (repeatable)")
+    p.add_argument("--allow-ae", action="append", default=[], metavar="AE",
+                   help="accept associations only from these calling AE titles (repeatable; default any)")
+    p.add_argument("--settle", type=float, help="a study is complete after this many seconds without a new "
+                   "instance (default 30)")
+    p.add_argument("--bundle", help="model bundle (installed name, folder or 'demo')")
+    p.add_argument("--device", choices=DEVICES, help="default auto")
+    p.add_argument("--tasks", help="oar, gtv or oar,gtv (default both, as the study allows)")
+    p.add_argument("--contour-holes", choices=("keyhole", "xor"), help="how holes are written in the RTSTRUCT")
+    p.add_argument("--workers", type=int, help="jobs run at once (default one per GPU, one without GPUs)")
+    p.add_argument("--threads", type=int, help="CPU threads of each worker")
+    p.add_argument("--python", help="Python executable for the worker (default: this one)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import signal
+
+    from .errors import InputError
+    from .node.config import load_config
+    from .node.service import Node, status_text
+
+    if args.status:
+        if args.spool is None:
+            raise InputError("--status needs --spool DIR (the node's spool folder).")
+        print(status_text(args.spool))
+        return EXIT_OK
+    config = load_config(args.config, spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port,
+                         destinations=args.destination, allow_ae=args.allow_ae, settle=args.settle,
+                         bundle=args.bundle, device=args.device, tasks=args.tasks, contour_holes=args.contour_holes,
+                         workers=args.workers, threads=args.threads, python=args.python)
+    node = Node(config, echo=lambda line: print(line, file=sys.stderr, flush=True))
+    signal.signal(signal.SIGTERM, node.stop)
+    signal.signal(signal.SIGINT, node.stop)
+    return node.run()
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -657,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_structures, _add_phantom, _add_segment, _add_models, _add_demo, _add_terminology, _add_evaluate, _add_export_rtstruct,
-                _add_dicom_phantom, _add_train):
+                _add_dicom_phantom, _add_train, _add_send, _add_serve):
         add(sub)
     return parser
 

@@ -46,6 +46,10 @@ class WorkerError(SegRapError):
     """The worker process died or broke its protocol."""
 
 
+class DicomNetworkError(SegRapError):
+    """A DICOM peer cannot be reached, rejects the association or refuses a store."""
+
+
 class Cancelled(SegRapError):
     """The run was stopped on request (SIGTERM, SIGINT or the user's Cancel)."""
 
@@ -53,17 +57,18 @@ class Cancelled(SegRapError):
 # Exit codes of the ``segrap`` command and of the worker process, one table for both: the worker reports
 # an error by its class name and the caller maps that name back through ``exit_code_of_kind``.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT, EXIT_WORKER = 3, 4, 5, 6
+EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT, EXIT_WORKER, EXIT_NETWORK = 3, 4, 5, 6, 7
 
 _EXIT_BY_CLASS: tuple[tuple[type[SegRapError], int], ...] = (
     (InputError, EXIT_INPUT), (GeometryError, EXIT_INPUT), (DicomError, EXIT_INPUT),
     (StructureNameError, EXIT_INPUT), (DecompositionConflictError, EXIT_INPUT),
     (ModelError, EXIT_MODEL), (OutputError, EXIT_OUTPUT), (WorkerError, EXIT_WORKER), (Cancelled, EXIT_INTERRUPTED),
+    (DicomNetworkError, EXIT_NETWORK),
 )
 
 
 def exit_code(exc: BaseException) -> int:
-    """The exit code of an error: 3 bad input, 4 bad model, 5 output not writable, 6 worker died, 1 other."""
+    """The exit code of an error: 3 bad input, 4 bad model, 5 output not writable, 6 worker died, 7 DICOM network, 1 other."""
     for cls, code in _EXIT_BY_CLASS:
         if isinstance(exc, cls):
             return code

@@ -41,9 +41,10 @@ class WorkerOutcome:
 class WorkerRun:
     """One worker process for one request."""
 
-    def __init__(self, request: SegmentRequest, python: str | None = None):
+    def __init__(self, request: SegmentRequest, python: str | None = None, env: dict[str, str] | None = None):
         self.request = request
         self.python = python or sys.executable
+        self.env = dict(env or {})  # extra environment of the worker (e.g. the node pins one GPU per worker)
         request.staging_dir = str(request_paths(request)[1])  # checked: cancel deletes it
         self._tmp = Path(tempfile.mkdtemp(prefix="segrap-run-"))
         self.log_path = self._tmp / "worker.log"
@@ -53,7 +54,7 @@ class WorkerRun:
         """Start the worker (non-blocking)."""
         request_path = self._tmp / "request.json"
         request_path.write_text(json.dumps(asdict(self.request)))
-        env = dict(os.environ)
+        env = dict(os.environ) | self.env
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log = open(self.log_path, "w")

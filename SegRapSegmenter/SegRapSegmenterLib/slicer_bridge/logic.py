@@ -29,6 +29,7 @@ from ..errors import Cancelled, InputError, SegRapError, WorkerError
 
 if TYPE_CHECKING:
     from ..inference.bundles import Bundle
+    from ..node.scu import SendReport
     from ..runner import WorkerOutcome, WorkerRun
 
 # Slicer imports the module file, and so this module, at every start: everything that needs numpy,
@@ -373,6 +374,18 @@ class SegmentationLogic:
 
         database = SC.FolderDicomIndex(dicomFolder) if dicomFolder else SC.slicer_dicom_database()
         return SC.export_rtstruct(segmentationNode, ctNode, target, database, roi_names=roiNames)
+
+    @staticmethod
+    def sendRtStruct(path, destination: str, calling_ae: str = "SEGRAP") -> "SendReport":
+        """C-ECHO, then C-STORE an exported RTSTRUCT (file or folder) to ``AE@HOST:PORT``, as ``segrap send`` does.
+
+        Raises DicomNetworkError (unreachable peer, rejected association, refused store) or InputError
+        (bad destination, not a DICOM file) with a message for the user.
+        """
+        from ..node.address import parse_destination
+        from ..node.scu import send_files
+
+        return send_files([path], parse_destination(destination), calling_ae)
 
     # -- model bundles ------------------------------------------------------------------------
 

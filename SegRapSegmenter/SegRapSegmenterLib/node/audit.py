@@ -1,0 +1,46 @@
+"""The node's audit log: one JSON object per line (time, event, UIDs, AE titles, timings), never patient data."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+
+class AuditLog:
+    """Appends events to ``path``; every line is flushed to disk before ``write`` returns."""
+
+    def __init__(self, path: str | Path, echo=None):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._echo = echo  # optional callable(str) for the terminal
+
+    def write(self, event: str, **fields) -> dict:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+                  "event": event, **{k: v for k, v in fields.items() if v is not None}}
+        line = json.dumps(record, default=str)
+        with self._lock:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        if self._echo:
+            self._echo(line)
+        return record
+
+
+def read_events(path: str | Path) -> list[dict]:
+    """Every event of an audit log (lines that are not JSON, e.g. cut by a crash, are skipped)."""
+    events = []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return events
+    for line in text.splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events

@@ -1,0 +1,148 @@
+"""The node's settings: defaults, a TOML file (``--config``) and command-line flags, flags winning.
+
+A TOML file holds the same names as the flags (``ae_title``, ``port``, ``destinations`` ...) plus
+two tables, ``[delivery]`` (retries and backoff) and ``[selection]`` (the plain / contrast CT rule,
+see ``selection``). Unknown names are an error, so a misspelt setting never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from ..errors import InputError
+from .address import Destination, check_ae_title, parse_destination
+from .selection import SelectionRule
+
+TASKS = ("oar", "gtv")
+CONTOUR_HOLES = ("keyhole", "xor")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How often and how patiently an RTSTRUCT is sent to a destination that does not take it."""
+
+    attempts: int = 8  # per destination, then the study is marked failed
+    first_delay_s: float = 10.0  # doubled after every failed attempt
+    max_delay_s: float = 600.0
+    timeout_s: float = 30.0  # network timeout of one association
+
+    def delay(self, failed_attempts: int) -> float:
+        """Seconds to wait after ``failed_attempts`` failures (exponential backoff, capped)."""
+        return min(self.max_delay_s, self.first_delay_s * 2 ** max(0, failed_attempts - 1))
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything ``segrap serve`` runs with."""
+
+    spool: Path
+    ae_title: str = "SEGRAP"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    destinations: tuple[Destination, ...] = ()
+    allow_ae: tuple[str, ...] = ()  # empty: any calling AE title
+    settle_s: float = 30.0
+    bundle: str | None = None
+    device: str = "auto"
+    tasks: tuple[str, ...] = TASKS
+    contour_holes: str | None = None
+    workers: int | None = None  # None: one per GPU (one on a machine without GPUs)
+    threads: int | None = None
+    python: str | None = None  # the worker's Python (default: this one)
+    delivery: Delivery = field(default_factory=Delivery)
+    selection: SelectionRule = field(default_factory=SelectionRule)
+
+
+def _read_toml(path: Path) -> dict:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise InputError(f"--config {path}: cannot be read ({exc.strerror}).") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"--config {path}: not valid TOML ({exc}).") from exc
+
+
+_RENAMED = {"settle": "settle_s", "destination": "destinations"}
+
+
+def _table(cls, data: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise InputError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(known))}.")
+        values[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise InputError(f"{where}: {exc}.") from exc
+
+
+def _settings_from_file(path: Path) -> dict:
+    data = dict(_read_toml(path))
+    out: dict = {}
+    for key, value in data.items():
+        name = _RENAMED.get(key, key)
+        if name == "delivery":
+            out["delivery"] = _table(Delivery, value, f"--config {path} [delivery]")
+        elif name == "selection":
+            out["selection"] = _table(SelectionRule, value, f"--config {path} [selection]")
+        elif name in {f.name for f in fields(NodeConfig)}:
+            out[name] = value
+        else:
+            raise InputError(f"--config {path}: unknown setting {key!r}.")
+    return out
+
+
+def _checked(values: dict) -> NodeConfig:
+    if not values.get("spool"):
+        raise InputError("Give the spool folder: --spool DIR (or spool = \"DIR\" in the --config file).")
+    v = dict(values)
+    v["spool"] = Path(v["spool"]).expanduser()
+    v["ae_title"] = check_ae_title(v.get("ae_title", "SEGRAP"), "--ae-title")
+    v["destinations"] = tuple(d if isinstance(d, Destination) else parse_destination(d)
+                              for d in v.get("destinations", ()) or ())
+    v["allow_ae"] = tuple(check_ae_title(a, "--allow-ae") for a in v.get("allow_ae", ()) or ())
+    tasks = v.get("tasks", TASKS)
+    tasks = tuple(t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip())
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise InputError(f"--tasks must be oar, gtv or oar,gtv; got {','.join(tasks) or 'nothing'}.")
+    v["tasks"] = tasks
+    if v.get("contour_holes") not in (None, *CONTOUR_HOLES):
+        raise InputError(f"--contour-holes must be keyhole or xor, got {v['contour_holes']!r}.")
+    try:
+        v["port"] = int(v.get("port", 11112))
+        v["settle_s"] = float(v.get("settle_s", 30.0))
+        v["workers"] = None if v.get("workers") is None else int(v["workers"])
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"port, settle and workers must be numbers ({exc}).") from None
+    if not 0 <= v["port"] < 65536:
+        raise InputError(f"--port {v['port']}: choose a port from 1 to 65535 (0: any free port).")
+    if v["settle_s"] < 0:
+        raise InputError(f"--settle {v['settle_s']}: seconds of quiet, 0 or more.")
+    if v["workers"] is not None and v["workers"] < 1:
+        raise InputError(f"workers = {v['workers']}: at least one.")
+    return NodeConfig(**v)
+
+
+def load_config(config_file: str | Path | None = None, **flags) -> NodeConfig:
+    """Defaults, then the TOML file's settings, then every flag that was given (not None)."""
+    values: dict = _settings_from_file(Path(config_file)) if config_file else {}
+    for key, value in flags.items():
+        name = _RENAMED.get(key, key)
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue
+        if name not in {f.name for f in fields(NodeConfig)}:
+            raise InputError(f"unknown node setting {key!r}")
+        values[name] = value
+    return _checked(values)
+
+
+__all__ = ["CONTOUR_HOLES", "Delivery", "NodeConfig", "load_config", "replace"]

@@ -1,0 +1,153 @@
+"""One study's job: contour it in the CLI's worker process, then deliver its RTSTRUCT to every destination.
+
+The RTSTRUCT is made once per study and kept in the spool; every delivery (and every redelivery
+after a restart) sends that same file, so a destination never receives two structure sets for one
+study. Deliveries are recorded per destination the moment a destination confirms the store.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pydicom
+
+from ..errors import DicomNetworkError, SegRapError, WorkerError
+from ..pipeline import SegmentRequest
+from ..runner import WorkerRun
+from .audit import AuditLog
+from .config import NodeConfig
+from .scu import send_files
+from .spool import Spool
+
+
+class Requeued(Exception):
+    """The job was stopped by a node shutdown and goes back to the queue."""
+
+
+def build_request(config: NodeConfig, job, out_dir: Path, spool: Spool) -> SegmentRequest:
+    """The pipeline request of a queued job: the chosen series, the configured model, an RTSTRUCT out."""
+    study = job["study_uid"]
+    tasks = tuple(t for t in (job["tasks"] or "").split(",") if t)
+    contrast = spool.series_folder(study, job["contrast_series"]) if job["contrast_series"] and "gtv" in tasks \
+        else None
+    request = SegmentRequest(ct=str(spool.series_folder(study, job["plain_series"])),
+                             contrast_ct=str(contrast) if contrast else None, out_dir=str(out_dir),
+                             case_id=job["case_id"], bundle=config.bundle, tasks=tasks, device=config.device,
+                             threads=config.threads, rtstruct=True)
+    if config.contour_holes and "contour_holes" in {f.name for f in fields(SegmentRequest)}:
+        request.contour_holes = config.contour_holes  # type: ignore[attr-defined]
+    return request
+
+
+class JobRunner:
+    """Runs claimed jobs for one worker slot (one GPU); ``cancel`` stops the running one for a requeue."""
+
+    def __init__(self, config: NodeConfig, spool: Spool, audit: AuditLog, stop: threading.Event,
+                 env: dict[str, str] | None = None, slot: int = 0):
+        self.config, self.spool, self.audit, self.stop = config, spool, audit, stop
+        self.env, self.slot = env, slot
+        self._run: WorkerRun | None = None
+        self._lock = threading.Lock()
+
+    def cancel(self) -> None:
+        """Stop the worker of the running job (its job is requeued by ``process``)."""
+        with self._lock:
+            run = self._run
+        if run is not None:
+            run.cancel()
+
+    def process(self, job) -> None:
+        """Contour (unless this study's RTSTRUCT exists) and deliver; leaves the job sent, failed or queued."""
+        study = job["study_uid"]
+        try:
+            rtstruct = job["rtstruct"]
+            if not rtstruct or not Path(rtstruct).is_file():
+                rtstruct = self._segment(job)
+            if self._deliver(job, Path(rtstruct)):
+                self.spool.finish(study)
+                self.audit.write("finished", study_uid=study, state="sent",
+                                 received_to_sent_s=round(time.time() - float(job["first_received"]), 1))
+        except Requeued:
+            self.spool.requeue(study)
+            self.audit.write("job_requeued", study_uid=study, reason="node stopping")
+        except SegRapError as exc:
+            self.spool.fail(study, str(exc))
+            self.audit.write("failed", study_uid=study, kind=type(exc).__name__, reason=str(exc))
+
+    def _segment(self, job) -> str:
+        study = job["study_uid"]
+        job_dir = self.spool.root / "jobs" / job["case_id"]
+        out_dir = job_dir / f"attempt-{int(job['attempts'])}"
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        request = build_request(self.config, job, out_dir, self.spool)
+        started = time.time()
+        self.audit.write("job_started", study_uid=study, case_id=job["case_id"], attempt=int(job["attempts"]),
+                         tasks=list(request.tasks), ct_series=job["plain_series"],
+                         contrast_series=job["contrast_series"] if request.contrast_ct else None, slot=self.slot)
+        run = WorkerRun(request, python=self.config.python, env=self.env)
+        with self._lock:
+            if self.stop.is_set():
+                raise Requeued()
+            self._run = run.start()
+        self.spool.set_worker_pid(study, run.process.pid)
+        try:
+            outcome = run.wait()
+        except WorkerError as exc:
+            if self.stop.is_set():
+                raise Requeued() from exc
+            raise
+        finally:
+            with self._lock:
+                self._run = None
+        final = outcome.final
+        if final.get("event") == "cancelled" or self.stop.is_set() and not outcome.ok:
+            raise Requeued()
+        if not outcome.ok:
+            raise WorkerError(f"{final.get('kind', 'error')}: {final.get('message', 'the worker failed')}")
+        path = final["outputs"]["rtstruct"]
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        self.spool.set_rtstruct(study, path, uid)
+        self.audit.write("job_finished", study_uid=study, rtstruct_uid=uid, seconds=round(time.time() - started, 1),
+                         warnings=len(outcome.warnings))
+        return path
+
+    def _deliver(self, job, rtstruct: Path) -> bool:
+        """Send to every destination not yet holding it; True when all do, False (job failed) when one gave up."""
+        study = job["study_uid"]
+        delivery = self.config.delivery
+        pending = [d for d in self.config.destinations if str(d) not in self.spool.delivered(study)]
+        while pending:
+            for dest in list(pending):
+                if self.stop.is_set():
+                    raise Requeued()
+                try:
+                    send_files([rtstruct], dest, self.config.ae_title, timeout=delivery.timeout_s)
+                except (DicomNetworkError, OSError) as exc:
+                    attempts = self.spool.delivery_attempt(study, str(dest), str(exc))
+                    self.audit.write("delivery_retry" if attempts < delivery.attempts else "delivery_failed",
+                                     study_uid=study, destination=str(dest), attempt=attempts, error=str(exc))
+                    if attempts >= delivery.attempts:
+                        reason = f"{dest}: not delivered after {attempts} attempts ({exc})"
+                        self.spool.fail(study, reason)
+                        self.audit.write("failed", study_uid=study, reason=reason)
+                        return False
+                    continue
+                attempts = self.spool.delivery_attempt(study, str(dest), None)
+                pending.remove(dest)
+                self.audit.write("sent", study_uid=study, destination=str(dest), rtstruct_uid=job["rtstruct_uid"]
+                                 or _uid_of(rtstruct), attempt=attempts,
+                                 received_to_sent_s=round(time.time() - float(job["first_received"]), 1))
+            if pending:
+                failures = max(self.spool.delivery_attempts(study, str(d)) for d in pending)
+                if self.stop.wait(delivery.delay(failures)):
+                    raise Requeued()
+        return True
+
+
+def _uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)

@@ -1,0 +1,161 @@
+"""The Storage SCP: accepts CT images (and C-ECHO) from allowed AE titles and hands them to the spool.
+
+Only CT Image Storage is stored. Every other storage SOP class is negotiated, so the sender gets a
+C-STORE status rather than a failed association, and refused with 0x0122 (SOP class not supported).
+A CT instance that cannot be decoded is refused with 0xC210 (cannot understand); one that lacks the
+UIDs, geometry or pixel data of a CT image with 0xA900 (data set does not match SOP class). Calling AE
+titles not on the allow-list are rejected at association (reason: calling AE title not recognised).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from pydicom.dataset import Dataset
+
+from .audit import AuditLog
+from .selection import CONTRAST_TAGS
+from .spool import Instance, Spool, is_uid
+
+log = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SOP_CLASS_NOT_SUPPORTED, OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0122, 0xA700, 0xA900, 0xC210
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"  # decoded by pydicom itself, as the pipeline reads it
+_UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment.replace("\\", "/")[:64]
+    return ds
+
+
+def check_ct(ds: Dataset, affected_uid: str, transfer_syntax: str) -> str | None:
+    """Why a received CT Image Storage data set cannot be used (None when it can)."""
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if not is_uid(str(ds.get(keyword, "") or "")):
+            return f"{keyword} missing or not a UID"
+    if str(ds.SOPInstanceUID) != affected_uid:
+        return "SOPInstanceUID differs from the C-STORE request"
+    for keyword in ("Rows", "Columns", "BitsAllocated", "ImagePositionPatient", "ImageOrientationPatient",
+                    "PixelSpacing"):
+        if ds.get(keyword) in (None, ""):
+            return f"{keyword} missing"
+    if "PixelData" not in ds:
+        return "no pixel data"
+    if transfer_syntax in _UNCOMPRESSED:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        want = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * int(ds.get("SamplesPerPixel", 1) or 1)
+        have = len(ds.PixelData)
+        if have < want * frames:
+            return f"pixel data of {have} bytes, {want * frames} expected (truncated)"
+    return None
+
+
+class StorageScp:
+    """The listening side of the node: ``start`` (non-blocking) and ``stop``."""
+
+    def __init__(self, ae_title: str, host: str, port: int, spool: Spool, audit: AuditLog,
+                 allow_ae: tuple[str, ...] = (), on_study: Callable[[str, str], None] | None = None):
+        self.ae_title, self.host, self.port = ae_title, host, port
+        self.spool, self.audit, self.allow_ae = spool, audit, allow_ae
+        self.on_study = on_study or (lambda study_uid, state: None)
+        self._server = None
+        self._counts: dict[int, dict[str, int]] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ handlers
+
+    def _peer(self, event) -> dict:
+        req = event.assoc.requestor
+        return {"calling_ae": req.ae_title, "address": f"{req.address}:{req.port}"}
+
+    def _count(self, event, key: str) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(id(event.assoc), {"stored": 0, "refused": 0})
+            counts[key] += 1
+
+    def _on_established(self, event) -> None:
+        self.audit.write("association", **self._peer(event), called_ae=self.ae_title)
+
+    def _on_rejected(self, event) -> None:
+        self.audit.write("association_rejected", **self._peer(event), reason="calling AE title not on the allow-list")
+
+    def _on_closed(self, event) -> None:
+        with self._lock:
+            counts = self._counts.pop(id(event.assoc), {"stored": 0, "refused": 0})
+        self.audit.write("association_closed", **self._peer(event), how=event.event.name, **counts)
+
+    def _on_echo(self, event) -> int:
+        return 0x0000
+
+    def _refuse(self, event, code: int, reason: str, sop_class: str, sop_uid: str) -> Dataset:
+        self._count(event, "refused")
+        self.audit.write("instance_refused", **self._peer(event), sop_class=sop_class, sop_uid=sop_uid,
+                         status=f"0x{code:04X}", reason=reason)
+        return _status(code, reason)
+
+    def _on_store(self, event) -> Dataset:
+        request = event.request
+        sop_class = str(request.AffectedSOPClassUID)
+        sop_uid = str(request.AffectedSOPInstanceUID)
+        if sop_class != CT_IMAGE_STORAGE:
+            from pynetdicom.sop_class import uid_to_sop_class
+
+            name = getattr(uid_to_sop_class(sop_class), "name", "") or sop_class
+            return self._refuse(event, SOP_CLASS_NOT_SUPPORTED, f"{name} not accepted: CT images only",
+                                sop_class, sop_uid)
+        syntax = str(event.context.transfer_syntax)
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            reason = check_ct(ds, sop_uid, syntax)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged data
+            return self._refuse(event, CANNOT_UNDERSTAND, f"data set cannot be decoded ({type(exc).__name__})",
+                                sop_class, sop_uid)
+        if reason:
+            return self._refuse(event, DOES_NOT_MATCH, reason, sop_class, sop_uid)
+        tags = tuple(t for t in CONTRAST_TAGS if str(ds.get(t, "") or "").strip())
+        inst = Instance(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop_uid, sop_class,
+                        str(ds.get("Modality", "") or "").upper(), str(ds.get("SeriesDescription", "") or ""),
+                        tags, event.assoc.requestor.ae_title)
+        try:
+            state = self.spool.store(inst, event.encoded_dataset())
+        except OSError as exc:
+            log.error("cannot store %s: %s", sop_uid, exc)
+            return self._refuse(event, OUT_OF_RESOURCES, f"spool not writable ({exc.strerror})", sop_class, sop_uid)
+        self._count(event, "stored")
+        self.on_study(inst.study_uid, state)
+        return _status(0x0000)
+
+    # ------------------------------------------------------------------ server
+
+    def start(self) -> int:
+        """Listen (in background threads); returns the port (useful with port 0)."""
+        from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = 16
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, [*DEFAULT_TRANSFER_SYNTAXES, RLE_LOSSLESS])
+        ae.add_supported_context(Verification)
+        if self.allow_ae:
+            ae.require_calling_aet = list(self.allow_ae)
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed)]
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self.port = self._server.server_address[1]
+        return self.port
+
+    def stop(self) -> None:
+        """Stop accepting associations and close the listening socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

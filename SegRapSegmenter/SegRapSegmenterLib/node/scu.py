@@ -1,0 +1,189 @@
+"""Sending DICOM files to a peer (C-ECHO, then C-STORE): ``segrap send`` and the node's deliveries.
+
+Every failure is a DicomNetworkError naming the peer and what went wrong: no connection, an
+association the peer rejected (with its reason), or a store the peer refused (with its status).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from ..errors import DicomNetworkError, InputError
+from .address import Destination, check_ae_title
+
+log = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+_BASE_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # explicit, implicit VR little endian
+
+
+@dataclass
+class SendReport:
+    """What a send did: the SOP instances the peer accepted, and any warnings it answered with."""
+
+    destination: Destination
+    sent: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _File:
+    path: Path
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+
+
+def _header(path: Path, strict: bool) -> _File | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        if strict:
+            raise InputError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc}).") from exc
+        return None
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", "") or "")
+    sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+    if not sop_class or not sop_instance or sop_class == "1.2.840.10008.1.3.10":  # DICOMDIR is not sent
+        if strict:
+            raise InputError(f"{path}: a DICOM file without SOP class or instance UID; it cannot be sent.")
+        return None
+    syntax = str(getattr(meta, "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
+    return _File(path, sop_class, sop_instance, syntax)
+
+
+def collect_files(paths: Iterable[str | Path]) -> list[_File]:
+    """The DICOM files named or found under the folders named (non-DICOM files in folders are skipped)."""
+    found: list[_File] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_file():
+            found.append(_header(path, strict=True))
+        elif path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    entry = _header(Path(root) / name, strict=False)
+                    if entry is not None:
+                        found.append(entry)
+        else:
+            raise InputError(f"{path}: no such file or folder.")
+    if not found:
+        raise InputError(f"No DICOM files in {', '.join(str(p) for p in paths)}.")
+    return found
+
+
+class _Capture(logging.Handler):
+    """Collects pynetdicom's error lines (they carry the peer's rejection reason)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextmanager
+def _captured():
+    handler = _Capture()
+    logger = logging.getLogger("pynetdicom")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def _pynetdicom_ae():
+    try:
+        from pynetdicom import AE
+    except ImportError:
+        raise DicomNetworkError("pynetdicom is not installed in this Python: pip install pynetdicom (in Slicer's "
+                                "Python console: slicer.util.pip_install('pynetdicom')).") from None
+    return AE
+
+
+def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str, Sequence[str]]], timeout: float):
+    AE = _pynetdicom_ae()
+
+    ae = AE(ae_title=check_ae_title(calling_ae, "Calling AE title"))
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, list(syntaxes))
+    with _captured() as errors:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if assoc.is_established:
+        return assoc
+    detail = "; ".join(line for line in errors.lines if line.startswith(("Result", "Reason")))
+    if assoc.is_rejected:
+        raise DicomNetworkError(f"{dest}: the association was rejected ({detail or 'no reason given'}). Check that "
+                                f"the peer knows the calling AE title {calling_ae!r} and is called {dest.ae_title!r}.")
+    if assoc.is_aborted:
+        raise DicomNetworkError(f"{dest}: the peer aborted the association (no presentation context accepted, or it "
+                                f"does not accept these SOP classes).")
+    raise DicomNetworkError(f"{dest}: no DICOM connection ({'; '.join(errors.lines[-2:]) or 'connection refused'}). "
+                            f"Check the host, the port and that the peer is running.")
+
+
+def echo(dest: Destination, calling_ae: str = "SEGRAP", timeout: float = 30.0) -> None:
+    """C-ECHO the peer; DicomNetworkError when it cannot be reached or does not answer with success."""
+    assoc = _associate(dest, calling_ae, [(VERIFICATION, _BASE_SYNTAXES)], timeout)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(getattr(status, "Status", -1)) if status else -1
+    if code != 0:
+        raise DicomNetworkError(f"{dest}: C-ECHO failed ({'no answer' if code < 0 else f'status 0x{code:04X}'}).")
+
+
+def _contexts(files: Sequence[_File]) -> list[tuple[str, list[str]]]:
+    by_class: dict[str, list[str]] = {}
+    for f in files:
+        syntaxes = by_class.setdefault(f.sop_class, list(_BASE_SYNTAXES))
+        if f.transfer_syntax not in syntaxes:
+            syntaxes.append(f.transfer_syntax)
+    if len(by_class) > 127:
+        raise InputError(f"{len(by_class)} different SOP classes: one association holds at most 127; send fewer.")
+    return [(VERIFICATION, list(_BASE_SYNTAXES))] + list(by_class.items())
+
+
+def send_files(paths: Iterable[str | Path], dest: Destination, calling_ae: str = "SEGRAP",
+               timeout: float = 30.0) -> SendReport:
+    """C-ECHO, then C-STORE every DICOM file of ``paths`` in one association; stops at the first refused store."""
+    files = collect_files(list(paths))
+    report = SendReport(dest)
+    assoc = _associate(dest, calling_ae, _contexts(files), timeout)
+    try:
+        status = assoc.send_c_echo()
+        if not status or int(status.Status) != 0:
+            raise DicomNetworkError(f"{dest}: the association was accepted but C-ECHO failed.")
+        for f in files:
+            ds = pydicom.dcmread(f.path)
+            status = assoc.send_c_store(ds)
+            code = int(getattr(status, "Status", -1)) if status else -1
+            if code < 0:
+                raise DicomNetworkError(f"{dest}: no answer to the C-STORE of {f.path} (timeout or aborted "
+                                        f"association); {len(report.sent)} of {len(files)} files were stored.")
+            comment = str(status.get("ErrorComment", "") or "")
+            if code != 0 and not 0xB000 <= code <= 0xBFFF and code != 0x0107 and code != 0x0116:
+                raise DicomNetworkError(f"{dest}: the peer refused {f.path} (SOP instance {f.sop_instance}) with "
+                                        f"status 0x{code:04X}{': ' + comment if comment else ''}; "
+                                        f"{len(report.sent)} of {len(files)} files were stored before it.")
+            if code != 0:
+                report.warnings.append(f"{f.path}: stored with warning status 0x{code:04X} {comment}".strip())
+            report.sent.append(f.sop_instance)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return report

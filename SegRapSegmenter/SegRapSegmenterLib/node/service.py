@@ -1,0 +1,200 @@
+"""``segrap serve``: the SCP, the completion rule, the queue and the workers, run until SIGTERM.
+
+A study is complete when none of its instances arrived for ``settle`` seconds; it is then queued
+with the series the selection rule picked (or failed, when it has no usable CT). One worker slot per
+GPU takes queued jobs one at a time. At start-up, jobs a killed node left running go back to the
+queue (their orphaned worker processes are stopped first), so every study is finished after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import psutil
+
+from .audit import AuditLog
+from .config import NodeConfig
+from .jobs import JobRunner
+from .scp import StorageScp
+from .selection import select
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+MAX_RUNS = 3  # a study whose worker died this many times is failed, not retried forever
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices a worker may be pinned to (CUDA_VISIBLE_DEVICES, else nvidia-smi's list)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def worker_slots(config: NodeConfig) -> list[dict[str, str] | None]:
+    """One environment per worker slot: each pinned to its own GPU when there are GPUs to share out."""
+    gpus = visible_gpus() if config.device in ("auto", "cuda") else []
+    count = config.workers or max(1, len(gpus))
+    if not gpus:
+        return [None] * count
+    return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(count)]
+
+
+def _stop_orphan(pid: int | None) -> bool:
+    """Kill a worker a killed node left behind, with its children (only if it is our worker)."""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(int(pid))
+        if "SegRapSegmenterLib.worker" not in " ".join(proc.cmdline()):
+            return False
+        procs = [proc, *proc.children(recursive=True)]
+        for p in procs:
+            p.kill()
+        psutil.wait_procs(procs, timeout=10)
+        return True
+    except psutil.Error:
+        return False
+
+
+class Node:
+    """The running node; ``run`` blocks until ``stop`` (the CLI calls it from SIGTERM / SIGINT)."""
+
+    def __init__(self, config: NodeConfig, echo=None):
+        self.config = config
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per C-STORE otherwise
+        self.spool = Spool(config.spool)
+        self.audit = AuditLog(self.spool.audit_path, echo=echo)
+        self.stop_event = threading.Event()
+        self._wake = threading.Event()
+        self.scp = StorageScp(config.ae_title, config.host, config.port, self.spool, self.audit,
+                              config.allow_ae, on_study=self._on_study)
+        self.runners = [JobRunner(config, self.spool, self.audit, self.stop_event, env, slot)
+                        for slot, env in enumerate(worker_slots(config))]
+        self.port = config.port
+
+    def _on_study(self, study_uid: str, state: str) -> None:
+        if state in ("late", "reopened"):
+            self.audit.write("late_instance" if state == "late" else "study_reopened", study_uid=study_uid)
+
+    def stop(self, *_args) -> None:
+        """Stop accepting, stop the running jobs (requeued) and let ``run`` return."""
+        self.stop_event.set()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loops
+
+    def _recover(self) -> None:
+        removed = self.spool.clear_incoming()
+        for job in self.spool.recover():
+            killed = _stop_orphan(job["worker_pid"])
+            self.audit.write("job_recovered", study_uid=job["study_uid"], attempt=int(job["attempts"]),
+                             orphan_worker_stopped=killed or None,
+                             rtstruct_kept=bool(job["rtstruct"]) or None)
+        if removed:
+            self.audit.write("spool_cleaned", partial_files=removed)
+
+    def _complete_settled(self) -> None:
+        for study in self.spool.settled(self.config.settle_s):
+            job = self.spool.job(study)
+            series = self.spool.series_of(study)
+            choice = select(series, self.config.selection, self.config.tasks)
+            notes = "; ".join(choice.notes)
+            instances = sum(s.instances for s in series)
+            self.audit.write("study_received", study_uid=study, calling_ae=job["calling_ae"], series=len(series),
+                             instances=instances,
+                             receive_s=round(float(job["last_received"]) - float(job["first_received"]), 1))
+            if not choice.usable:
+                reason = "no usable CT: " + notes
+                self.spool.fail(study, reason, notes)
+                self.audit.write("failed", study_uid=study, reason=reason)
+                continue
+            if self.spool.queue(study, choice.plain, choice.contrast, choice.tasks, notes):
+                self.audit.write("job_queued", study_uid=study, case_id=job["case_id"], tasks=list(choice.tasks),
+                                 ct_series=choice.plain, contrast_series=choice.contrast, selection=notes)
+                self._wake.set()
+
+    def _worker_loop(self, runner: JobRunner) -> None:
+        while not self.stop_event.is_set():
+            job = self.spool.claim()
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            if int(job["attempts"]) > MAX_RUNS and not job["rtstruct"]:
+                reason = f"the worker did not finish in {MAX_RUNS} runs"
+                self.spool.fail(job["study_uid"], reason)
+                self.audit.write("failed", study_uid=job["study_uid"], reason=reason)
+                continue
+            runner.process(job)
+
+    def run(self) -> int:
+        """Serve until stopped; returns 0."""
+        self._recover()
+        self.port = self.scp.start()
+        self.audit.write("started", ae_title=self.config.ae_title, host=self.config.host, port=self.port,
+                         destinations=[str(d) for d in self.config.destinations],
+                         allow_ae=list(self.config.allow_ae) or None, settle_s=self.config.settle_s,
+                         workers=len(self.runners), pid=os.getpid())
+        threads = [threading.Thread(target=self._worker_loop, args=(r,), name=f"segrap-worker-{r.slot}", daemon=True)
+                   for r in self.runners]
+        for t in threads:
+            t.start()
+        try:
+            while not self.stop_event.is_set():
+                self._complete_settled()
+                self.stop_event.wait(min(1.0, max(0.2, self.config.settle_s / 4)))
+        finally:
+            self.scp.stop()
+            self.audit.write("stopping", reason="signal")
+            for r in self.runners:
+                r.cancel()
+            for t in threads:
+                t.join(timeout=60)
+            self.audit.write("stopped")
+            self.spool.close()
+        return 0
+
+
+def status_text(spool_dir) -> str:
+    """The queue as a table: one line per study, its deliveries under it."""
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    if not (Path(spool_dir) / "node.sqlite").is_file():
+        raise InputError(f"--spool {spool_dir}: no node database there (node.sqlite); give the spool of a node.")
+    spool = Spool(spool_dir)
+    try:
+        jobs = spool.jobs()
+        lines = [f"spool {spool.root}: {len(jobs)} studies"]
+        counts: dict[str, int] = {}
+        for job in jobs:
+            counts[job["state"]] = counts.get(job["state"], 0) + 1
+        if counts:
+            lines.append("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        for job in jobs:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(job["first_received"] or 0)))
+            lines.append(f"{job['state']:8} {job['study_uid']}  case {job['case_id']}  received {when}  "
+                         f"tasks {job['tasks'] or '-'}  runs {job['attempts']}"
+                         + (f"  late instances {job['late_instances']}" if job["late_instances"] else ""))
+            if job["reason"]:
+                lines.append(f"         reason: {job['reason']}")
+            for d in spool.deliveries(job["study_uid"]):
+                lines.append(f"         -> {d['destination']}: {d['state']} after {d['attempts']} attempt(s)"
+                             + (f" ({d['last_error']})" if d["state"] != "sent" and d["last_error"] else ""))
+        return "\n".join(lines)
+    finally:
+        spool.close()
