@@ -96,11 +96,13 @@ class _Capture(logging.Handler):
 def _captured():
     handler = _Capture()
     logger = logging.getLogger("pynetdicom")
+    propagate, logger.propagate = logger.propagate, False  # the reasons end up in our own message
     logger.addHandler(handler)
     try:
         yield handler
     finally:
         logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _pynetdicom_ae():
@@ -125,6 +127,10 @@ def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str,
     if assoc.is_established:
         return assoc
     detail = "; ".join(line for line in errors.lines if line.startswith(("Result", "Reason")))
+    unreachable = [line for line in errors.lines if "connect" in line.lower() or "TCP" in line]
+    if unreachable:
+        raise DicomNetworkError(f"{dest}: no DICOM connection ({unreachable[-1]}). Check the host, the port and "
+                                f"that the peer is running.")
     if assoc.is_rejected:
         raise DicomNetworkError(f"{dest}: the association was rejected ({detail or 'no reason given'}). Check that "
                                 f"the peer knows the calling AE title {calling_ae!r} and is called {dest.ae_title!r}.")

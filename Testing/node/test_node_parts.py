@@ -1,0 +1,165 @@
+"""The node's parts without a model run: addresses, settings, the CT selection rule, the spool, send and the SCP."""
+
+from __future__ import annotations
+
+
+import pydicom
+import pytest
+from node_peers import free_port
+from pydicom.uid import generate_uid
+
+from SegRapSegmenterLib.errors import DicomNetworkError, InputError
+from SegRapSegmenterLib.node.address import Destination, parse_destination
+from SegRapSegmenterLib.node.audit import AuditLog, read_events
+from SegRapSegmenterLib.node.config import load_config
+from SegRapSegmenterLib.node.scp import StorageScp
+from SegRapSegmenterLib.node.scu import echo, send_files
+from SegRapSegmenterLib.node.selection import SelectionRule, SeriesSummary, select
+from SegRapSegmenterLib.node.spool import Instance, Spool, case_id_for
+
+
+def test_a_destination_is_ae_at_host_colon_port_and_a_bad_one_says_what_is_wrong():
+    assert parse_destination("TPS@10.0.0.5:104") == Destination("TPS", "10.0.0.5", 104)
+    for text, fragment in (("TPS10.0.0.5:104", "AE@HOST:PORT"), ("TPS@host:0", "port"),
+                           ("A_TITLE_LONGER_THAN_16@h:104", "16"), ("TPS@host", "AE@HOST:PORT")):
+        with pytest.raises(InputError, match=fragment):
+            parse_destination(text)
+
+
+def test_flags_win_over_the_config_file_and_a_misspelt_setting_is_an_error(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text('ae_title = "FROMFILE"\nport = 4000\nsettle = 45\ndestinations = ["TPS@h:104"]\n'
+                    'allow_ae = ["CT1"]\n[delivery]\nattempts = 3\n[selection]\nmin_slices = 20\n')
+    config = load_config(path, spool=tmp_path / "spool", port=5000, allow_ae=["PACS", "CT2"], destinations=[])
+    assert (config.ae_title, config.port, config.settle_s) == ("FROMFILE", 5000, 45.0)
+    assert config.allow_ae == ("PACS", "CT2") and config.destinations == (Destination("TPS", "h", 104),)
+    assert config.delivery.attempts == 3 and config.selection.min_slices == 20
+    assert config.delivery.delay(1) < config.delivery.delay(3) <= config.delivery.max_delay_s
+    path.write_text('ae_titel = "X"\n')
+    with pytest.raises(InputError, match="ae_titel"):
+        load_config(path, spool=tmp_path)
+    with pytest.raises(InputError, match="--spool"):
+        load_config(None)
+    with pytest.raises(InputError, match="--tasks"):
+        load_config(None, spool=tmp_path, tasks="oar,lungs")
+
+
+def _series(uid, description="", instances=50, tags=(), modality="CT"):
+    return SeriesSummary(uid, modality, description, instances, tuple(tags))
+
+
+def test_the_contrast_ct_is_found_by_its_agent_tag_or_its_description_and_plain_wins_on_plain_words():
+    rule = SelectionRule()
+    by_tag = select([_series("1.1", "Head neck"), _series("1.2", "Head neck 2", tags=["ContrastBolusAgent"])], rule)
+    assert (by_tag.plain, by_tag.contrast, by_tag.tasks) == ("1.1", "1.2", ("oar", "gtv"))
+    by_text = select([_series("1.1", "HN non-contrast"), _series("1.2", "HN C+ venous")], rule)
+    assert (by_text.plain, by_text.contrast) == ("1.1", "1.2")
+    custom = select([_series("1.1", "serie A"), _series("1.2", "serie B")],
+                    SelectionRule(contrast_patterns=(r"serie b",)))
+    assert custom.contrast == "1.2"
+
+
+def test_a_plain_ct_alone_gets_the_oars_and_a_study_without_usable_ct_gets_nothing():
+    rule = SelectionRule(min_slices=10)
+    plain_only = select([_series("1.1", "Plain CT"), _series("1.9", "MR T1", modality="MR")], rule)
+    assert plain_only.tasks == ("oar",) and any("GTVs need a contrast CT" in n for n in plain_only.notes)
+    none = select([_series("1.1", "scout", instances=3), _series("1.2", "MR", modality="MR")], rule)
+    assert not none.usable and any("no usable CT" in n for n in none.notes)
+    contrast_only = select([_series("1.2", "CE", tags=["ContrastBolusAgent"])], rule)
+    assert (contrast_only.plain, contrast_only.contrast, contrast_only.tasks) == ("1.2", "1.2", ("oar", "gtv"))
+
+
+def _instance(study, series, sop, ae="CT1"):
+    return Instance(study, series, sop, "1.2.840.10008.5.1.4.1.1.2", "CT", "desc", (), ae)
+
+
+def test_the_spool_queue_goes_received_queued_running_sent_and_survives_a_restart(tmp_path):
+    spool = Spool(tmp_path)
+    for k in range(3):
+        assert spool.store(_instance("1.2.3", "1.2.3.4", f"1.2.3.4.{k}"), b"data", now=100.0 + k) == "received"
+    assert spool.settled(30, now=120.0) == [] and spool.settled(30, now=133.0) == ["1.2.3"]
+    assert [(s.series_uid, s.instances) for s in spool.series_of("1.2.3")] == [("1.2.3.4", 3)]
+    assert spool.queue("1.2.3", "1.2.3.4", None, ("oar",), "plain only")
+    job = spool.claim()
+    assert job["state"] == "running" and job["attempts"] == 1 and job["case_id"] == case_id_for("1.2.3")
+    assert spool.claim() is None
+    spool.set_rtstruct("1.2.3", str(tmp_path / "rs.dcm"), "9.9")
+    spool.close()
+
+    spool = Spool(tmp_path)  # a restart: the running job is queued again, its RTSTRUCT kept
+    [recovered] = spool.recover()
+    assert recovered["study_uid"] == "1.2.3" and spool.job("1.2.3")["state"] == "queued"
+    assert spool.claim()["rtstruct_uid"] == "9.9"
+    assert spool.delivery_attempt("1.2.3", "TPS@h:104", "refused") == 1
+    assert spool.delivery_attempt("1.2.3", "TPS@h:104", None) == 2
+    assert spool.delivered("1.2.3") == {"TPS@h:104"}
+    spool.finish("1.2.3")
+    assert spool.store(_instance("1.2.3", "1.2.3.4", "1.2.3.4.9"), b"late") == "late"
+    assert spool.job("1.2.3")["state"] == "sent" and spool.job("1.2.3")["late_instances"] == 1
+    spool.close()
+
+
+def test_a_failed_study_sent_again_is_reopened_and_uids_that_are_not_uids_are_refused(tmp_path):
+    spool = Spool(tmp_path)
+    spool.store(_instance("1.5", "1.5.1", "1.5.1.1"), b"x")
+    spool.fail("1.5", "no usable CT")
+    assert spool.store(_instance("1.5", "1.5.1", "1.5.1.2"), b"x") == "reopened"
+    assert spool.job("1.5")["state"] == "received" and spool.job("1.5")["reason"] is None
+    with pytest.raises(ValueError):
+        spool.store(_instance("1.5", "../../etc", "1.5.1.3"), b"x")
+    assert not (tmp_path / "etc").exists() and list((tmp_path / "incoming").iterdir()) == []
+    spool.close()
+
+
+@pytest.fixture
+def scp(tmp_path):
+    """The node's SCP in this process (no model run), allowing the calling AE title CT1 only."""
+    spool = Spool(tmp_path / "spool")
+    server = StorageScp("SEGRAP", "127.0.0.1", 0, spool, AuditLog(spool.audit_path), allow_ae=("CT1",))
+    server.start()
+    yield server
+    server.stop()
+    spool.close()
+
+
+def test_send_stores_a_ct_series_in_the_scp_and_says_why_when_it_cannot(scp, phantom_studies, tmp_path):
+    study = phantom_studies[0]
+    dest = Destination("SEGRAP", "127.0.0.1", scp.port)
+    echo(dest, "CT1")
+    report = send_files([study.ct_dir], dest, "CT1")
+    assert len(report.sent) == 48 and len(list((scp.spool.root / "studies").rglob("*.dcm"))) == 48
+    assert scp.spool.job(study.study_uid)["calling_ae"] == "CT1"
+
+    with pytest.raises(DicomNetworkError, match="rejected.*Calling AE title not recognised"):
+        send_files([study.ct_dir], dest, "INTRUDER")
+    with pytest.raises(DicomNetworkError, match="no DICOM connection"):
+        send_files([study.ct_dir], Destination("SEGRAP", "127.0.0.1", free_port()), "CT1", timeout=5)
+    ds = pydicom.dcmread(sorted(study.ct_dir.glob("*.dcm"))[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(tmp_path / "mr.dcm", enforce_file_format=True)
+    with pytest.raises(DicomNetworkError, match="status 0x0122.*CT images only"):
+        send_files([tmp_path / "mr.dcm"], dest, "CT1")
+    with pytest.raises(InputError, match="not a readable DICOM file"):
+        (tmp_path / "notes.txt").write_text("not DICOM")
+        send_files([tmp_path / "notes.txt"], dest, "CT1")
+    events = [e["event"] for e in read_events(scp.spool.audit_path)]
+    assert "association_rejected" in events and "instance_refused" in events
+    assert len(list((scp.spool.root / "studies").rglob("*.dcm"))) == 48
+
+
+def test_a_store_the_peer_refuses_is_an_error_naming_the_file_and_status(tmp_path, phantom_studies):
+    from pynetdicom import AE, evt
+
+    ae = AE(ae_title="FULL")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2")
+    ae.add_supported_context("1.2.840.10008.1.1")
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)])
+    try:
+        dest = Destination("FULL", "127.0.0.1", server.server_address[1])
+        first = sorted(phantom_studies[0].ct_dir.glob("*.dcm"))[0]
+        with pytest.raises(DicomNetworkError, match=r"refused .*CT0001.dcm.*0xA700"):
+            send_files([first], dest)
+    finally:
+        server.shutdown()

@@ -1,0 +1,76 @@
+"""``segrap serve`` under faults: killed with SIGKILL mid-job, destination down, restarts: one RTSTRUCT per study."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import psutil
+import pydicom
+from node_peers import audit_events, dcmtk, free_port, storescu, wait_until
+
+
+def _job(spool) -> dict:
+    with sqlite3.connect(f"file:{spool / 'node.sqlite'}?mode=ro", uri=True) as db:
+        db.row_factory = sqlite3.Row
+        rows = db.execute("SELECT * FROM jobs").fetchall()
+    return dict(rows[0]) if rows else {}
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_killed_node_reruns_its_job_and_a_destination_that_comes_up_late_gets_one_rtstruct(
+        tmp_path, phantom_studies, node_factory, storescp_factory):
+    dcmtk("storescu")
+    study = phantom_studies[0]
+    tps_port, port, spool = free_port(), free_port(), tmp_path / "spool"
+    config = tmp_path / "node.toml"
+    config.write_text(f"""
+ae_title = "SEGRAP"
+settle = 600  # the --settle flag wins
+destinations = ["TPS@127.0.0.1:{tps_port}"]
+
+[delivery]
+attempts = 200
+first_delay_s = 0.5
+max_delay_s = 1.0
+timeout_s = 5
+""")
+    args = ("--config", str(config), "--settle", "1")
+    node = node_factory(spool, port, *args)
+    assert storescu([study.ct_dir, study.contrast_dir], port).returncode == 0
+
+    # kill -9 while the worker runs (the orphaned worker dies at its next event on the broken pipe, or the
+    # restarted node stops it)
+    worker_pid = wait_until(lambda: _job(spool).get("worker_pid"), 120, "the worker to start")
+    time.sleep(2)
+    node.kill()
+
+    # the restarted node reruns the job, and retries the destination that is down
+    node = node_factory(spool, port, *args)
+    recovered = wait_until(lambda: audit_events(spool, "job_recovered"), 30, "the job to be recovered")
+    assert recovered[0]["study_uid"] == study.study_uid
+    wait_until(lambda: not _running(worker_pid), 15, "the orphaned worker to be gone")
+    wait_until(lambda: len(audit_events(spool, "delivery_retry")) >= 2, 300, "two failed delivery attempts",
+               interval=1)
+    tps = storescp_factory(tmp_path / "tps", tps_port)
+    wait_until(lambda: audit_events(spool, "finished"), 60, "the delivery once the destination is up")
+    assert len(tps.files()) == 1
+    rtstruct = pydicom.dcmread(tps.files()[0])
+    assert str(rtstruct.StudyInstanceUID) == study.study_uid
+    assert str(rtstruct.SOPInstanceUID) == _job(spool)["rtstruct_uid"]
+    assert [e["attempt"] for e in audit_events(spool, "job_started")] == [1, 2]
+
+    # killed again after the delivery, then restarted: nothing is sent a second time
+    node.kill()
+    node = node_factory(spool, port, *args)
+    time.sleep(4)  # several completion and queue cycles of the restarted node
+    assert len(tps.files()) == 1
+    assert len(audit_events(spool, "sent")) == 1 and len(audit_events(spool, "job_started")) == 2
+    assert _job(spool)["state"] == "sent"
+    assert node.terminate() == 0
