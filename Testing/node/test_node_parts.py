@@ -163,3 +163,26 @@ def test_a_store_the_peer_refuses_is_an_error_naming_the_file_and_status(tmp_pat
             send_files([first], dest)
     finally:
         server.shutdown()
+
+
+def test_the_slicer_logic_sends_through_the_same_code(scp, phantom_studies):
+    from SegRapSegmenterLib.slicer_bridge.logic import SegmentationLogic
+
+    first = sorted(phantom_studies[0].ct_dir.glob("*.dcm"))[0]
+    report = SegmentationLogic.sendRtStruct(first, f"SEGRAP@127.0.0.1:{scp.port}", calling_ae="CT1")
+    assert report.sent == [str(pydicom.dcmread(first, stop_before_pixels=True).SOPInstanceUID)]
+    with pytest.raises(DicomNetworkError, match="rejected"):
+        SegmentationLogic.sendRtStruct(first, f"SEGRAP@127.0.0.1:{scp.port}")
+
+
+def test_the_readme_node_configuration_loads(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```toml\n(# node.toml.*?)```", readme, re.S)
+    assert block, "README.md: no node.toml example"
+    (tmp_path / "node.toml").write_text(block.group(1))
+    config = load_config(tmp_path / "node.toml", spool=tmp_path / "spool")
+    assert config.destinations[0] == Destination("TPS", "10.0.0.5", 104) and config.allow_ae == ("CT_SIM", "PACS")
+    assert config.selection.min_slices == 10 and config.delivery.attempts == 8
