@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import time
 
 import psutil
@@ -51,11 +53,17 @@ timeout_s = 5
     time.sleep(2)
     node.kill()
 
-    # the restarted node reruns the job, and retries the destination that is down
+    # the restarted node reruns the job; SIGTERM during that run puts the job back in the queue
     node = node_factory(spool, port, *args)
     recovered = wait_until(lambda: audit_events(spool, "job_recovered"), 30, "the job to be recovered")
     assert recovered[0]["study_uid"] == study.study_uid
     wait_until(lambda: not _running(worker_pid), 15, "the orphaned worker to be gone")
+    wait_until(lambda: len(audit_events(spool, "job_started")) == 2, 30, "the rerun to start")
+    assert node.terminate() == 0
+    assert audit_events(spool, "job_requeued") and _job(spool)["state"] == "queued"
+
+    # started again, it runs the job and retries the destination that is down
+    node = node_factory(spool, port, *args)
     wait_until(lambda: len(audit_events(spool, "delivery_retry")) >= 2, 300, "two failed delivery attempts",
                interval=1)
     tps = storescp_factory(tmp_path / "tps", tps_port)
@@ -64,13 +72,18 @@ timeout_s = 5
     rtstruct = pydicom.dcmread(tps.files()[0])
     assert str(rtstruct.StudyInstanceUID) == study.study_uid
     assert str(rtstruct.SOPInstanceUID) == _job(spool)["rtstruct_uid"]
-    assert [e["attempt"] for e in audit_events(spool, "job_started")] == [1, 2]
+    assert [e["attempt"] for e in audit_events(spool, "job_started")] == [1, 2, 2]  # the requeued run is not counted
 
     # killed again after the delivery, then restarted: nothing is sent a second time
     node.kill()
     node = node_factory(spool, port, *args)
     time.sleep(4)  # several completion and queue cycles of the restarted node
     assert len(tps.files()) == 1
-    assert len(audit_events(spool, "sent")) == 1 and len(audit_events(spool, "job_started")) == 2
+    assert len(audit_events(spool, "sent")) == 1 and len(audit_events(spool, "job_started")) == 3
     assert _job(spool)["state"] == "sent"
     assert node.terminate() == 0
+    status = subprocess.run([sys.executable, "-m", "SegRapSegmenterLib.cli", "serve", "--status", "--spool",
+                             str(spool)], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert f"sent     {study.study_uid}" in status.stdout
+    assert f"-> TPS@127.0.0.1:{tps_port}: sent after" in status.stdout

@@ -17,6 +17,7 @@ import time
 
 import psutil
 
+from ..errors import InputError
 from .audit import AuditLog
 from .config import NodeConfig
 from .jobs import JobRunner
@@ -140,10 +141,27 @@ class Node:
                 continue
             runner.process(job)
 
+    def _claim_spool(self) -> None:
+        """Refuse to share the spool with another running node (its pid is in ``node.pid``)."""
+        pid_file = self.spool.root / "node.pid"
+        try:
+            other = int(pid_file.read_text().strip())
+            if other != os.getpid() and "serve" in psutil.Process(other).cmdline():
+                raise InputError(f"--spool {self.spool.root}: node process {other} is already serving from it; "
+                                 f"stop it first or give another spool.")
+        except (OSError, ValueError, psutil.Error):
+            pass
+        pid_file.write_text(str(os.getpid()))
+
     def run(self) -> int:
         """Serve until stopped; returns 0."""
+        self._claim_spool()
         self._recover()
-        self.port = self.scp.start()
+        try:
+            self.port = self.scp.start()
+        except OSError as exc:
+            raise InputError(f"--port {self.config.port}: cannot listen on {self.config.host} ({exc.strerror}); "
+                             f"is another program using the port?") from exc
         self.audit.write("started", ae_title=self.config.ae_title, host=self.config.host, port=self.port,
                          destinations=[str(d) for d in self.config.destinations],
                          allow_ae=list(self.config.allow_ae) or None, settle_s=self.config.settle_s,
@@ -171,8 +189,6 @@ class Node:
 def status_text(spool_dir) -> str:
     """The queue as a table: one line per study, its deliveries under it."""
     from pathlib import Path
-
-    from ..errors import InputError
 
     if not (Path(spool_dir) / "node.sqlite").is_file():
         raise InputError(f"--spool {spool_dir}: no node database there (node.sqlite); give the spool of a node.")
