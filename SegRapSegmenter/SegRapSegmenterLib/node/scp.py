@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SOP_CLASS_NOT_SUPPORTED, OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0122, 0xA700, 0xA900, 0xC210
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"  # decoded by pydicom itself, as the pipeline reads it
+# implicit and explicit VR little endian, RLE; not deflate, whose few MB can inflate to GBs in memory
+ACCEPTED_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", RLE_LOSSLESS)
 _UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
 
 
@@ -137,13 +139,13 @@ class StorageScp:
 
     def start(self) -> int:
         """Listen (in background threads); returns the port (useful with port 0)."""
-        from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+        from pynetdicom import AE, StoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = 16
         for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, [*DEFAULT_TRANSFER_SYNTAXES, RLE_LOSSLESS])
+            ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_SYNTAXES))
         ae.add_supported_context(Verification)
         if self.allow_ae:
             ae.require_calling_aet = list(self.allow_ae)
