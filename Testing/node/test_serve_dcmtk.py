@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pydicom
-import pytest
 from pydicom.uid import generate_uid
 
 from SegRapSegmenterLib.node.spool import Spool

@@ -8,7 +8,7 @@ see ``selection``). Unknown names are an error, so a misspelt setting never goes
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import InputError
@@ -145,4 +145,4 @@ def load_config(config_file: str | Path | None = None, **flags) -> NodeConfig:
     return _checked(values)
 
 
-__all__ = ["CONTOUR_HOLES", "Delivery", "NodeConfig", "load_config", "replace"]
+__all__ = ["CONTOUR_HOLES", "Delivery", "NodeConfig", "load_config"]
