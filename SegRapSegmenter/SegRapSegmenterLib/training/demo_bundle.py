@@ -26,19 +26,25 @@ from pathlib import Path
 # phantom's own 3 x 2 x 2 mm. A full-size 0.54 mm input then takes nnU-Net's resampling path.
 DEMO_SPACING = [3.0, 2.0, 2.0]
 SEGRAP_MEDIAN_SPACING = [3.0, 0.54, 0.54]
-# 96 x 96 at 2 mm holds the whole small phantom in-plane: the midline is always in view, so the
-# network can tell left from right by position.
-DEMO_PATCH = {"oar": [16, 96, 96], "gtv": [16, 96, 96]}
-# Task 1's last decoder stage feeds a 1x1 convolution to 55 classes: 4 features there cannot
-# separate them (training collapses to background), 8 can; Task 2 has 3 classes and needs fewer.
-DEMO_FEATURES = {"oar": [8, 16, 32, 32, 32, 32], "gtv": [4, 8, 16, 32, 32, 32]}
+# The patch is the whole small phantom (48 x 96 x 96 at 3 x 2 x 2 mm): every class is in every
+# batch (class balance without a sampler) and the midline is always in view, so the network can
+# tell left from right by position; inference is then one patch, no tiling.
+DEMO_PATCH = {"oar": [48, 96, 96], "gtv": [48, 96, 96]}
+# Task 1's last decoder stage feeds a 1x1 convolution to 55 classes: 16 full-resolution features
+# separate them (4 collapsed to background, 8 learned only the large organs in 1000 iterations);
+# Task 2 has 3 classes and needs fewer.
+DEMO_FEATURES = {"oar": [16, 24, 32, 48, 64], "gtv": [8, 16, 32, 48, 64]}
 DEMO_ARCH = {
-    "n_stages": 6,
-    "kernel_sizes": [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
-    "strides": [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
-    "n_conv_per_stage": [1, 1, 2, 2, 2, 2],
-    "n_conv_per_stage_decoder": [1, 1, 1, 1, 1],
+    "n_stages": 5,
+    "kernel_sizes": [[3, 3, 3]] * 5,
+    "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+    "n_conv_per_stage": [1, 2, 2, 2, 2],
+    "n_conv_per_stage_decoder": [1, 1, 1, 1],
 }
+DEMO_BATCH = 1
+# Training budgets: iterations, and the wall-clock seconds on 2 CPU cores that end training earlier
+# (the cosine schedule follows whichever runs out first).
+DEMO_ITERATIONS = {"oar": 1500, "gtv": 600}
 DATASETS = {"oar": 601, "gtv": 602}
 
 
@@ -61,7 +67,7 @@ def edit_plans(plans_path: Path, task: str, configuration: str = "3d_fullres") -
     conf = plans["configurations"][configuration]
     conf["spacing"] = DEMO_SPACING
     conf["patch_size"] = DEMO_PATCH[task]
-    conf["batch_size"] = 2
+    conf["batch_size"] = DEMO_BATCH
     conf["architecture"]["arch_kwargs"].update(DEMO_ARCH, features_per_stage=DEMO_FEATURES[task])
     for name in list(plans["configurations"]):
         if name != configuration:
@@ -89,7 +95,7 @@ def prepare(work: Path, train_cases: int, seed: int) -> None:
         _run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "2"], env)
 
 
-def train(work: Path, task: str, epochs: int, iterations: int) -> Path:
+def train(work: Path, task: str, iterations: int, time_budget_s: float = float("inf")) -> Path:
     """Train fold 'all' of a task on the CPU with the demo trainer; return the result folder."""
     os.environ.update(_env(work))
     import torch
@@ -105,11 +111,13 @@ def train(work: Path, task: str, epochs: int, iterations: int) -> Path:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     plans["continue_training"] = False  # nnU-Net 2.8 reads this flag from the plans it is given
     trainer = SegRapDemoTrainer(plans, "3d_fullres", "all", dataset_json, device=torch.device("cpu"))
-    trainer.num_epochs = epochs
-    trainer.num_iterations_per_epoch = iterations
+    trainer.num_epochs = 10_000
+    trainer.num_iterations_per_epoch = 25
+    trainer.iteration_budget = iterations
+    trainer.time_budget_s = time_budget_s
     t0 = time.time()
     trainer.run_training()
-    print(f"{task}: trained {epochs} x {iterations} iterations in {time.time() - t0:.0f} s", flush=True)
+    print(f"{task}: trained {trainer._iteration} iterations in {time.time() - t0:.0f} s", flush=True)
     return Path(trainer.output_folder).parent
 
 
@@ -121,17 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=("oar", "gtv", "both"), default="both")
     parser.add_argument("--cases", type=int, default=16, help="phantom training cases")
     parser.add_argument("--seed", type=int, default=2023, help="phantom cohort seed (held-out cases use another)")
-    parser.add_argument("--epochs", type=int, default=40, help="epochs of the OAR model")
-    parser.add_argument("--gtv-epochs", type=int, default=60, help="epochs of the GTV model")
+    parser.add_argument("--iterations", type=int, default=DEMO_ITERATIONS["oar"], help="iterations of the OAR model")
+    parser.add_argument("--gtv-iterations", type=int, default=DEMO_ITERATIONS["gtv"], help="iterations of the GTV model")
+    parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds that end OAR training early")
+    parser.add_argument("--gtv-time-budget", type=float, default=float("inf"), help="seconds that end GTV training early")
     parser.add_argument("--heldout", type=int, default=4, help="held-out phantom cases (seed 99) to score")
-    parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     args = parser.parse_args(argv)
     tasks = ["oar", "gtv"] if args.task == "both" else [args.task]
     if args.stage in ("prepare", "all"):
         prepare(args.work, args.cases, args.seed)
     if args.stage in ("train", "all"):
         for task in tasks:
-            train(args.work, task, args.epochs if task == "oar" else args.gtv_epochs, args.iterations)
+            if task == "oar":
+                train(args.work, task, args.iterations, args.time_budget)
+            else:
+                train(args.work, task, args.gtv_iterations, args.gtv_time_budget)
     if args.stage in ("export", "all"):
         from ..inference.bundles import build_bundle
 

@@ -1,40 +1,196 @@
-"""The nnU-Net trainer of the demo bundle: stock training without left-right mirroring or half-turn rotations."""
+"""The nnU-Net trainer of the demo bundle: whole-volume batches held in memory, no left-right mirroring,
+a per-iteration warm-up + cosine schedule and a wall-clock budget, bfloat16 autocast on the CPU."""
 
 from __future__ import annotations
 
+import math
+import time
+
 import numpy as np
 import torch
-from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+import torch.nn.functional as F
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+WARMUP_FRACTION = 0.04
+FINAL_LR_FRACTION = 0.01
+
+
+def lr_at(progress: float, peak: float) -> float:
+    """Linear warm-up over the first WARMUP_FRACTION of training, then cosine decay to 1% of ``peak``."""
+    if progress < WARMUP_FRACTION:
+        return peak * max(progress / WARMUP_FRACTION, 0.02)
+    t = min((progress - WARMUP_FRACTION) / (1.0 - WARMUP_FRACTION), 1.0)
+    return peak * (FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+class WholeVolumeLoader:
+    """Endless batches of whole preprocessed cases (every class in every batch), kept in memory.
+
+    The phantom cases already differ in scale, rotation, position, tumours and noise, so the only
+    augmentations are cheap ones that keep laterality: an in-plane shift of a few voxels (edges
+    padded with the border value) and a random intensity scale and offset.
+    """
+
+    def __init__(self, dataset, identifiers, batch_size: int, ds_scales, augment: bool, seed: int,
+                 patch_size=None):
+        self.cases = []
+        for key in identifiers:
+            data, seg, _, _ = dataset.load_case(key)
+            data, seg = np.asarray(data, np.float32), np.asarray(seg).astype(np.int16)
+            if patch_size is not None:
+                data, seg = _fit(data, patch_size, edge=True), _fit(seg, patch_size, edge=False)
+            self.cases.append((data, np.maximum(seg, 0)))
+        self.batch_size, self.ds_scales, self.augment = batch_size, ds_scales, augment
+        self.rng = np.random.default_rng(seed)
+
+    def __iter__(self):
+        return self
+
+    def _sample(self):
+        data, seg = self.cases[int(self.rng.integers(len(self.cases)))]
+        if not self.augment:
+            return data, seg
+        dy, dx = (int(v) for v in self.rng.integers(-4, 5, size=2))
+        data, seg = _shift(data, dy, dx, edge=True), _shift(seg, dy, dx, edge=False)
+        data = data * self.rng.uniform(0.9, 1.1) + self.rng.uniform(-0.1, 0.1)
+        return data.astype(np.float32), seg
+
+    def __next__(self) -> dict:
+        pairs = [self._sample() for _ in range(self.batch_size)]
+        data = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        seg = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.float32))
+        targets = []
+        for scale in self.ds_scales:
+            if all(s == 1 for s in scale):
+                targets.append(seg)
+            else:
+                size = [int(round(n * s)) for n, s in zip(seg.shape[2:], scale)]
+                targets.append(F.interpolate(seg, size=size, mode="nearest"))
+        return {"data": data, "target": targets}
+
+
+def _shift(a: np.ndarray, dy: int, dx: int, edge: bool) -> np.ndarray:
+    """Shift a (c, z, y, x) array in-plane by whole voxels, filling with the edge value or 0."""
+    if dy == 0 and dx == 0:
+        return a
+    pad = ((0, 0), (0, 0), (max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0)))
+    padded = np.pad(a, pad, mode="edge" if edge else "constant")
+    ny, nx = a.shape[2:]
+    y0, x0 = max(-dy, 0), max(-dx, 0)
+    return padded[:, :, y0:y0 + ny, x0:x0 + nx]
+
+
+def _fit(a: np.ndarray, shape, edge: bool) -> np.ndarray:
+    """Centre-crop or pad a (c, z, y, x) array to ``shape`` (z, y, x)."""
+    out = a
+    for axis, n in enumerate(shape, start=1):
+        have = out.shape[axis]
+        if have > n:
+            start = (have - n) // 2
+            out = np.take(out, range(start, start + n), axis=axis)
+        elif have < n:
+            pad = [(0, 0)] * out.ndim
+            pad[axis] = ((n - have) // 2, n - have - (n - have) // 2)
+            out = np.pad(out, pad, mode="edge" if edge else "constant")
+    return out
+
 
 class SegRapDemoTrainer(nnUNetTrainer):
-    """nnUNetTrainer for the CPU-trained demo: laterality kept (no mirroring, in-plane rotation within
-    15 degrees) and Adam, so a few hundred iterations suffice for a usable phantom model."""
+    """nnUNetTrainer for the CPU-trained demo: laterality kept (no mirroring, no rotation), whole
+    volumes from memory instead of nnU-Net's augmentation workers, AdamW with warm-up + cosine per
+    iteration, bfloat16 autocast with channels-last tensors on the CPU (oneDNN), and a stop after
+    ``iteration_budget`` iterations or ``time_budget_s`` seconds, whichever comes first."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # explicit parameters: nnU-Net records them by name for its checkpoints
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_val_iterations_per_epoch = 5
-        self.save_every = 10
+        self.num_val_iterations_per_epoch = 2
+        self.save_every = 4
         self.initial_lr = 3e-3
+        self.weight_decay = 3e-5
+        self.iteration_budget = 1000
+        self.time_budget_s = float("inf")
+        self._iteration = 0
+        self._t_start = None
+
+    # ---- schedule -------------------------------------------------------------------------
+    def progress(self) -> float:
+        """Fraction of the budget used: the larger of iterations and wall time."""
+        by_time = (time.time() - self._t_start) / self.time_budget_s if self._t_start else 0.0
+        return max(self._iteration / self.iteration_budget, by_time)
 
     def configure_optimizers(self):
-        """Adam instead of nnU-Net's SGD (momentum 0.99): a tiny network trained for a few hundred
-        CPU iterations only gets off the all-background start with an adaptive optimiser."""
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=3e-5)
+        """AdamW instead of nnU-Net's SGD: a small network trained for a few hundred CPU iterations."""
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """Stock nnU-Net mirrors every axis and, for flat patches, rotates up to 180 degrees in-plane:
-        both turn a left parotid into a right one still labelled left. Keep small rotations only."""
-        patch_size = self.configuration_manager.patch_size
-        rotation = (-15.0 / 360 * 2 * np.pi, 15.0 / 360 * 2 * np.pi)
-        do_dummy_2d = (max(patch_size) / patch_size[0]) > 3
-        initial = get_patch_size(patch_size, rotation, rotation, rotation, (0.85, 1.25))
-        if do_dummy_2d:
-            initial[0] = patch_size[0]
+        """No mirroring (it would swap left and right labels) and no rotation; the whole volume is the patch."""
         self.inference_allowed_mirroring_axes = None
-        return rotation, do_dummy_2d, initial, None
+        return (0.0, 0.0), False, self.configuration_manager.patch_size, None
+
+    # ---- data -----------------------------------------------------------------------------
+    def get_dataloaders(self):
+        """Whole-volume in-memory loaders (training: augmented; validation: as is)."""
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        scales = self._get_deep_supervision_scales() or [[1, 1, 1]]
+        patch = self.configuration_manager.patch_size
+        train = WholeVolumeLoader(dataset_tr, dataset_tr.identifiers, self.batch_size, scales, True, 1, patch)
+        val = WholeVolumeLoader(dataset_val, dataset_val.identifiers, 1, scales, False, 2, patch)
+        return train, val
+
+    # ---- steps ----------------------------------------------------------------------------
+    def on_train_start(self):
+        super().on_train_start()
+        self.network.to(memory_format=torch.channels_last_3d)
+        self._t_start = time.time()
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.progress(), self.initial_lr)
+
+    def _forward(self, batch: dict):
+        data = batch["data"].to(self.device).contiguous(memory_format=torch.channels_last_3d)
+        target = [t.to(self.device) for t in batch["target"]]
+        cpu = self.device.type == "cpu"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16 if cpu else torch.float16):
+            output = self.network(data)
+        output = [o.float() for o in output] if isinstance(output, (list, tuple)) else output.float()
+        return output, target
+
+    def train_step(self, batch: dict) -> dict:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.progress(), self.initial_lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        output, target = self._forward(batch)
+        loss = self.loss(output, target if self.enable_deep_supervision else target[0])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        self.optimizer.step()
+        self._iteration += 1
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def run_training(self):
+        """nnU-Net's epoch loop, ended when the iteration or time budget is spent."""
+        self.on_train_start()
+        while self.progress() < 1.0 and self.current_epoch < self.num_epochs:
+            self.on_epoch_start()
+            self.on_train_epoch_start()
+            outputs = []
+            for _ in range(self.num_iterations_per_epoch):
+                outputs.append(self.train_step(next(self.dataloader_train)))
+                if self.progress() >= 1.0:
+                    break
+            self.on_train_epoch_end(outputs)
+            with torch.no_grad():
+                self.on_validation_epoch_start()
+                val = [self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)]
+                self.on_validation_epoch_end(val)
+            self.print_to_log_file(f"iterations {self._iteration}, progress {self.progress():.3f}, "
+                                   f"elapsed {time.time() - self._t_start:.0f} s")
+            self.on_epoch_end()
+        self.num_epochs = self.current_epoch  # so on_train_end's final checkpoint is the last epoch's
+        self.on_train_end()
