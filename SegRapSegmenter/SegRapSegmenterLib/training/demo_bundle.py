@@ -108,7 +108,7 @@ def train(work: Path, task: str, iterations: int, time_budget_s: float = float("
     pre = work / "nnUNet_preprocessed" / name
     plans = load_json(str(pre / "nnUNetPlans.json"))
     dataset_json = load_json(str(pre / "dataset.json"))
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("SEGRAP_TRAIN_THREADS", 0)) or max(1, os.cpu_count() or 1))
     plans["continue_training"] = False  # nnU-Net 2.8 reads this flag from the plans it is given
     trainer = SegRapDemoTrainer(plans, "3d_fullres", "all", dataset_json, device=torch.device("cpu"))
     trainer.num_epochs = 10_000
