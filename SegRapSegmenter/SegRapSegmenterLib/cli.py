@@ -319,13 +319,15 @@ def _add_demo(sub) -> None:
     p.add_argument("--seed", type=int, default=99, help="phantom seed (the demo model never saw seed 99)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--details", action="store_true", help="also print the Dice of every structure")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from . import demo
 
-    return demo.run_demo(args.out, size=args.size, seed=args.seed, device=args.device, json_lines=args.json)
+    return demo.run_demo(args.out, size=args.size, seed=args.seed, device=args.device, json_lines=args.json,
+                         details=args.details)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from . import structures as S
 
 LATERALITY_WARNING = "left and right may be swapped"
 
+EMPTY_WARNING = "empty (the model found no voxel of it)"  # the demo gathers these into one line
+
 
 def laterality_warnings(warnings: list[str]) -> list[str]:
     """The warnings among ``warnings`` that say a left/right pair may be swapped."""
@@ -36,7 +38,7 @@ def structure_report(masks: CroppedMasks, reference: sitk.Image) -> tuple[dict, 
         else:
             entry["flags"].append("empty")
         report[name] = entry
-    warnings = [f"{n}: empty (the model found no voxel of it)" for n, e in report.items() if "empty" in e["flags"]]
+    warnings = [f"{n}: {EMPTY_WARNING}" for n, e in report.items() if "empty" in e["flags"]]
     for name, entry in report.items():
         s = S.get(name)
         partner = report.get(s.partner) if s.laterality == "L" else None
