@@ -146,8 +146,13 @@ def _read_json(path: Path) -> dict:
         raise ModelError(f"{path}: not valid JSON ({exc}).") from exc
 
 
-def load_bundle(root: str | Path) -> Bundle:
-    """Read and check a bundle folder's manifest (labels, folds, inputs); checksums are ``verify_bundle``'s job."""
+def load_bundle(root: str | Path, check_network: bool = True) -> Bundle:
+    """Read and check a bundle folder's manifest (labels, folds, inputs); checksums are ``verify_bundle``'s job.
+
+    ``check_network=False`` leaves out the plans' allow-list check, which needs torch: for listing bundles
+    in a Python without torch (Slicer's, when the worker runs elsewhere). The predictor checks them again
+    before it builds a network, so nothing is built from unchecked plans.
+    """
     root = Path(root)
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -192,7 +197,8 @@ def load_bundle(root: str | Path) -> Bundle:
             for fold in model.folds:
                 plain_relative(f"fold_{fold}", f"{manifest_path}: {task} fold")
             plans_json = root / model.result_folder / "plans.json"
-            check_plans(_read_json(plans_json), model.configuration, str(plans_json))
+            if check_network:
+                check_plans(_read_json(plans_json), model.configuration, str(plans_json))
             tasks[task] = model
         bundle = Bundle(root=root, name=str(data["name"]), version=str(data["version"]),
                         license=str(data["license"]), description=str(data.get("description", "")),
@@ -476,7 +482,7 @@ def install_bundle(source: str | Path, store: Path | None = None, force: bool = 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def list_bundles(store: Path | None = None) -> list[Bundle]:
+def list_bundles(store: Path | None = None, check_network: bool = True) -> list[Bundle]:
     """The installed bundles (damaged ones are skipped; ``verify`` names their problems)."""
     store = store or store_root()
     out = []
@@ -484,7 +490,7 @@ def list_bundles(store: Path | None = None) -> list[Bundle]:
         for folder in sorted(store.iterdir()):
             if folder.is_dir() and not folder.name.startswith("."):
                 try:
-                    out.append(load_bundle(folder))
+                    out.append(load_bundle(folder, check_network))
                 except ModelError:
                     continue
     return out

@@ -394,10 +394,11 @@ class SegmentationLogic:
         """What the bundle selector offers: installed bundles by name, then the packaged demo bundle as "demo"."""
         from ..inference import bundles as M
 
-        found = {b.name: b for b in M.list_bundles()}
+        # listed without the plans check, which needs torch; the worker checks them before building a network
+        found = {b.name: b for b in M.list_bundles(check_network=False)}
         if M.DEMO_BUNDLE_NAME not in found and (M.DEMO_BUNDLE_PATH / M.MANIFEST_NAME).is_file():
             try:
-                found[M.DEMO_BUNDLE_NAME] = M.load_bundle(M.DEMO_BUNDLE_PATH)
+                found[M.DEMO_BUNDLE_NAME] = M.load_bundle(M.DEMO_BUNDLE_PATH, check_network=False)
             except errors.ModelError as exc:
                 log.warning("Demo bundle: %s", exc)
         return found

@@ -34,7 +34,6 @@ from vtk.util import numpy_support
 
 from ..arrays import EMPTY_BOX, bounding_box
 from ..errors import DicomError, GeometryError, InputError
-from ..formats.segfile import EMPTY_TAG
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +237,8 @@ def _place_in_study(segmentation_node, reference_volume) -> None:
 
 def _tagged_empty(segment) -> bool:
     """Whether ``segfile`` marked the segment as a structure the model did not find (tag ``SegRap.Empty``)."""
+    from ..formats.segfile import EMPTY_TAG  # here, not at the top: segfile needs pynrrd, the module does not
+
     return bool(segment.HasTag(EMPTY_TAG))
 
 
