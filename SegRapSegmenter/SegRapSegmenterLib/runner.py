@@ -135,12 +135,19 @@ def stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None:
     no longer found through it. On Windows psutil's terminate is already a kill, so the polite
     request there is the closed stdin alone (the worker watches it).
     """
-    import psutil
-
-    tree = process_tree(process.pid) if process.poll() is None else []  # once reaped, its pid may be another's
     if process.stdin is not None:
         with contextlib.suppress(OSError, ValueError):
             process.stdin.close()
+    try:
+        import psutil
+    except ImportError:  # not yet installed in Slicer: the closed stdin still reaches the worker behind a launcher
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return
+    tree = process_tree(process.pid) if process.poll() is None else []  # once reaped, its pid may be another's
     if not WINDOWS:
         for p in tree:
             with contextlib.suppress(psutil.Error):
