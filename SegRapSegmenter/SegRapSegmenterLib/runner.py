@@ -190,8 +190,12 @@ def cancel_on_termination():
         yield
         return
 
+    fired: list[int] = []
+
     def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-        raise Cancelled(f"stopped by {signal.Signals(signum).name}")
+        if not fired:  # a second signal must not break off the clean-up the first one started
+            fired.append(signum)
+            raise Cancelled(f"stopped by {signal.Signals(signum).name}")
 
     previous = {}
     for name in ("SIGTERM", "SIGHUP"):
