@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import types
 import unittest
 import venv
@@ -62,6 +63,27 @@ class ProbeTest(unittest.TestCase):
             self.assertEqual(result.python_version, platform.python_version())
             self.assertEqual(set(result.packages), set(D.WORKER_IMPORTS))  # it ran: a fresh venv has none of them
             self.assertIn("torch", result.missing)
+
+    @unittest.skipIf(os.name == "nt", "the stand-in for a hanging launcher is a shell script")
+    def test_a_probe_that_hangs_is_stopped_with_its_child_like_a_launcher_and_its_python(self):
+        import psutil
+
+        with tempfile.TemporaryDirectory() as tmp:
+            launcher, child_pid = Path(tmp, "PythonSlicer"), Path(tmp, "child.pid")
+            launcher.write_text(f"#!/bin/sh\nsleep 600 &\necho $! > {child_pid}\nwait\n")
+            launcher.chmod(0o755)
+            result: list = []
+            thread = threading.Thread(target=lambda: result.append(D.probe_python(str(launcher), timeout_s=1.0)),
+                                      daemon=True)
+            thread.start()
+            thread.join(30)  # a child left alive holds the probe's pipes open: the probe would hang with it
+            pid = int(child_pid.read_text())
+            if not result:
+                psutil.Process(pid).kill()
+            self.assertTrue(result, "the probe hung after its timeout: the launcher's child was not stopped")
+        probe = result[0]
+        self.assertIn("no answer within 1 s", probe.error)
+        self.assertFalse(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
 
     def test_psutil_is_needed_by_slicers_process_not_by_the_worker(self):
         self.assertIn("psutil", D.IN_PROCESS_IMPORTS)
