@@ -246,21 +246,21 @@ class WorkerRun:
 
     ``python``: the worker's interpreter (default: this one). ``startup_env``: the environment
     another interpreter starts from (Slicer's startup environment; default: ours). ``grace_s``: how
-    long a cancelled worker may take to stop before it is killed.
+    long a cancelled worker may take to stop before it is killed. ``env``: extra variables for the worker.
     """
 
     def __init__(self, request: "SegmentRequest", python: str | None = None,
-                 startup_env: Mapping[str, str] | None = None, grace_s: float = 10.0):
-        from .pipeline import default_case_id, staging_path
+                 startup_env: Mapping[str, str] | None = None, grace_s: float = 10.0,
+                 env: Mapping[str, str] | None = None):
+        from .pipeline import request_paths
 
         request = absolute_request(request)
-        if request.staging_dir is None:
-            case_id = request.case_id or default_case_id(request.ct or request.contrast_ct or "case")
-            request = replace(request, staging_dir=str(staging_path(request.out_dir, case_id)))
+        request = replace(request, staging_dir=str(request_paths(request)[1]))  # checked: cancel deletes it
         self.request = request
         self.python = python or sys.executable
         self.startup_env = startup_env
         self.grace_s = grace_s
+        self.env = dict(env or {})  # extra environment of the worker (e.g. the node pins one GPU per worker)
         self._tmp = Path(tempfile.mkdtemp(prefix="segrap-run-"))
         self.log_path = self._tmp / "worker.log"
         self.process: subprocess.Popen | None = None
@@ -273,7 +273,7 @@ class WorkerRun:
 
     def environment(self) -> dict[str, str]:
         """The worker's environment: python_environment, with this package first on its import path."""
-        env = python_environment(self.python, self.startup_env)
+        env = python_environment(self.python, self.startup_env) | self.env
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
