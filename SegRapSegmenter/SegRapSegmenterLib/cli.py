@@ -163,15 +163,17 @@ def _request_from_args(args, ct, contrast, case_id, out_dir):
 
 
 def _run_worker(request, args, label: str) -> int:
-    from .runner import WorkerRun
+    from .errors import Cancelled
+    from .runner import WorkerRun, cancel_on_termination
 
-    run = WorkerRun(request, python=args.python).start()
     on_event = (lambda e: print(json.dumps(e), flush=True)) if args.json else ProgressPrinter(label)
+    run = WorkerRun(request, python=args.python)
     try:
-        outcome = run.wait(on_event)
-    except KeyboardInterrupt:
-        run.cancel()
-        print(f"{label}: cancelled; no output written", file=sys.stderr)
+        with cancel_on_termination():  # SIGTERM/SIGHUP: stop the worker's tree and remove its temp folders first
+            outcome = run.start().wait(on_event)
+    except (KeyboardInterrupt, Cancelled) as exc:
+        run.cancel()  # wait() did it already, unless the signal came before
+        print(f"{label}: {exc or 'interrupted'}; cancelled, no output written", file=sys.stderr)
         return EXIT_INTERRUPTED
     final = outcome.final
     if final["event"] == "done":

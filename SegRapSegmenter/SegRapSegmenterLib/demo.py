@@ -23,7 +23,7 @@ from .formats.segfile import read_seg_nrrd
 from .inference.bundles import DEMO_BUNDLE_NAME
 from .phantom import cases as phantom
 from .pipeline import SegmentRequest
-from .runner import WorkerRun
+from .runner import WorkerRun, cancel_on_termination
 
 NOTICE = ("The demo model was trained by this project on the synthetic phantom only. It is not a clinical "
           "model: install a real bundle with `segrap models install` for patient images.")
@@ -99,7 +99,8 @@ def run_demo(out: str | Path, size: str = "small", seed: int = 99, device: str =
                              case_id=case.case_id, bundle=DEMO_BUNDLE_NAME, device=device)
     printer = (lambda e: print(json.dumps(e), flush=True)) if json_lines else _without_empty_warnings(
         ProgressPrinter("segrap demo"))
-    outcome = WorkerRun(request).start().wait(printer)
+    with cancel_on_termination():  # SIGTERM/SIGHUP stop the worker's tree and remove its temp folders
+        outcome = WorkerRun(request).start().wait(printer)
     if not outcome.ok:
         print(f"segrap demo: error: {outcome.final.get('message')}", file=sys.stderr)
         return exit_code_of_kind(outcome.final.get("kind"))

@@ -1,12 +1,27 @@
 """Starting, following and stopping the worker process: the one client the CLI and the Slicer module share.
 
 Inference always runs in its own process so that a crash, an out-of-memory kill or a cancel never
-takes the caller down. The worker runs in its own process group; cancel stops the group (the
-worker and anything it started) and removes the staging folder, so a killed run leaves nothing.
+takes the caller down. The same code runs on Windows, macOS and Linux:
+
+- the worker gets a process group of its own (a new session on POSIX; a new process group and no
+  console window on Windows), so a Ctrl-C or a closed terminal reaches the caller, which decides;
+- cancel stops the worker's whole process tree, found with psutil: the Python it was started with
+  (Slicer's ``PythonSlicer`` is a launcher that runs the real interpreter as its child), the worker
+  and whatever they started. It asks first (the worker's stdin is closed, and on POSIX SIGTERM is
+  sent: the worker stops at its next Python instruction and removes its staging folder), then
+  kills what is still alive after a grace period. No POSIX-only name is used;
+- a worker that ends without a final event is reported with the end of its log, on every OS;
+- the worker starts in a private temp folder with the current folder off its import path
+  (``PYTHONSAFEPATH`` on 3.11+, a one-line bootstrap on 3.10), so a ``SimpleITK.py`` where the
+  caller stands is never imported; request paths are made absolute first;
+- another interpreter than this one starts in the caller's startup environment (Slicer's, from
+  ``slicer.util.startupEnvironment()``, which the Slicer bridge passes in) without the variables
+  that tie a Python to its own installation (PYTHONHOME, PYTHONPATH, ...).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,15 +29,187 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import WorkerError
-from .pipeline import SegmentRequest, request_paths
+from .errors import Cancelled, WorkerError
+
+if TYPE_CHECKING:
+    from .pipeline import SegmentRequest
+
+# psutil and the pipeline are imported where used: the probe in Slicer (slicer_bridge.dependencies)
+# uses the process helpers below before either may be installed.
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+WORKER_MODULE = "SegRapSegmenterLib.worker"
+WINDOWS = os.name == "nt"
+# Win32 process creation flags (winbase.h); subprocess names them only on Windows
+CREATE_NEW_PROCESS_GROUP = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200)
+CREATE_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+# What points an interpreter at one particular installation: Slicer's launcher sets PYTHONHOME,
+# PYTHONPATH and PYTHONNOUSERSITE for its own Python (docs/slicer-compatibility.md); another
+# interpreter started with them fails before its first line, or imports Slicer's packages.
+PYTHON_INSTALLATION_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONSTARTUP", "PYTHONEXECUTABLE",
+                                 "PYTHONUSERBASE", "PYTHONPLATLIBDIR", "__PYVENV_LAUNCHER__")
+# Runs a module as __main__ with no current-folder entry on sys.path: on 3.11+ PYTHONSAFEPATH
+# keeps it off, on 3.10 ``-c`` puts '' first and this removes it before anything is imported.
+_SAFE_RUN = ("import sys\nif sys.path and sys.path[0] in ('', '.'): del sys.path[0]\n"
+             "import runpy\nrunpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
 
+
+# -- processes: the same start and stop on every OS -------------------------------------------
+
+def popen_options(windows: bool = WINDOWS) -> dict[str, object]:
+    """Popen keywords for a child of its own: a new process group without a console window on Windows, a new session on POSIX."""
+    if windows:
+        return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
+def same_python(python: str) -> bool:
+    """True when ``python`` is this interpreter (inside Slicer, ``sys.executable`` is PythonSlicer)."""
+    def norm(path: str) -> str:
+        return os.path.normcase(os.path.abspath(path))
+
+    return norm(python) == norm(sys.executable)
+
+
+def python_environment(python: str, startup_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child ``python``: ours for this interpreter; for another one, the startup
+    environment (Slicer's before its launcher added its own Python; ours headless) without the
+    variables of PYTHON_INSTALLATION_VARIABLES. The current folder stays off its import path."""
+    if same_python(python):
+        env = dict(os.environ)
+    else:
+        env = {str(k): str(v) for k, v in (os.environ if startup_env is None else startup_env).items()}
+        for key in [k for k in env if k.upper() in PYTHON_INSTALLATION_VARIABLES]:
+            del env[key]
+    env["PYTHONSAFEPATH"] = "1"
+    return env
+
+
+def safe_module_command(python: str, module: str, *args: str) -> list[str]:
+    """The command line that runs ``module`` as a script with ``python``, the current folder off its import path."""
+    return [python, "-c", _SAFE_RUN.format(module=module), *args]
+
+
+def _alive(process) -> bool:
+    """True while a psutil process runs (a zombie has ended: only its exit status is left)."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def process_tree(pid: int) -> list:
+    """psutil processes of ``pid`` and all its descendants (empty when it is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _wait_until_gone(process: subprocess.Popen, others: list, deadline: float) -> list:
+    """Wait until ``process`` (ours: reaped here) and ``others`` have ended or ``deadline`` passed; returns those alive."""
+    while True:
+        process.poll()
+        alive = [p for p in others if _alive(p)]
+        if (process.returncode is not None and not alive) or time.monotonic() >= deadline:
+            return alive + ([] if process.returncode is not None else process_tree(process.pid)[:1])
+        time.sleep(0.05)
+
+
+def stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop ``process`` and every descendant: ask (stdin closed; SIGTERM on POSIX), kill what is alive after ``grace_s``.
+
+    The tree is listed before anything is asked to stop: once a launcher ends, its children are
+    no longer found through it. On Windows psutil's terminate is already a kill, so the polite
+    request there is the closed stdin alone (the worker watches it).
+    """
+    if process.stdin is not None:
+        with contextlib.suppress(OSError, ValueError):
+            process.stdin.close()
+    try:
+        import psutil
+    except ImportError:  # not yet installed in Slicer: the closed stdin still reaches the worker behind a launcher
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return
+    tree = process_tree(process.pid) if process.poll() is None else []  # once reaped, its pid may be another's
+    if not WINDOWS:
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+    others = [p for p in tree if p.pid != process.pid]
+    alive = _wait_until_gone(process, others, time.monotonic() + grace_s)
+    if alive:
+        found = {p.pid: p for p in alive}
+        for p in alive:  # and whatever they started meanwhile
+            with contextlib.suppress(psutil.Error):
+                found.update({c.pid: c for c in p.children(recursive=True)})
+        for p in found.values():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        _wait_until_gone(process, [p for p in found.values() if p.pid != process.pid], time.monotonic() + 10.0)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10.0)
+
+
+def describe_exit(returncode: int) -> str:
+    """How a process that sent no final event ended, in words, with a hint where the code says more."""
+    if returncode < 0:  # POSIX: killed by a signal
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    if returncode >= 0xC0000000:  # Windows: an NTSTATUS code
+        hints = {0xC0000017: " (out of memory)", 0xC000012D: " (out of memory)", 0xC0000005: " (a crash)",
+                 0xC00000FD: " (stack overflow)", 0xC000013A: " (interrupted)"}
+        return f"exit code {returncode:#010x}" + hints.get(returncode, "")
+    return f"exit code {returncode}"
+
+
+@contextlib.contextmanager
+def cancel_on_termination():
+    """Within the block, SIGTERM and SIGHUP (where they exist) raise Cancelled in the main thread, so a ``wait``
+    in progress stops the worker's tree and removes its temp folders before the caller exits; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    fired: list[int] = []
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        if not fired:  # a second signal must not break off the clean-up the first one started
+            fired.append(signum)
+            raise Cancelled(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+# -- the worker run ----------------------------------------------------------------------------
 
 @dataclass
 class WorkerOutcome:
@@ -38,30 +225,72 @@ class WorkerOutcome:
         return self.final.get("event") == "done" and self.returncode == 0
 
 
-class WorkerRun:
-    """One worker process for one request."""
+def absolute_request(request: "SegmentRequest") -> "SegmentRequest":
+    """``request`` with its paths absolute: the worker runs in a folder of its own."""
+    from .inference.bundles import DEMO_BUNDLE_NAME, store_root
 
-    def __init__(self, request: SegmentRequest, python: str | None = None, env: dict[str, str] | None = None):
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(os.path.expanduser(path)) if path else path
+
+    paths = {key: absolute(getattr(request, key))
+             for key in ("ct", "contrast_ct", "out_dir", "ct_series", "contrast_series", "staging_dir")}
+    bundle = request.bundle
+    if bundle and bundle != DEMO_BUNDLE_NAME and not (store_root() / bundle).is_dir() \
+            and Path(bundle).expanduser().is_dir():
+        bundle = absolute(bundle)  # a folder the caller named relative to where it stands
+    return replace(request, bundle=bundle, **paths)
+
+
+class WorkerRun:
+    """One worker process for one request.
+
+    ``python``: the worker's interpreter (default: this one). ``startup_env``: the environment
+    another interpreter starts from (Slicer's startup environment; default: ours). ``grace_s``: how
+    long a cancelled worker may take to stop before it is killed. ``env``: extra variables for the worker.
+    """
+
+    def __init__(self, request: "SegmentRequest", python: str | None = None,
+                 startup_env: Mapping[str, str] | None = None, grace_s: float = 10.0,
+                 env: Mapping[str, str] | None = None):
+        from .pipeline import request_paths
+
+        request = absolute_request(request)
+        request = replace(request, staging_dir=str(request_paths(request)[1]))  # checked: cancel deletes it
         self.request = request
         self.python = python or sys.executable
+        self.startup_env = startup_env
+        self.grace_s = grace_s
         self.env = dict(env or {})  # extra environment of the worker (e.g. the node pins one GPU per worker)
-        request.staging_dir = str(request_paths(request)[1])  # checked: cancel deletes it
         self._tmp = Path(tempfile.mkdtemp(prefix="segrap-run-"))
         self.log_path = self._tmp / "worker.log"
         self.process: subprocess.Popen | None = None
+        self._log = None
+        self._waiting = False
 
-    def start(self) -> "WorkerRun":
-        """Start the worker (non-blocking)."""
-        request_path = self._tmp / "request.json"
-        request_path.write_text(json.dumps(asdict(self.request)))
-        env = dict(os.environ) | self.env
+    def command(self, request_path: Path) -> list[str]:
+        """The worker's command line (``python -m SegRapSegmenterLib.worker``, the current folder off sys.path)."""
+        return safe_module_command(self.python, WORKER_MODULE, "--request", str(request_path), "--stop-on-stdin-eof")
+
+    def environment(self) -> dict[str, str]:
+        """The worker's environment: python_environment, with this package first on its import path."""
+        env = python_environment(self.python, self.startup_env) | self.env
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def start(self) -> "WorkerRun":
+        """Start the worker (non-blocking), in its temp folder, with its own process group."""
+        request_path = self._tmp / "request.json"
+        request_path.write_text(json.dumps(asdict(self.request)))
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [self.python, "-m", "SegRapSegmenterLib.worker", "--request", str(request_path)],
-            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True, env=env,
-            start_new_session=True)
+        try:
+            self.process = subprocess.Popen(
+                self.command(request_path), stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.PIPE,
+                text=True, env=self.environment(), cwd=self._tmp, **popen_options())
+        except BaseException:
+            self._log.close()
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
         return self
 
     def events(self) -> Iterator[dict]:
@@ -76,24 +305,22 @@ class WorkerRun:
             except json.JSONDecodeError:
                 yield {"event": "log", "message": line}
 
-    def cancel(self, grace_s: float = 10.0) -> None:
-        """Stop the worker and its children (SIGTERM, then SIGKILL after ``grace_s``) and clean up."""
-        if self.process is None or self.process.poll() is not None:
-            self._cleanup_staging()
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        except ProcessLookupError:
-            pass
+    def cancel(self, grace_s: float | None = None) -> None:
+        """Stop the worker and everything it started (stop_process_tree) and remove its staging folder."""
+        if self.process is not None:
+            stop_process_tree(self.process, self.grace_s if grace_s is None else grace_s)
         self._cleanup_staging()
+        if not self._waiting:  # else wait() removes the temp folder once it has read the log
+            self._remove_tmp()
 
     def _cleanup_staging(self) -> None:
         if self.request.staging_dir:
             shutil.rmtree(self.request.staging_dir, ignore_errors=True)
+
+    def _remove_tmp(self) -> None:
+        if self._log is not None:
+            self._log.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -107,27 +334,28 @@ class WorkerRun:
             self.start()
         final: dict | None = None
         warnings: list[str] = []
+        self._waiting = True
         try:
-            for event in self.events():
-                if on_event:
-                    on_event(event)
-                if event.get("event") == "warning":
-                    warnings.append(event.get("message", ""))
-                if event.get("event") in ("done", "error", "cancelled"):
-                    final = event
-            returncode = self.process.wait()
-        except BaseException:
-            self.cancel()
-            raise
+            try:
+                for event in self.events():
+                    if on_event:
+                        on_event(event)
+                    if event.get("event") == "warning":
+                        warnings.append(event.get("message", ""))
+                    if event.get("event") in ("done", "error", "cancelled"):
+                        final = event
+                returncode = self.process.wait()
+            except BaseException:
+                self.cancel()
+                raise
+            if self._log is not None:
+                self._log.close()
+            tail = self.log_tail()
         finally:
-            self._log.close()
-        tail = self.log_tail()
+            self._waiting = False
+            self._remove_tmp()
         if final is None:
             self._cleanup_staging()
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            how = f"killed by signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
-            hint = " (out of memory?)" if returncode == -signal.SIGKILL else ""
-            raise WorkerError(f"The segmentation worker died ({how}){hint} before finishing; no output was written. "
-                              f"Last log lines:\n{tail}")
-        shutil.rmtree(self._tmp, ignore_errors=True)
+            raise WorkerError(f"The segmentation worker died ({describe_exit(returncode)}) before finishing; no output "
+                              f"was written. Last log lines:\n{tail}")
         return WorkerOutcome(returncode, final, warnings, tail)

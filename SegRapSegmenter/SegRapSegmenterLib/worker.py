@@ -7,7 +7,10 @@ Events, one JSON object per line: ``{"event": "start", ...}``, ``{"event": "prog
 ``{"event": "done", "outputs": {...}, "warnings": [...]}``, ``{"event": "error", "kind": ...,
 "message": ...}`` or ``{"event": "cancelled"}``. Logs go to stderr. SIGTERM and SIGINT stop the run
 at the next Python instruction, remove the staging folder and exit with 130; nothing is left in the
-output folder. The CLI and the Slicer module both start this same worker.
+output folder. With ``--stop-on-stdin-eof`` (how ``runner.WorkerRun`` starts it) the end of stdin does
+the same, on every OS: the runner closes it to cancel (Windows has no SIGTERM to send), and it ends
+by itself when the caller dies, so a crashed Slicer or a killed CLI leaves no worker on the GPU.
+The CLI and the Slicer module both start this same worker.
 """
 
 from __future__ import annotations
@@ -38,19 +41,46 @@ class _Emitter:
             self._out.flush()
 
 
+_STDIN_CLOSED = threading.Event()  # set by the stdin watcher just before it interrupts the main thread
+_FINISHING = threading.Event()  # set once the run is over: a late end of stdin no longer interrupts
+
+
 def _raise_cancelled(signum, frame):  # noqa: ARG001 - signal handler signature
     from .errors import Cancelled
 
+    if _STDIN_CLOSED.is_set():
+        raise Cancelled("stopped: the caller closed the worker's input (cancelled, or the caller ended)")
     raise Cancelled(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def run_request(request_path: Path) -> int:
+def _stop_on_stdin_eof() -> None:
+    """Watch stdin on a thread; at its end, stop the main thread as SIGTERM would (works on every OS)."""
+    import _thread
+
+    fd = sys.stdin.fileno()
+
+    def watch() -> None:
+        try:  # the file descriptor, not sys.stdin: a thread blocked in a buffered read aborts the interpreter's exit
+            while os.read(fd, 4096):
+                pass
+        except OSError:
+            pass
+        if not _FINISHING.is_set():
+            _STDIN_CLOSED.set()
+            _thread.interrupt_main(signal.SIGTERM)
+
+    threading.Thread(target=watch, name="segrap-stdin-watch", daemon=True).start()
+
+
+def run_request(request_path: Path, stop_on_stdin_eof: bool = False) -> int:
     """Run the request in ``request_path``; returns the exit code (errors.exit_code_of_kind of the error it reports)."""
     emit = _Emitter()
     # stdout belongs to the protocol: everything else printed (nnU-Net, tqdm) goes to stderr
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     signal.signal(signal.SIGTERM, _raise_cancelled)
     signal.signal(signal.SIGINT, _raise_cancelled)
+    if stop_on_stdin_eof:
+        _stop_on_stdin_eof()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     from .errors import Cancelled, SegRapError
@@ -73,6 +103,7 @@ def run_request(request_path: Path) -> int:
                                                                     fraction=round(float(fraction), 4),
                                                                     message=message),
                      warn=lambda message: emit("warning", message=message))
+        _FINISHING.set()
         emit("done", case_id=result.case_id, outputs=result.outputs, warnings=result.warnings)
         return 0
     except Cancelled as exc:
@@ -91,6 +122,7 @@ def run_request(request_path: Path) -> int:
              traceback=traceback.format_exc())
         return EXIT_ERROR
     finally:
+        _FINISHING.set()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if staging is not None and staging.exists():
@@ -102,8 +134,10 @@ def run_request(request_path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m SegRapSegmenterLib.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--request", required=True, type=Path, help="JSON file of a pipeline.SegmentRequest")
+    parser.add_argument("--stop-on-stdin-eof", action="store_true",
+                        help="stop the run (as SIGTERM does) when stdin ends: the caller cancelled or went away")
     args = parser.parse_args(argv)
-    return run_request(args.request)
+    return run_request(args.request, stop_on_stdin_eof=args.stop_on_stdin_eof)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
-from SegRapSegmenterLib import cli
+
+from SegRapSegmenterLib import cli, runner
 from SegRapSegmenterLib.errors import WorkerError
 from SegRapSegmenterLib.pipeline import SegmentRequest
 from SegRapSegmenterLib.runner import WorkerRun
@@ -33,18 +35,22 @@ def _run_until(run: WorkerRun, stage_prefix: str) -> list[dict]:
     raise AssertionError(f"the worker never reached {stage_prefix}: {seen}")
 
 
-def test_cancel_mid_run_stops_quickly_and_leaves_nothing(heldout_case, tmp_path):
+def test_cancel_mid_run_stops_quickly_and_leaves_nothing(heldout_case, tmp_path, monkeypatch):
+    """Cancel as on Windows, where no SIGTERM can be sent: the closed stdin alone stops the real worker
+    within the grace period, cleanly (its own "cancelled" event and exit code), before any kill."""
     _, paths = heldout_case
     out = tmp_path / "out"
-    run = WorkerRun(_request(paths, out)).start()
+    monkeypatch.setattr(runner, "WINDOWS", True)  # stop_process_tree: no SIGTERM, only the closed stdin
+    run = WorkerRun(_request(paths, out), grace_s=30.0).start()
     _run_until(run, "oar-inference")
     t0 = time.monotonic()
-    os.killpg(run.process.pid, signal.SIGTERM)
+    run.cancel()
     rest = list(run.events())
-    code = run.process.wait(timeout=30)
     assert time.monotonic() - t0 < 10
-    assert code == 130 and rest[-1]["event"] == "cancelled"
+    assert run.process.returncode == 130 and rest[-1]["event"] == "cancelled"
+    assert "closed the worker's input" in rest[-1]["message"]
     assert not out.exists()  # not even the output folder: it is created only when the outputs are written
+    assert not run.log_path.parent.exists()
 
 
 def test_killed_worker_is_reported_and_its_staging_removed(heldout_case, tmp_path):
@@ -52,10 +58,35 @@ def test_killed_worker_is_reported_and_its_staging_removed(heldout_case, tmp_pat
     out = tmp_path / "out"
     run = WorkerRun(_request(paths, out, tasks=("gtv",))).start()
     _run_until(run, "gtv-inference")
-    os.killpg(run.process.pid, signal.SIGKILL)
-    with pytest.raises(WorkerError, match="killed by signal SIGKILL"):
+    psutil.Process(run.process.pid).kill()  # SIGKILL on POSIX, TerminateProcess on Windows
+    with pytest.raises(WorkerError, match="killed by SIGKILL") as caught:
         run.wait()
+    assert "Last log lines:" in str(caught.value)
     assert not out.exists()  # nothing: no staging folder, no output folder
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM to another process is a kill on Windows")
+def test_sigterm_to_the_cli_stops_the_worker_and_removes_its_temp_folder(heldout_case, tmp_path):
+    """Issue 20 finding 6: the CLI forwards SIGTERM to the worker's tree; no worker, staging or segrap-run-* is left."""
+    _, paths = heldout_case
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    cli_proc = subprocess.Popen(
+        [sys.executable, "-m", "SegRapSegmenterLib.cli", "segment", "--ct", str(paths.ct), "--tasks", "oar",
+         "--out", str(out), "--bundle", "demo", "--device", "cpu", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    worker_pid = None
+    for line in cli_proc.stdout:
+        event = json.loads(line)
+        worker_pid = event.get("pid", worker_pid)
+        if event["event"] == "progress" and event["stage"].startswith("oar-inference"):
+            break
+    assert worker_pid is not None and list(tmp.glob("segrap-run-*"))
+    cli_proc.send_signal(signal.SIGTERM)
+    assert cli_proc.wait(timeout=60) == cli.EXIT_INTERRUPTED, cli_proc.stderr.read()
+    assert "stopped by SIGTERM" in cli_proc.stderr.read()
+    assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+    assert list(tmp.iterdir()) == [] and not out.exists()
 
 
 def test_structure_subset_runs_only_the_needed_task_and_low_memory_is_recorded(heldout_case, tmp_path, capsys):

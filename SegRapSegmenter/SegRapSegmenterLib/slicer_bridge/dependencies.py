@@ -14,8 +14,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..runner import popen_options, python_environment, stop_process_tree
 
 # torch versions nnunetv2 2.8.1 accepts (its metadata: "torch!=2.9.*,>=2.1.2"): handed to the PyTorch
 # extension's installTorch, which appends it to "torch" (fepegar/SlicerPyTorch PyTorchUtils.py:240)
@@ -43,7 +47,10 @@ WORKER_IMPORTS: tuple[str, ...] = ("torch", "nnunetv2", "scipy", "pydicom", "nrr
 IN_PROCESS_IMPORTS: tuple[str, ...] = ("scipy", "pydicom", "psutil")
 
 _PROBE = r"""
-import importlib, json, sys
+import sys
+if sys.path and sys.path[0] in ("", "."):  # Python 3.10 ignores PYTHONSAFEPATH: the current folder off sys.path
+    del sys.path[0]
+import importlib, json
 names = json.loads(sys.argv[1])
 out = {"python": sys.version.split()[0], "executable": sys.executable, "packages": {}, "devices": [], "error": None}
 for name in names:
@@ -59,16 +66,22 @@ for name in names:
         out["packages"][name] = str(version)
     except Exception as exc:
         out["packages"][name] = None
+torch = None
 try:
     import torch
-    out["torch_cuda"] = torch.version.cuda
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            out["devices"].append("cuda:%d %s, %.1f GiB" % (i, p.name, p.total_memory / 2**30))
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        out["devices"].append("mps (Apple GPU)")
+except Exception as exc:  # torch not installed at all is a missing package, not a failed probe
+    if not (isinstance(exc, ModuleNotFoundError) and exc.name == "torch"):
+        out["error"] = "%s: %s" % (type(exc).__name__, exc)
+try:
+    if torch is not None:
+        out["torch_cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                out["devices"].append("cuda:%d %s, %.1f GiB" % (i, p.name, p.total_memory / 2**30))
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            out["devices"].append("mps (Apple GPU)")
 except Exception as exc:
     out["error"] = "%s: %s" % (type(exc).__name__, exc)
 print(json.dumps(out))
@@ -107,18 +120,52 @@ class PythonProbe:
         return f"No GPU found by {build}: the CPU will be used (slow: minutes per case)."
 
 
-def probe_python(python: str | None = None, timeout_s: float = 120.0) -> PythonProbe:
-    """Ask ``python`` (default: this one) which required packages import and which devices torch sees."""
+def startup_environment() -> dict[str, str] | None:
+    """Slicer's startup environment (without its launcher's Python settings) inside Slicer; None elsewhere.
+
+    ``slicer.util.startupEnvironment`` (Base/Python/slicer/util.py v5.10.0:98, v5.12.0:269) is where another
+    interpreter starts from: the one Slicer runs in carries PYTHONHOME, PYTHONPATH and PYTHONNOUSERSITE
+    for Slicer's own Python (docs/slicer-compatibility.md).
+    """
+    slicer = sys.modules.get("slicer")
+    if slicer is None or not hasattr(slicer, "app"):
+        return None
+    import slicer.util
+
+    return dict(slicer.util.startupEnvironment())
+
+
+def probe_python(python: str | None = None, timeout_s: float = 120.0,
+                 startup_env: Mapping[str, str] | None = None) -> PythonProbe:
+    """Ask ``python`` (default: this one) which required packages import and which devices torch sees.
+
+    It runs like the worker: from a neutral folder with the current folder off its import path, in
+    ``startup_env`` when it is another interpreter (default: Slicer's startup environment inside
+    Slicer, ours elsewhere), with no console window on Windows; a probe that hangs is stopped with
+    its whole process tree (PythonSlicer is a launcher with the real Python as its child).
+    """
     python = python or sys.executable
     names = list(WORKER_IMPORTS)
-    try:
-        proc = subprocess.run([python, "-c", _PROBE, json.dumps(names)], capture_output=True, text=True,
-                              timeout=timeout_s, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return PythonProbe(python, error=f"{type(exc).__name__}: {exc}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    env = python_environment(python, startup_env if startup_env is not None else startup_environment())
+    with tempfile.TemporaryDirectory(prefix="segrap-probe-") as neutral:
+        try:
+            proc = subprocess.Popen([python, "-c", _PROBE, json.dumps(names)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
+                                    cwd=neutral, **popen_options())
+        except OSError as exc:
+            return PythonProbe(python, error=f"{type(exc).__name__}: {exc}")
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            try:
+                stop_process_tree(proc, grace_s=2.0)
+            except ImportError:  # psutil not installed in Slicer yet: the launcher at least
+                proc.kill()
+            proc.communicate()
+            return PythonProbe(python, error=f"no answer within {timeout_s:g} s")
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
         return PythonProbe(python, error=f"exit code {proc.returncode} ({tail})")
     data = json.loads(lines[-1])
     return PythonProbe(python, data.get("python", ""), data.get("packages", {}), data.get("devices", []),

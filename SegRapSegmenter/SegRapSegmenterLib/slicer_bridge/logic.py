@@ -317,7 +317,9 @@ class SegmentationLogic:
                 tasks=tasks, structures=tuple(structures) if structures is not None else None, device=device,
                 folds=tuple(str(f) for f in folds) if folds else None, mirror=mirror, tile_step_size=tile_step_size,
                 threads=threads, low_memory=lowMemory, register=register)  # staging: inside out_dir
-            worker = WorkerRun(request, python=self.python or default_python())
+            from .dependencies import startup_environment
+
+            worker = WorkerRun(request, python=self.python or default_python(), startup_env=startup_environment())
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise

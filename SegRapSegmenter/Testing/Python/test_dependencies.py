@@ -3,12 +3,17 @@ arguments that pin what is installed while holding Slicer's own packages where t
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import types
 import unittest
+import venv
 from pathlib import Path
+from unittest import mock
 
 from SegRapSegmenterLib.slicer_bridge import dependencies as D
 
@@ -39,6 +44,51 @@ class ProbeTest(unittest.TestCase):
         self.assertFalse(probe.ready)
         self.assertIn("No such file", probe.error)
         self.assertIn("Cannot check", probe.device_text())
+
+    def test_another_python_is_probed_although_this_environment_carries_a_broken_pythonhome(self):
+        """As inside Slicer, whose launcher sets PYTHONHOME/PYTHONPATH/PYTHONNOUSERSITE for its own Python:
+        the probe starts another interpreter from the startup environment without them."""
+        with tempfile.TemporaryDirectory() as tmp:
+            venv.create(tmp, with_pip=False, symlinks=os.name != "nt")
+            other = str(Path(tmp, "Scripts/python.exe" if os.name == "nt" else "bin/python"))
+            broken = {"PYTHONHOME": str(Path(tmp, "no-such-home")), "PYTHONPATH": str(Path(tmp, "no-such-lib")),
+                      "PYTHONNOUSERSITE": "1"}
+            with mock.patch.dict(os.environ, broken):
+                plain = subprocess.run([other, "-c", "pass"], capture_output=True, timeout=60)
+                self.assertNotEqual(plain.returncode, 0, "this PYTHONHOME should break the other Python")
+                probe = D.probe_python(other)
+                slicer_like = D.probe_python(other, startup_env={**os.environ, "LANG": "C.UTF-8"})
+        for result in (probe, slicer_like):
+            self.assertIsNone(result.error)
+            self.assertEqual(result.python_version, platform.python_version())
+            self.assertEqual(set(result.packages), set(D.WORKER_IMPORTS))  # it ran: a fresh venv has none of them
+            self.assertIn("torch", result.missing)
+
+    @unittest.skipIf(os.name == "nt", "the stand-in for a hanging launcher is a shell script")
+    def test_a_probe_that_hangs_is_stopped_with_its_child_like_a_launcher_and_its_python(self):
+        import psutil
+
+        with tempfile.TemporaryDirectory() as tmp:
+            launcher, child_pid = Path(tmp, "PythonSlicer"), Path(tmp, "child.pid")
+            launcher.write_text(f"#!/bin/sh\nsleep 600 &\necho $! > {child_pid}\nwait\n")
+            launcher.chmod(0o755)
+            result: list = []
+            thread = threading.Thread(target=lambda: result.append(D.probe_python(str(launcher), timeout_s=1.0)),
+                                      daemon=True)
+            thread.start()
+            thread.join(30)  # a child left alive holds the probe's pipes open: the probe would hang with it
+            pid = int(child_pid.read_text())
+            if not result:
+                psutil.Process(pid).kill()
+            self.assertTrue(result, "the probe hung after its timeout: the launcher's child was not stopped")
+        probe = result[0]
+        self.assertIn("no answer within 1 s", probe.error)
+        self.assertFalse(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+
+    def test_psutil_is_needed_by_slicers_process_not_by_the_worker(self):
+        self.assertIn("psutil", D.IN_PROCESS_IMPORTS)
+        self.assertNotIn("psutil", D.WORKER_IMPORTS)
+        self.assertEqual(D.install_plan(["psutil"]).requirements, [D.REQUIREMENTS["psutil"]])
 
     def test_missing_packages_are_listed_from_what_the_python_reports(self):
         probe = D.PythonProbe("python", packages={name: "1.0" for name in D.WORKER_IMPORTS} | {"nnunetv2": None})

@@ -9,7 +9,6 @@ run on a small CT crop. They use the packaged demo bundle, or an untrained devel
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -20,6 +19,7 @@ import slicer
 from SegRapSegmenterLib.errors import Cancelled, InputError, ModelError, SegRapError
 from SegRapSegmenterLib.inference import bundles as models
 from SegRapSegmenterLib.phantom import cases as phantom
+from SegRapSegmenterLib.runner import process_tree
 from SegRapSegmenterLib.slicer_bridge import scene as SC
 from SegRapSegmenterLib.slicer_bridge.logic import CANCELLED, DONE, FAILED, SegmentationLogic
 
@@ -51,12 +51,14 @@ def node_ids(scene) -> list[str]:
     return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
 
 
-def process_group_alive(pgid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (psutil: the same on every OS; a zombie has ended)."""
+    import psutil
+
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return True
 
 
 class LogicInputsTest(unittest.TestCase):
@@ -98,12 +100,13 @@ class LogicWorkerRunTest(unittest.TestCase):
         ct = SC.add_volume_node(self.scene, case.ct, "CT")
         contrast = SC.add_volume_node(self.scene, case.contrast_ct, "Contrast CT")
         before = node_ids(self.scene)
-        polls, events, finished = [], [], []
+        polls, events, finished, tree = [], [], [], []
         logic = SegmentationLogic(scheduler=polls.append)  # stands in for Slicer's qt timer
 
         def progress(event):
             events.append(event)
             if event.get("event") == "progress" and event.get("stage", "").endswith("-inference"):
+                tree.extend(p.pid for p in process_tree(logic.run.worker.process.pid))
                 logic.cancel()
 
         node = logic.segment(ct, contrast, bundle=BUNDLE, device="cpu", wait=False, progress=progress,
@@ -123,7 +126,8 @@ class LogicWorkerRunTest(unittest.TestCase):
         self.assertTrue(any(e.get("stage", "").endswith("-inference") for e in events))
         self.assertEqual(node_ids(self.scene), before)  # the output node is gone again
         self.assertIsNotNone(run.worker.process.poll())
-        self.assertFalse(process_group_alive(run.worker.process.pid))  # worker and its children
+        self.assertTrue(tree)
+        self.assertEqual([pid for pid in tree if alive(pid)], [])  # the worker and everything it had started
         self.assertFalse(run.workdir.exists())
         with self.assertRaises(Cancelled):
             run.result()
