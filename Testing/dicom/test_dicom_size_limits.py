@@ -3,12 +3,12 @@ inflated or decoded."""
 
 from __future__ import annotations
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from SegRapSegmenterLib.errors import DicomError
 from SegRapSegmenterLib.formats.dicom import read_ct_series
+from SegRapSegmenterLib.formats.pydicom_compat import save_file
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -32,7 +32,7 @@ def write_deflated_series(folder, count: int, rows: int, columns: int) -> None:
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         ds.PixelData = pixels
-        pydicom.dcmwrite(folder / f"CT{k:04d}.dcm", ds, enforce_file_format=True)
+        save_file(ds, folder / f"CT{k:04d}.dcm")  # pydicom 2.4 and 3 alike
 
 
 def test_a_deflated_series_over_the_voxel_limit_is_refused_with_bounded_memory(tmp_path, rss_growth):

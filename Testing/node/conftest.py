@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from node_peers import NodeProcess, StoreScp
-
 from SegRapSegmenterLib.phantom.dicom_series import DicomPhantom, write_variant
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-
 PACKAGE_PARENT = Path(__file__).resolve().parents[2] / "SegRapSegmenter"
 
 

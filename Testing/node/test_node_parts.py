@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import pydicom
 import pytest
 from node_peers import free_port
 from pydicom.uid import generate_uid
-
 from SegRapSegmenterLib.errors import DicomNetworkError, InputError
+from SegRapSegmenterLib.formats.pydicom_compat import save_file
 from SegRapSegmenterLib.node.address import Destination, parse_destination
 from SegRapSegmenterLib.node.audit import AuditLog, read_events
 from SegRapSegmenterLib.node.config import load_config
@@ -137,7 +136,7 @@ def test_send_stores_a_ct_series_in_the_scp_and_says_why_when_it_cannot(scp, pha
     ds = pydicom.dcmread(sorted(study.ct_dir.glob("*.dcm"))[0])
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.save_as(tmp_path / "mr.dcm", enforce_file_format=True)
+    save_file(ds, tmp_path / "mr.dcm")
     with pytest.raises(DicomNetworkError, match="status 0x0122.*CT images only"):
         send_files([tmp_path / "mr.dcm"], dest, "CT1")
     with pytest.raises(InputError, match="not a readable DICOM file"):

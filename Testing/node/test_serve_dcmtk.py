@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pydicom
-from pydicom.uid import generate_uid
-
-from SegRapSegmenterLib.node.spool import Spool
-
 from node_peers import audit_events, dciodvfy_errors, dcmtk, free_port, storescu, wait_until
+from pydicom.uid import generate_uid
+from SegRapSegmenterLib.formats.pydicom_compat import save_file
+from SegRapSegmenterLib.node.spool import Spool
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -30,7 +29,7 @@ def _mr_file(phantom, tmp_path):
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.Modality = "MR"
     path = tmp_path / "mr.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    save_file(ds, path)
     return path, str(ds.SOPInstanceUID)
 
 
