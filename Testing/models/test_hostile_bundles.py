@@ -9,14 +9,13 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import shutil
 import threading
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
-
+from bundle_helpers import rewrite_checksums
 from SegRapSegmenterLib import cli
 from SegRapSegmenterLib.errors import ModelError
 from SegRapSegmenterLib.inference import bundles as M
@@ -24,24 +23,9 @@ from SegRapSegmenterLib.inference import unpack
 
 
 @pytest.fixture()
-def store(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("SEGRAP_HOME", str(tmp_path / "home"))
-    return M.store_root()
-
-
-@pytest.fixture()
-def bundle(tmp_path) -> Path:
-    target = tmp_path / "bundle"
-    shutil.copytree(M.DEMO_BUNDLE_PATH, target)
-    return target
-
-
-def rewrite_checksums(root: Path) -> None:
-    """List every file of the folder in its manifest with its checksum: an attacker's bundle is self-consistent."""
-    manifest = json.loads((root / M.MANIFEST_NAME).read_text())
-    manifest["files"] = {p.relative_to(root).as_posix(): M.sha256_file(p) for p in sorted(root.rglob("*"))
-                         if p.is_file() and p.name != M.MANIFEST_NAME}
-    (root / M.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+def bundle(bundle_copy) -> Path:
+    """The writable demo bundle every hostile case starts from (conftest's ``bundle_copy``)."""
+    return bundle_copy
 
 
 def edit_plans(root: Path, **arch_changes) -> None:
@@ -109,7 +93,6 @@ def test_resampling_function_outside_nnunet_is_refused(bundle, capsys, store):
 def test_the_network_is_built_from_the_allow_list_only(bundle):
     """The demo network comes out of the allow-list with its LeakyReLUs (nnU-Net's pydoc path is not used)."""
     import torch
-
     from SegRapSegmenterLib.inference.architecture import build_network
 
     plans = json.loads((bundle / "oar" / "plans.json").read_text())

@@ -6,37 +6,15 @@ import functools
 import http.server
 import json
 import os
-import shutil
 import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from bundle_helpers import rewrite_checksums
 from SegRapSegmenterLib.errors import ModelError
 from SegRapSegmenterLib.inference import bundles as M
-
-
-@pytest.fixture()
-def store(tmp_path, monkeypatch) -> Path:
-    """An empty store under a temporary SEGRAP_HOME."""
-    monkeypatch.setenv("SEGRAP_HOME", str(tmp_path / "home"))
-    return M.store_root()
-
-
-@pytest.fixture()
-def bundle_copy(tmp_path) -> Path:
-    """A writable copy of the demo bundle."""
-    target = tmp_path / "bundle"
-    shutil.copytree(M.DEMO_BUNDLE_PATH, target)
-    return target
-
-
-def _rewrite_checksums(root: Path) -> None:
-    manifest = json.loads((root / M.MANIFEST_NAME).read_text())
-    manifest["files"] = {p.relative_to(root).as_posix(): M.sha256_file(p) for p in sorted(root.rglob("*"))
-                         if p.is_file() and p.name != M.MANIFEST_NAME}
-    (root / M.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
 
 def _zip(folder: Path, target: Path, extra: dict[str, bytes] | None = None) -> Path:
@@ -175,7 +153,7 @@ def test_manifest_orientation_contradicting_the_training_dataset_is_refused(stor
         M.load_bundle(bundle_copy)
     assert "'RPS'" in str(err.value) and "'LPS'" in str(err.value) and str(dataset_path) in str(err.value)
     assert "left and right could come out swapped" in str(err.value)
-    _rewrite_checksums(bundle_copy)
+    rewrite_checksums(bundle_copy)
     with pytest.raises(ModelError, match="left and right could come out swapped"):
         M.install_bundle(bundle_copy)
     assert M.list_bundles() == []
