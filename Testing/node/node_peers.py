@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from SegRapSegmenterLib.runner import stop_process_tree
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2] / "SegRapSegmenter"
 
@@ -171,12 +172,7 @@ class StoreScp:
 
     def close(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            stop_process_tree(self.process, grace_s=10)
 
     @property
     def destination(self) -> str:

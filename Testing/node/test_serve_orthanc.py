@@ -10,6 +10,7 @@ import urllib.request
 import pydicom
 import pytest
 from node_peers import free_port, require, wait_until
+from SegRapSegmenterLib.runner import stop_process_tree
 
 
 class Orthanc:
@@ -54,12 +55,7 @@ class Orthanc:
 
     def close(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            stop_process_tree(self.process, grace_s=30)
         self.log.close()
 
 
