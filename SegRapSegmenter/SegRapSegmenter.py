@@ -193,9 +193,6 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pythonExecutablePathLineEdit.connect("currentPathChanged(QString)", self._onPythonChosen)
         self.ui.lowMemoryCheckBox.toolTip = LOW_MEMORY_NOTE
         self.ui.sendDestinationLineEdit.text = str(qt.QSettings().value(SEND_DESTINATION_SETTING) or "")
-        if not hasattr(self.logic, "sendRtStruct"):  # the DICOM-node sender is not in this version of the core
-            self.ui.sendRtStructButton.enabled = False
-            self.ui.sendRtStructButton.toolTip = "Sending needs a newer SegRapExtension."
         self.ui.progressBar.setValue(0)
         self.ui.statusLabel.text = ""
         self.ui.deviceInfoLabel.text = "Checked when you first press Apply."
@@ -398,7 +395,7 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.verifyModelButton, self.ui.exportRtStructToFolderButton,
                        self.ui.exportRtStructToDatabaseButton):
             button.enabled = enabled
-        self.ui.sendRtStructButton.enabled = enabled and hasattr(self.logic, "sendRtStruct")
+        self.ui.sendRtStructButton.enabled = enabled
 
     # -- structures ---------------------------------------------------------------------------
 
@@ -690,11 +687,6 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSendRtStruct(self) -> None:
         """Export the RTSTRUCT and send it to the DICOM destination AE@HOST:PORT, in the background."""
         destination = self.ui.sendDestinationLineEdit.text.strip()
-        send = getattr(self.logic, "sendRtStruct", None)
-        if send is None:
-            slicer.util.errorDisplay("Sending to a DICOM node needs a newer SegRapExtension.",
-                                     windowTitle="SegRap Segmenter")
-            return
         if not destination:
             slicer.util.errorDisplay("Enter the destination as AE@HOST:PORT, e.g. PACS@pacs.example.org:104.",
                                      windowTitle="SegRap Segmenter")
@@ -717,7 +709,7 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def sent() -> object:
             try:
-                return send(path, destination)
+                return self.logic.sendRtStruct(path, destination)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)  # also when the task was cancelled and its result dropped
 
