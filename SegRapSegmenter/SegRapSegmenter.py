@@ -461,6 +461,12 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         # Slicer's own process needs only IN_PROCESS_IMPORTS when the worker runs in another Python
         missing = sorted(set(dependencies.missing_here()) | (set(self._probe.missing) if ownPython else set()))
+        return self._installInSlicer(missing, ownPython, python)
+
+    def _installInSlicer(self, missing: list, ownPython: bool = True, python: str = "") -> bool:
+        """Offer a pinned install of ``missing`` into Slicer's Python (never replacing Slicer's own packages). True when ready."""
+        from SegRapSegmenterLib.slicer_bridge import dependencies
+
         if not missing:
             return True
         plan = dependencies.install_plan(missing)
@@ -692,6 +698,11 @@ class SegRapSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      windowTitle="SegRap Segmenter")
             return
         qt.QSettings().setValue(SEND_DESTINATION_SETTING, destination)
+        from SegRapSegmenterLib.slicer_bridge import dependencies
+
+        # the DICOM client runs in Slicer's process, which may not have pynetdicom yet (Slicer does not ship it)
+        if not self._installInSlicer(dependencies.missing_here(dependencies.SEND_IMPORTS)):
+            return
         folder = tempfile.mkdtemp(prefix="segrap-send-")
         path = None
         with slicer.util.tryWithErrorDisplay("RTSTRUCT export for sending failed.", waitCursor=True):

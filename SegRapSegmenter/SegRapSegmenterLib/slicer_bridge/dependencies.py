@@ -32,6 +32,9 @@ REQUIREMENTS: dict[str, str] = {
     "pydicom": "pydicom>=2.4,<4",  # the core runs on Slicer 5.10's 2.4.4 and 5.12's 3.0.2
     "nrrd": "pynrrd>=1.0,<2",
     "psutil": "psutil>=5.9",  # process-tree stop of the worker; Slicer does not ship it
+    # the panel's "Send to" (C-ECHO, C-STORE); Slicer does not ship it. pynetdicom 3 needs pydicom 3, so with
+    # Slicer 5.10's pydicom 2.4.4 held by the constraints pip picks a 2.x release
+    "pynetdicom": "pynetdicom>=2.1,<4",
 }
 # Packages Slicer ships and its own modules depend on (its DICOM plugins import pydicom): never
 # installed, upgraded or replaced in Slicer's Python; the constraints file holds them where they are.
@@ -45,6 +48,8 @@ WORKER_IMPORTS: tuple[str, ...] = ("torch", "nnunetv2", "scipy", "pydicom", "nrr
 # (the pipeline module the request comes from needs scipy; the runner stops the worker with psutil;
 # the result's header is read without pynrrd): all that Slicer needs when the worker runs elsewhere
 IN_PROCESS_IMPORTS: tuple[str, ...] = ("scipy", "pydicom", "psutil")
+# what Slicer's own process imports to send an RTSTRUCT (node.scu); checked when the user presses Send
+SEND_IMPORTS: tuple[str, ...] = ("pynetdicom",)
 
 _PROBE = r"""
 import sys

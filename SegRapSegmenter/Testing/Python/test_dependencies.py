@@ -90,6 +90,16 @@ class ProbeTest(unittest.TestCase):
         self.assertNotIn("psutil", D.WORKER_IMPORTS)
         self.assertEqual(D.install_plan(["psutil"]).requirements, [D.REQUIREMENTS["psutil"]])
 
+    def test_sending_from_slicers_process_installs_pynetdicom_with_pydicom_held(self):
+        # the panel's "Send to" runs node.scu in Slicer's own process; Slicer does not ship pynetdicom
+        self.assertEqual(D.SEND_IMPORTS, ("pynetdicom",))
+        self.assertNotIn("pynetdicom", D.WORKER_IMPORTS)
+        plan = D.install_plan(list(D.SEND_IMPORTS))
+        self.assertEqual(plan.requirements, ["pynetdicom>=2.1,<4"])
+        self.assertEqual(plan.requirements_names(), ["pynetdicom"])
+        self.assertFalse(plan.torch or plan.refused)
+        self.assertRegex(D.constraints_text(), r"(?m)^pydicom==")  # pip may not swap Slicer's pydicom for pynetdicom 3
+
     def test_missing_packages_are_listed_from_what_the_python_reports(self):
         probe = D.PythonProbe("python", packages={name: "1.0" for name in D.WORKER_IMPORTS} | {"nnunetv2": None})
         self.assertEqual(probe.missing, ["nnunetv2"])
