@@ -48,3 +48,17 @@ def test_fit_centre_crops_and_pads():
     fitted = T._fit(a, (4, 3, 6), edge=True)
     assert fitted.shape == (1, 4, 3, 6)
     assert np.array_equal(fitted[0, 1], a[0, 0, 1:4])
+
+
+def test_class_weights_favour_rare_classes_within_the_cap():
+    seg = np.zeros((1, 10, 10, 10), np.int16)
+    seg[0, :5] = 1          # 500 voxels
+    seg[0, 5:, :5] = 2      # 250 voxels
+    seg[0, 9, 9, 9] = 3     # 1 voxel
+    weights = T.class_weights([seg, seg], num_classes=5, cap=4.0)
+    assert weights.shape == (5,) and weights.dtype == np.float32
+    assert weights[0] == 1.0                      # background
+    assert weights[1] == 1.0 and weights[2] == pytest.approx(1.0)  # the median class and larger ones
+    assert weights[3] == 4.0                      # rare: sqrt(250 / 1) clipped to the cap
+    assert weights[4] == 4.0                      # absent from the training cases: the cap as well
+    assert 1.0 <= T.class_weights([seg], 5)[3] <= T.CE_WEIGHT_CAP

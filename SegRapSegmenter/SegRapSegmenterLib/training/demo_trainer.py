@@ -14,6 +14,25 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 WARMUP_FRACTION = 0.04
 FINAL_LR_FRACTION = 0.01
+# Cross-entropy weight of a class: sqrt(median foreground class frequency / its frequency), clipped to
+# 1..CE_WEIGHT_CAP. A 7-voxel lens is 10^-4 of the brain's voxels; unweighted, the cross-entropy term
+# is all large organs and the small classes wait for the Dice term alone (see docs/training.md).
+CE_WEIGHT_CAP = 5.0
+
+
+def class_weights(label_maps, num_classes: int, cap: float = CE_WEIGHT_CAP) -> np.ndarray:
+    """Per-class cross-entropy weights from training label maps (background and common classes 1)."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for seg in label_maps:
+        counts += np.bincount(np.asarray(seg, np.int64).ravel(), minlength=num_classes)[:num_classes]
+    present = counts[1:] > 0
+    if not present.any():
+        return np.ones(num_classes, dtype=np.float32)
+    median = float(np.median(counts[1:][present]))
+    weights = np.sqrt(median / np.maximum(counts, 1.0))
+    weights = np.clip(weights, 1.0, cap)
+    weights[0] = 1.0
+    return weights.astype(np.float32)
 
 
 def lr_at(progress: float, peak: float) -> float:
@@ -141,10 +160,19 @@ class SegRapDemoTrainer(nnUNetTrainer):
         val = WholeVolumeLoader(dataset_val, dataset_val.identifiers, 1, scales, False, 2, patch)
         return train, val
 
+    def _weight_cross_entropy(self) -> None:
+        """Give rare classes more cross-entropy weight (``class_weights``), from the training cases."""
+        n = self.label_manager.num_segmentation_heads
+        weights = class_weights((seg for _, seg in self.dataloader_train.cases), n)
+        loss = getattr(self.loss, "loss", self.loss)  # under nnU-Net's DeepSupervisionWrapper
+        loss.ce.weight = torch.from_numpy(weights).to(self.device)
+        self.print_to_log_file(f"cross-entropy class weights: {np.round(weights, 2).tolist()}")
+
     # ---- steps ----------------------------------------------------------------------------
     def on_train_start(self):
         super().on_train_start()
         self.network.to(memory_format=torch.channels_last_3d)
+        self._weight_cross_entropy()
         self._t_start = time.time()
 
     def on_train_epoch_start(self):
