@@ -47,14 +47,28 @@ def _on_grid(image: sitk.Image, spacing_xyz, size_xyz=None, origin=None) -> sitk
                          image.GetDirection(), -1000.0, image.GetPixelID())
 
 
-def test_slab_wise_prediction_equals_stock_whole_volume(case, oar_predictor):
-    ours = oar_predictor.predict(case.ct)
-    assert ours.shape == sitk.GetArrayViewFromImage(case.ct).shape
-    np.testing.assert_array_equal(ours, _stock(oar_predictor, case.ct))
-    run = oar_predictor.last_run
+def _two_heads(image: sitk.Image) -> sitk.Image:
+    """The case stacked on itself along z: taller than the demo's whole-head patch, so the sliding
+    window needs several slabs (the demo patch is the small phantom's 48 slices)."""
+    array = sitk.GetArrayFromImage(image)
+    tall = sitk.GetImageFromArray(np.concatenate([array, array], axis=0))
+    tall.SetSpacing(image.GetSpacing())
+    tall.SetOrigin(image.GetOrigin())
+    tall.SetDirection(image.GetDirection())
+    return tall
+
+
+def test_slab_wise_prediction_equals_stock_whole_volume(case):
+    # without the body crop, so that the tiles lie where stock's do (the crop has its own test below)
+    predictor = TaskPredictor(resolve_bundle("demo"), "oar", InferenceOptions(device="cpu", crop_to_body=False))
+    ct = _two_heads(case.ct)
+    ours = predictor.predict(ct)
+    assert ours.shape == sitk.GetArrayViewFromImage(ct).shape
+    np.testing.assert_array_equal(ours, _stock(predictor, ct))
+    run = predictor.last_run
     assert run["path"] == "frugal"
     held, depth = run["score_slices_held"]
-    assert held <= oar_predictor.configuration.patch_size[0] < depth  # never the whole volume's scores
+    assert held <= predictor.configuration.patch_size[0] < depth  # never the whole volume's scores
     stages = run["timings_s"]  # where the time went, for the provenance and the benchmarks
     assert set(stages) == {"preprocess", "network", "labels", "scores"}
     assert stages["network"] > 0 and min(stages.values()) >= 0

@@ -110,7 +110,9 @@ def test_a_left_right_swap_is_warned_on_the_terminal_and_flagged_in_the_provenan
                                                                                       tmp_path, capsys):
     """A bundle that misdeclares its training orientation (LPS models labelled RPS) mirrors every input
     relative to its training data: the demo network then puts each left structure on the patient's right.
-    The QA must say so, by name; the correct bundle's run on the same case must not."""
+    A manifest that contradicts the orientation its training dataset recorded is refused; where both
+    say RPS (a conversion that recorded it wrongly), the QA must say so, by name; the correct bundle's
+    run on the same case must not."""
     from SegRapSegmenterLib.anatomy.qa import LATERALITY_WARNING
     from SegRapSegmenterLib.inference import bundles as models
 
@@ -122,11 +124,21 @@ def test_a_left_right_swap_is_warned_on_the_terminal_and_flagged_in_the_provenan
     assert manifest["tasks"]["oar"]["orientation"] == "LPS"
     manifest["tasks"]["oar"]["orientation"] = "RPS"
     (bundle / models.MANIFEST_NAME).write_text(json.dumps(manifest))
-
     _, paths = heldout_case
     out = tmp_path / "out"
-    rc = cli.main(["segment", "--ct", str(paths.ct), "--out", str(out), "--bundle", str(bundle), "--device", "cpu",
-                   "--structures", "Mandible_L,Mandible_R,TemporalLobe_L,TemporalLobe_R"])
+    args = ["segment", "--ct", str(paths.ct), "--out", str(out), "--bundle", str(bundle), "--device", "cpu",
+            "--structures", "Mandible_L,Mandible_R,TemporalLobe_L,TemporalLobe_R"]
+    assert cli.main(args) == cli.EXIT_MODEL
+    assert "left and right could come out swapped" in capsys.readouterr().err and not out.exists()
+
+    dataset_path = bundle / "oar" / "dataset.json"
+    dataset = json.loads(dataset_path.read_text())
+    assert dataset[models.DATASET_ORIENTATION_KEY] == "LPS"
+    dataset[models.DATASET_ORIENTATION_KEY] = "RPS"
+    dataset_path.write_text(json.dumps(dataset))
+    manifest["files"]["oar/dataset.json"] = models.sha256_file(dataset_path)
+    (bundle / models.MANIFEST_NAME).write_text(json.dumps(manifest))
+    rc = cli.main(args)
     assert rc == 0  # a warning, not a failure: the contours are there for the user to check
     err = capsys.readouterr().err
     assert "warning: Mandible_L lies to the patient's right of Mandible_R: " + LATERALITY_WARNING in err

@@ -200,12 +200,18 @@ class LogicWorkerRunTest(unittest.TestCase):
 
     @unittest.skipIf(BUNDLE != "demo", "needs the packaged demo bundle (a trained model that places left by position)")
     def test_a_left_right_swap_is_collected_for_the_modules_warning_dialog(self):
-        # the demo bundle with its training orientation misdeclared (LPS models labelled RPS): every input
-        # reaches the network mirrored and the left structures come back on the patient's right
+        # the demo bundle with its training orientation misdeclared (LPS models labelled RPS, in the manifest
+        # and in the dataset.json the conversion wrote, else the bundle is refused): every input reaches
+        # the network mirrored and the left structures come back on the patient's right
         bundle = Path(tempfile.mkdtemp()) / "misdeclared"
         shutil.copytree(models.DEMO_BUNDLE_PATH, bundle)
         manifest = json.loads((bundle / models.MANIFEST_NAME).read_text())
         manifest["tasks"]["oar"]["orientation"] = "RPS"
+        dataset_path = bundle / "oar" / "dataset.json"
+        dataset = json.loads(dataset_path.read_text())
+        dataset[models.DATASET_ORIENTATION_KEY] = "RPS"
+        dataset_path.write_text(json.dumps(dataset))
+        manifest["files"]["oar/dataset.json"] = models.sha256_file(dataset_path)
         (bundle / models.MANIFEST_NAME).write_text(json.dumps(manifest))
         try:
             ct = SC.add_volume_node(self.scene, phantom.make_case(0, seed=99, size="small").ct, "CT")
