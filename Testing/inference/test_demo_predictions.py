@@ -23,7 +23,7 @@ HELDOUT_SEED = 99  # the training cohort is seed 2023 (training.demo_bundle)
 # (inner, outer): structures SEGRAP.md nests, which the label scheme must keep nested in predictions
 NESTED = (("Lens_L", "Eye_L"), ("Lens_R", "Eye_R"), ("Cochlea_L", "MiddleEar_L"), ("Cochlea_R", "MiddleEar_R"),
           ("Larynx_Glottic", "Larynx"), ("Larynx_Supraglot", "Larynx"))
-PAIRS = tuple((n, n[:-1] + "R") for n in S.OAR_NAMES if n.endswith("_L"))
+PAIRS = tuple((s.name, s.partner) for s in S.OARS if s.laterality == "L")
 
 
 @pytest.fixture(scope="module")

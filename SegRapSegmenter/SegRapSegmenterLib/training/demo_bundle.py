@@ -5,7 +5,7 @@
 The plans use the small phantom's 3 x 2 x 2 mm (see DEMO_SPACING for why not SegRap's median),
 so a full-size 0.54 mm case goes through nnU-Net's resampling of the class scores back to the
 input grid, the memory-hungry path of real models. The patch is the whole small phantom and the
-network is small (16 to 64 features) so that training takes about 35 minutes on two CPU
+network is small (8 or 16 to 64 features) so that training takes about 35 minutes on two CPU
 cores and inference of a small phantom a few seconds. It is a demo, not a clinical model.
 Left-right mirroring and rotations are off in training: they would teach the network that left
 and right are interchangeable (see the laterality issue); the trainer is demo_trainer's.
@@ -209,18 +209,21 @@ def evaluate_heldout(bundle_dir: Path, work: Path, cases: int, seed: int = 99) -
     def table(per_case, reduce):
         return {n: round(float(reduce([c.dsc[n] for c in per_case])), 4) for n in S.STRUCTURE_NAMES}
 
+    def mean_of(per_structure, names):
+        return round(float(np.mean([per_structure[n] for n in names])), 4)
+
+    def found(per_case):
+        return [len(S.STRUCTURE_NAMES) - len(c.empty) for c in per_case]
+
     mean, lowest = table(scores["default"], np.mean), table(scores["default"], np.min)
     summary = {"heldout_cases": cases, "seed": seed, "size": "small",
-               "mean_dsc_oar": round(float(np.mean([mean[n] for n in S.OAR_NAMES])), 4),
-               "mean_dsc_gtv": round(float(np.mean([mean[n] for n in S.GTV_NAMES])), 4),
+               "mean_dsc_oar": mean_of(mean, S.OAR_NAMES), "mean_dsc_gtv": mean_of(mean, S.GTV_NAMES),
                "min_dsc_oar": min(mean[n] for n in S.OAR_NAMES),
-               "structures_found_per_case": [len(S.STRUCTURE_NAMES) - len(c.empty) for c in scores["default"]],
+               "structures_found_per_case": found(scores["default"]),
                "laterality_warnings_per_case": swaps["default"],
-               "mirrored": {
-                   "mean_dsc_oar": round(float(np.mean([np.mean([c.dsc[n] for c in scores["mirrored"]])
-                                                        for n in S.OAR_NAMES])), 4),
-                   "structures_found_per_case": [len(S.STRUCTURE_NAMES) - len(c.empty) for c in scores["mirrored"]],
-                   "laterality_warnings_per_case": swaps["mirrored"]},
+               "mirrored": {"mean_dsc_oar": mean_of(table(scores["mirrored"], np.mean), S.OAR_NAMES),
+                            "structures_found_per_case": found(scores["mirrored"]),
+                            "laterality_warnings_per_case": swaps["mirrored"]},
                "mean_dsc_per_structure": mean, "lowest_case_dsc_per_structure": lowest}
     target = Path(bundle_dir).parent / f"{Path(bundle_dir).name}-heldout-dsc.json"
     target.write_text(json.dumps(summary, indent=1))
