@@ -31,11 +31,18 @@ def test_a_killed_node_reruns_its_job_and_a_destination_that_comes_up_late_gets_
     dcmtk("storescu")
     study = phantom_studies[0]
     tps_port, port, spool = free_port(), free_port(), tmp_path / "spool"
+    # every worker starts 5 s late, through a launcher that then execs this Python (as Slicer's launcher
+    # does): the demo contours a small study in about 5 s, and without the delay a rerun could finish
+    # before the node's SIGTERM reached it, which keeps its RTSTRUCT and rightly runs no third time
+    launcher = tmp_path / "slow-python"
+    launcher.write_text(f"#!/bin/sh\nsleep 5\nexec '{sys.executable}' \"$@\"\n")
+    launcher.chmod(0o755)
     config = tmp_path / "node.toml"
     config.write_text(f"""
 ae_title = "SEGRAP"
 settle = 600  # the --settle flag wins
 destinations = ["TPS@127.0.0.1:{tps_port}"]
+python = "{launcher}"
 
 [delivery]
 attempts = 200
