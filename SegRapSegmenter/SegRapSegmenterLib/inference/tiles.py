@@ -42,9 +42,9 @@ def stream_scores(evaluate: Callable, data, tiles: list[Slicer], region: Region,
     """Yield ``(z, scores)`` for every slice z of ``region`` in order; scores: (C, region y, region x) float16.
 
     ``evaluate(tile)`` returns the tile's class scores (1, C, *patch) on any device, a tensor of its own
-    (it is weighted in place); ``data`` is the
-    preprocessed image (channels, z, y, x) as a torch tensor. ``stats`` (optional) receives the most
-    slices held at once (``held_slices``), which tests use to show that the whole volume never is.
+    (it is weighted in place); ``data`` is the preprocessed image (channels, z, y, x) as a torch tensor.
+    ``stats`` (optional) receives the most slices held at once (``held_slices``), which tests use to
+    show that the whole volume never is.
     """
     import torch
 
