@@ -99,7 +99,7 @@ def _add_contour_holes(p) -> None:
 
 
 def _add_segment(sub) -> None:
-    from .inference.predictor import DEVICES
+    from .inference.devices import DEVICES
 
     p = sub.add_parser("segment", help="contour the OARs on a CT and the GTVs on a contrast CT")
     src = p.add_argument_group("inputs (one case, or a cohort with --input-dir)")
@@ -151,7 +151,7 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 
 
 def _request_from_args(args, ct, contrast, case_id, out_dir):
-    from .pipeline import SegmentRequest
+    from .runner import SegmentRequest
 
     return SegmentRequest(
         ct=str(ct) if ct else None, contrast_ct=str(contrast) if contrast else None, out_dir=str(out_dir),
@@ -224,7 +224,7 @@ def _cohort_cases(input_dir: Path, part: str) -> list[tuple[str, Path | None, Pa
 def _cmd_segment(args) -> int:
     from .errors import InputError
 
-    from .pipeline import check_case_id
+    from .runner import check_case_id
 
     if args.input_dir is None:
         if not args.ct and not args.contrast_ct:
@@ -678,7 +678,7 @@ def _cmd_send(args) -> int:
 
 
 def _add_serve(sub) -> None:
-    from .inference.predictor import DEVICES
+    from .inference.devices import DEVICES
 
     p = sub.add_parser("serve", help="run the DICOM auto-contouring node: CT studies in, RTSTRUCT out",
                        description="A Storage SCP that contours every complete CT study it receives and sends the "
@@ -731,21 +731,39 @@ def _cmd_serve(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+COMMANDS = {"structures": _add_structures, "phantom": _add_phantom, "segment": _add_segment, "models": _add_models,
+            "demo": _add_demo, "terminology": _add_terminology, "evaluate": _add_evaluate,
+            "export-rtstruct": _add_export_rtstruct, "dicom-phantom": _add_dicom_phantom, "train": _add_train,
+            "send": _add_send, "serve": _add_serve}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand, or of the one named ``only`` (its options are the same).
+
+    Some subcommands import what their choices come from (the phantom's sizes, the DICOM variants):
+    ``main`` builds only the command it runs, so ``segrap segment``, whose process only starts and
+    follows the worker, never loads numpy, SimpleITK or pydicom.
+    """
     parser = argparse.ArgumentParser(prog="segrap", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"segrap {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_structures, _add_phantom, _add_segment, _add_models, _add_demo, _add_terminology, _add_evaluate, _add_export_rtstruct,
-                _add_dicom_phantom, _add_train, _add_send, _add_serve):
-        add(sub)
+    for name, add in COMMANDS.items():
+        if only is None or name == only:
+            add(sub)
     return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names, if its first word that is not an option names one."""
+    words = [a for a in argv if not a.startswith("-")]
+    return words[0] if words and words[0] in COMMANDS else None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``segrap`` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:

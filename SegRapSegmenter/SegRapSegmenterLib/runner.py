@@ -34,15 +34,113 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .errors import Cancelled, WorkerError
+from .errors import Cancelled, InputError, WorkerError
 
-if TYPE_CHECKING:
-    from .pipeline import SegmentRequest
+# psutil is imported where used: the probe in Slicer (slicer_bridge.dependencies) uses the process
+# helpers below before it may be installed. Nothing here imports numpy, SimpleITK or torch: the
+# CLI's process, which only starts and follows the worker, stays small.
 
-# psutil and the pipeline are imported where used: the probe in Slicer (slicer_bridge.dependencies)
-# uses the process helpers below before either may be installed.
+# --------------------------------------------------------------------------------------------
+# The request: what a worker runs, as plain values that travel as JSON, and the checks of its names
+# --------------------------------------------------------------------------------------------
+
+TASKS = ("oar", "gtv")
+
+
+@dataclass
+class SegmentRequest:
+    """Everything a run needs; plain values so it travels to the worker as JSON."""
+
+    ct: str | None
+    out_dir: str
+    contrast_ct: str | None = None
+    case_id: str | None = None
+    bundle: str | None = None
+    tasks: tuple[str, ...] = TASKS
+    structures: tuple[str, ...] | None = None
+    device: str = "auto"
+    folds: tuple[str, ...] | None = None
+    mirror: bool | None = None
+    tile_step_size: float = 0.5
+    threads: int | None = None
+    low_memory: bool = False
+    register: bool = False
+    ct_series: str | None = None
+    contrast_series: str | None = None
+    nifti: bool = False
+    rtstruct: bool = False
+    roi_names: str = "tg263"
+    contour_holes: str = "keyhole"  # RTSTRUCT hole encoding: keyhole or xor (PS3.3 C.8.8.6.3)
+    keep_largest_component: bool = True
+    fill_holes: bool = False
+    staging_dir: str | None = None  # chosen by the caller, so it can clean up after a killed worker
+
+    @classmethod
+    def from_json(cls, data: dict) -> SegmentRequest:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("tasks", "structures", "folds"):
+            if known.get(key) is not None:
+                known[key] = tuple(str(v) for v in known[key])
+        return cls(**known)
+
+
+def default_case_id(path: str | Path) -> str:
+    """A case id from an input path: the file name without image suffixes, or the folder name."""
+    p = Path(path)
+    name = p.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name in ("image", "image_contrast", "ct", "CT") and p.parent.name:
+        name = p.parent.name
+    return name or "case"
+
+
+STAGING_PREFIX = ".segrap-partial-"
+
+
+def check_case_id(case_id: str, where: str = "case id") -> str:
+    """A case id as a plain name (it names files inside the output folder), or an InputError naming it.
+
+    Refused: path separators, '.' and '..', a leading dot (hidden files and the staging folders),
+    drive or stream colons, control characters, surrounding spaces and names over 200 characters.
+    Every caller (CLI, batch mode, worker, Slicer logic, DICOM node) checks ids here.
+    """
+    text = str(case_id)
+    if (not text or text.startswith(".") or text != text.strip() or len(text) > 200
+            or any(c in text for c in "/\\:") or any(ord(c) < 32 for c in text)):
+        raise InputError(f"{where} {text!r} is not a plain name: a case id names files inside the output folder, so "
+                         f"it may not hold '/', '\\', ':' or control characters, start with '.', or be '..'.")
+    return text
+
+
+def staging_path(out_dir: str | Path, case_id: str) -> Path:
+    """The staging folder a run of ``case_id`` writes into before moving its outputs into place."""
+    return Path(out_dir) / f"{STAGING_PREFIX}{check_case_id(case_id)}"
+
+
+def request_paths(req: SegmentRequest) -> tuple[str, Path]:
+    """The request's case id and staging folder, checked: the id is a plain name, the staging folder a
+    ``.segrap-partial-*`` folder directly inside ``out_dir`` (it is deleted after the run, so it may be nothing else).
+    """
+    case_id = check_case_id(req.case_id) if req.case_id else check_case_id(
+        default_case_id(req.ct or req.contrast_ct or "case"), "the case id taken from the input's name")
+    if not req.staging_dir:
+        return case_id, staging_path(req.out_dir, case_id)
+    staging = Path(req.staging_dir)
+    out = Path(req.out_dir)
+    inside = os.path.normcase(os.path.abspath(staging.parent)) == os.path.normcase(os.path.abspath(out))
+    if not inside or not staging.name.startswith(STAGING_PREFIX) or staging.is_symlink():
+        raise InputError(f"staging_dir {req.staging_dir!r} is not a {STAGING_PREFIX}* folder directly inside the "
+                         f"output folder {req.out_dir!r}; refused (the staging folder is deleted after the run).")
+    return case_id, staging
+
+
+# --------------------------------------------------------------------------------------------
+# The worker process
+# --------------------------------------------------------------------------------------------
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 WORKER_MODULE = "SegRapSegmenterLib.worker"
@@ -225,7 +323,7 @@ class WorkerOutcome:
         return self.final.get("event") == "done" and self.returncode == 0
 
 
-def absolute_request(request: "SegmentRequest") -> "SegmentRequest":
+def absolute_request(request: SegmentRequest) -> SegmentRequest:
     """``request`` with its paths absolute: the worker runs in a folder of its own."""
     from .inference.bundles import DEMO_BUNDLE_NAME, store_root
 
@@ -249,11 +347,9 @@ class WorkerRun:
     long a cancelled worker may take to stop before it is killed. ``env``: extra variables for the worker.
     """
 
-    def __init__(self, request: "SegmentRequest", python: str | None = None,
+    def __init__(self, request: SegmentRequest, python: str | None = None,
                  startup_env: Mapping[str, str] | None = None, grace_s: float = 10.0,
                  env: Mapping[str, str] | None = None):
-        from .pipeline import request_paths
-
         request = absolute_request(request)
         request = replace(request, staging_dir=str(request_paths(request)[1]))  # checked: cancel deletes it
         self.request = request

@@ -164,12 +164,15 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
     if provenance is not None:
         custom["SegRap_Provenance"] = json.dumps(provenance, separators=(",", ":"), sort_keys=True)
     data = np.stack(layers, axis=-1)  # z, y, x, layer -> NRRD axes layer, i, j, k with C index order
+    del layers  # before pynrrd's own bytes copy of the data: two full-size copies at a time, not three
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
     try:
+        # zlib level 6 (zlib's own default) rather than pynrrd's 9: for the full phantom's 3 layers of
+        # 33 M voxels 0.32 s instead of 1.15 s, for a file of 0.36 MB instead of 0.32 MB
         nrrd.write(str(tmp), data, header={**header, **custom}, index_order="C",
-                   custom_field_map={k: "string" for k in custom})
+                   custom_field_map={k: "string" for k in custom}, compression_level=6)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..anatomy import structures as S
 from ..errors import Cancelled, ModelError
 from . import unpack
 from .architecture import check_plans
@@ -111,6 +110,8 @@ def sha256_file(path: Path) -> str:
 
 
 def _expected_labels(task: str) -> dict[str, int]:
+    from ..anatomy import structures as S  # here, not above: the CLI's parent process reads the store without numpy
+
     return S.class_labels() if task == "oar" else S.gtv_class_labels()
 
 

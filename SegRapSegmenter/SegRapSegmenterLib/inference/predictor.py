@@ -33,12 +33,13 @@ from ..formats.limits import max_voxels
 from .body import BodyBox, body_box_of_image, reoriented_box
 from .architecture import build_network, check_plans
 from .bundles import Bundle, load_checkpoint
+from .devices import DEVICES, describe_device, pick_device  # noqa: F401  (DEVICES: for callers)
+from .preprocess import preprocess_in_blocks
 from .scores import SliceLabeler, axis_map, axis_orders
 from .tiles import Region, stream_scores, tile_slicers
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cuda", "mps", "cpu")
 Progress = Callable[[float], None]  # fraction of the task's network evaluations done
 
 
@@ -58,36 +59,6 @@ class InferenceOptions:
     # paired classes swapped after a left-right flip. For benchmarks and for bundles that record too little.
     mirror_policy: str | None = None
     mirror_axes: tuple[int, ...] | None = None  # with mirror_policy: flip only these network axes
-
-
-def pick_device(name: str):
-    """The torch device for ``auto`` (cuda, then mps, then cpu) or an explicit, available choice."""
-    import torch
-
-    if name not in DEVICES:
-        raise InputError(f"Unknown device {name!r}; choose one of {', '.join(DEVICES)}.")
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps and mps.is_available())
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if has_mps else torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available to this torch "
-                         f"({torch.__version__}); use --device cpu or auto.")
-    if name == "mps" and not has_mps:
-        raise InputError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto.")
-    return torch.device(name)
-
-
-def describe_device(device) -> str:
-    """Human-readable device: the GPU's name and memory where there is one."""
-    import torch
-
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"cuda ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
-    return device.type
 
 
 def mirrored_sum(network, x, axes: tuple[int, ...], lr_axis: int | None, permutation) -> "torch.Tensor":
@@ -387,9 +358,16 @@ class TaskPredictor:
             return self._predict_stock(array, spacing, progress)
         self._clock = clock = StageClock(self.device)
         t0 = time.perf_counter()
-        preprocessor = cm.preprocessor_class(verbose=False)
-        data, _, props = preprocessor.run_case_npy(array, None, {"spacing": list(spacing)}, pm, cm, self.dataset_json)
-        del array
+        # block by block where the plans allow it (the same values without whole-volume float copies)
+        done = preprocess_in_blocks(array, spacing, pm, cm, self.dataset_json, cm.preprocessor_class)
+        if done is None:
+            preprocessor = cm.preprocessor_class(verbose=False)
+            data, _, props = preprocessor.run_case_npy(array, None, {"spacing": list(spacing)}, pm, cm,
+                                                       self.dataset_json)
+        else:
+            data, props = done
+        self.last_run["preprocessing"] = "nnU-Net's run_case_npy" if done is None else "in blocks of slices"
+        del array, done
         clock.add("preprocess", time.perf_counter() - t0)
         low_memory = self.options.low_memory
         try:
@@ -452,7 +430,9 @@ class TaskPredictor:
             if progress is not None:
                 progress(done / total)
 
-        labels = np.zeros([b - a for a, b in zip(out_start, out_stop)], np.uint8)
+        # the body box's labels go straight into the result (a view), not into a box-sized copy first
+        inner = tuple(slice(crop[a][0] + out_start[a], crop[a][0] + out_stop[a]) for a in range(3))
+        labels = result[inner]
         scores_of = self.label_manager.num_segmentation_heads
         stats: dict = {}
         clock = self._clock
@@ -465,7 +445,9 @@ class TaskPredictor:
                     torch.cuda.synchronize(store)  # .cpu() waits anyway; this keeps the wait out of the labelling time
                 t0 = time.perf_counter()
                 slice_labels = scores.argmax(0).to(torch.uint8).cpu().numpy()
-                slice_scores = scores.cpu().numpy() if needs_scores else None
+                # the labeler keeps a few slices' scores: a copy, as the stream reuses its buffers
+                slice_scores = scores.cpu().numpy().copy() if needs_scores and store.type == "cpu" else (
+                    scores.cpu().numpy() if needs_scores else None)
                 for j, out in labeler.add(z - region.start[0], slice_scores, slice_labels):
                     labels[j] = out
                 labelling += time.perf_counter() - t0
@@ -476,8 +458,6 @@ class TaskPredictor:
         self.last_run["tiles"] = evaluated
         self.last_run["score_slices_held"] = [stats.get("held_slices", 0), int(padded.shape[1])]
         self.last_run["interpolated_voxels"] = labeler.interpolated
-        inner = tuple(slice(crop[a][0] + out_start[a], crop[a][0] + out_stop[a]) for a in range(3))
-        result[inner] = labels
         return result.transpose(pm.transpose_backward)
 
     def _evaluate(self, tile):

@@ -121,7 +121,12 @@ class SliceLabeler:
         zs = [(int(mz.lo[j]), 1.0 - float(mz.weight[j]))]
         if mz.weight[j] > 0 and mz.hi[j] != mz.lo[j]:
             zs.append((int(mz.hi[j]), float(mz.weight[j])))
-        corners = [self._window[z][1][np.ix_(ya, xa)] for z, _ in zs for ya, _ in self._y for xa, _ in self._x]
+        corners = []  # rows first, then columns: the same gathers as np.ix_, a quarter of its time
+        for z, _ in zs:
+            labels = self._window[z][1]
+            for ya, _ in self._y:
+                rows = labels.take(ya, axis=0)
+                corners.extend(rows.take(xa, axis=1) for xa, _ in self._x)
         out = corners[0].copy()
         mixed = np.zeros(out.shape, bool)
         for other in corners[1:]:
@@ -141,7 +146,11 @@ class SliceLabeler:
             for ya, wy in self._y:
                 for xa, wx in self._x:
                     weight = wz * wy[y] * wx[x]
-                    term = scores[:, ya[y], xa[x]].astype(np.float64) * weight
-                    total = term if total is None else total + term
+                    term = scores[:, ya[y], xa[x]].astype(np.float64)
+                    term *= weight  # in place: the same products and sums, without a temporary each
+                    if total is None:
+                        total = term
+                    else:
+                        total += term
         # nnU-Net stores the resampled scores as float16 before its arg-max; ties go to the lower class
         return np.argmax(total.astype(np.float16), axis=0).astype(np.uint8)

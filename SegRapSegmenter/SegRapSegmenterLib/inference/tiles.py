@@ -39,7 +39,8 @@ def tile_slicers(shape, patch, step: float) -> list[Slicer]:
 def stream_scores(evaluate: Callable, data, tiles: list[Slicer], region: Region, gaussian, num_classes: int,
                   store_device, progress: Callable[[int, int], None] | None = None,
                   stats: dict | None = None) -> Iterator[tuple[int, "object"]]:
-    """Yield ``(z, scores)`` for every slice z of ``region`` in order; scores: (C, region y, region x) float16.
+    """Yield ``(z, scores)`` for every slice z of ``region`` in order; scores: (C, region y, region x) float16,
+    valid until the next slice is asked for (its buffer is then reused: copy what is kept longer).
 
     ``evaluate(tile)`` returns the tile's class scores (1, C, *patch) on any device, a tensor of its own
     (it is weighted in place); ``data`` is the preprocessed image (channels, z, y, x) as a torch tensor.
@@ -52,16 +53,28 @@ def stream_scores(evaluate: Callable, data, tiles: list[Slicer], region: Region,
     (z0, y0, x0), (z1, y1, x1) = region.start, region.stop
     plane = (y1 - y0, x1 - x0)
     pending: dict[int, tuple] = {}
+    # a finished slice's buffers are reused for a later slice (zeroed), so the accumulators are made
+    # once rather than freed and made again between tiles, which fragments the heap around them
+    spare: list[tuple] = []
     gaussian_here = gaussian.to(store_device)
     following = z0
 
-    def finished(z):
+    def finish(z):
         scores, weights = pending.pop(z)
-        return z, torch.div(scores, weights, out=scores)
+        torch.div(scores, weights, out=scores)
+        yield z, scores
+        spare.append((scores, weights))  # the caller is done with it: it asked for the next slice
+
+    def start():
+        if spare:
+            scores, weights = spare.pop()
+            return scores.zero_(), weights.zero_()
+        return (torch.zeros((num_classes, *plane), dtype=torch.half, device=store_device),
+                torch.zeros(plane, dtype=torch.half, device=store_device))
 
     for n, tile in enumerate(todo):
         while following < min(tile[0].start, z1):
-            yield finished(following)
+            yield from finish(following)
             following += 1
         x = data[(slice(None), *tile)][None]
         prediction = evaluate(x)[0].to(store_device)  # C, pz, py, px
@@ -75,8 +88,7 @@ def stream_scores(evaluate: Callable, data, tiles: list[Slicer], region: Region,
         target = (slice(lo[1] - y0, hi[1] - y0), slice(lo[2] - x0, hi[2] - x0))
         for k, z in enumerate(range(lo[0], hi[0])):
             if z not in pending:
-                pending[z] = (torch.zeros((num_classes, *plane), dtype=torch.half, device=store_device),
-                              torch.zeros(plane, dtype=torch.half, device=store_device))
+                pending[z] = start()
             scores, total = pending[z]
             scores[(slice(None), *target)] += part[:, k]
             total[target] += weights[k]
@@ -86,5 +98,5 @@ def stream_scores(evaluate: Callable, data, tiles: list[Slicer], region: Region,
         if progress is not None:
             progress(n + 1, len(todo))
     while following < z1:
-        yield finished(following)
+        yield from finish(following)
         following += 1

@@ -16,8 +16,7 @@ from pathlib import Path
 import pydicom
 
 from ..errors import DicomNetworkError, SegRapError, WorkerError
-from ..pipeline import SegmentRequest
-from ..runner import WorkerRun
+from ..runner import SegmentRequest, WorkerRun
 from .audit import AuditLog
 from .config import NodeConfig
 from .scu import send_files

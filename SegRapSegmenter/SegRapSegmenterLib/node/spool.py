@@ -51,8 +51,8 @@ def is_uid(text: str) -> bool:
 def case_id_for(study_uid: str) -> str:
     """The case id of a study: a name derived from its UID (never a path)."""
     case_id = "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:16]
-    try:  # the pipeline's validator, where the package has one
-        from ..pipeline import check_case_id  # type: ignore[attr-defined]
+    try:  # the pipeline's validator (kept with the request in the runner), where the package has one
+        from ..runner import check_case_id  # type: ignore[attr-defined]
     except ImportError:
         return case_id
     return check_case_id(case_id) or case_id

@@ -45,8 +45,9 @@ HELD_IF_INSTALLED: tuple[str, ...] = ("torch", "torchvision")
 # what the worker imports
 WORKER_IMPORTS: tuple[str, ...] = ("torch", "nnunetv2", "scipy", "pydicom", "nrrd", "numpy", "SimpleITK")
 # what Slicer's own process imports from the core to start and follow a run and to export RTSTRUCT
-# (the pipeline module the request comes from needs scipy; the runner stops the worker with psutil;
-# the result's header is read without pynrrd): all that Slicer needs when the worker runs elsewhere
+# (the runner, which holds the request, stops the worker with psutil; an RTSTRUCT export reads the CT
+# series, and a tilted one is untilted with scipy; the result's header is read without pynrrd): all
+# that Slicer needs when the worker runs elsewhere
 IN_PROCESS_IMPORTS: tuple[str, ...] = ("scipy", "pydicom", "psutil")
 # what Slicer's own process imports to send an RTSTRUCT (node.scu); checked when the user presses Send
 SEND_IMPORTS: tuple[str, ...] = ("pynetdicom",)

@@ -287,7 +287,7 @@ class SegmentationLogic:
             raise SegRapError("A segmentation is already running: wait for it or cancel it first.")
         tasks = tuple(dict.fromkeys(t.strip().lower() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)))
         from ..anatomy import structures as S
-        from ..pipeline import SegmentRequest, check_case_id
+        from ..runner import SegmentRequest, check_case_id
         from ..runner import WorkerRun
         from . import scene as SC
 

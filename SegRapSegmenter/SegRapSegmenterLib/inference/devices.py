@@ -1,0 +1,41 @@
+"""The torch device a run uses: ``auto`` (CUDA, then Apple's MPS, then the CPU) or an explicit choice.
+
+Its own module so that the CLI can offer the choices without importing the predictor (torch and
+nnU-Net are imported only when a device is picked, in the worker).
+"""
+
+from __future__ import annotations
+
+from ..errors import InputError
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+def pick_device(name: str):
+    """The torch device for ``auto`` (cuda, then mps, then cpu) or an explicit, available choice."""
+    import torch
+
+    if name not in DEVICES:
+        raise InputError(f"Unknown device {name!r}; choose one of {', '.join(DEVICES)}.")
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if has_mps else torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available to this torch "
+                         f"({torch.__version__}); use --device cpu or auto.")
+    if name == "mps" and not has_mps:
+        raise InputError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto.")
+    return torch.device(name)
+
+
+def describe_device(device) -> str:
+    """Human-readable device: the GPU's name and memory where there is one."""
+    import torch
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"cuda ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+    return device.type
