@@ -100,3 +100,28 @@ def test_registration_recovers_the_patients_motion():
     enhancing = sitk.GetArrayFromImage(aligned) > 90
     gtv = case.gtv_labelmap > 0
     assert np.count_nonzero(enhancing & gtv) / np.count_nonzero(gtv) > 0.6
+
+
+def test_a_bad_contrast_ct_is_refused_before_task_1_runs(tmp_path, small_case):
+    # the pipeline reads the contrast CT's voxels only when Task 2 starts; its header is checked first
+    from SegRapSegmenterLib.pipeline import SegmentRequest, run
+
+    ct = _write(small_case.ct, tmp_path / "ct.nii.gz")
+    rgb = sitk.Compose([small_case.contrast_ct] * 3)
+    contrast = _write(rgb, tmp_path / "contrast.nrrd")
+    stages = []
+    with pytest.raises(InputError, match=r"Contrast CT .*contrast\.nrrd: has 3 values per voxel"):
+        run(SegmentRequest(ct=ct, contrast_ct=contrast, out_dir=str(tmp_path / "out"), bundle="demo", device="cpu"),
+            progress=lambda stage, fraction, message: stages.append(stage))
+    assert "oar-model" not in stages and not (tmp_path / "out").exists()
+
+
+def test_a_contrast_ct_that_only_its_voxels_betray_is_refused_when_task_2_starts(tmp_path, small_case):
+    from SegRapSegmenterLib.pipeline import SegmentRequest, run
+
+    ct = _write(small_case.ct, tmp_path / "ct.nii.gz")
+    mr_like = sitk.Cast(sitk.Abs(small_case.contrast_ct), sitk.sitkInt16)  # no air below -500: not HU
+    contrast = _write(mr_like, tmp_path / "contrast.nii.gz")
+    with pytest.raises(InputError, match=r"Contrast CT .*contrast\.nii\.gz: values .* do not look like a CT"):
+        run(SegmentRequest(ct=ct, contrast_ct=contrast, out_dir=str(tmp_path / "out"), bundle="demo", device="cpu"))
+    assert not (tmp_path / "out").exists()
