@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from bundle_helpers import rewrite_checksums
+from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.errors import ModelError
 from SegRapSegmenterLib.inference import bundles as M
 
@@ -35,7 +36,7 @@ def test_demo_bundle_is_valid_small_and_verified():
     bundle = M.load_bundle(M.DEMO_BUNDLE_PATH)
     M.verify_bundle(bundle)
     assert set(bundle.tasks) == {"oar", "gtv"}
-    assert bundle.tasks["oar"].labels == dict(zip(M.S.CLASS_NAMES, range(55)))
+    assert bundle.tasks["oar"].labels == dict(zip(S.CLASS_NAMES, range(55)))
     assert bundle.tasks["oar"].input == "ct" and bundle.tasks["gtv"].input == "contrast_ct"
     size = sum(p.stat().st_size for p in M.DEMO_BUNDLE_PATH.rglob("*") if p.is_file())
     assert size <= 20 * 2**20
