@@ -75,10 +75,6 @@ def _stop_on_stdin_eof() -> None:
 def run_request(request_path: Path, stop_on_stdin_eof: bool = False) -> int:
     """Run the request in ``request_path``; returns the exit code (errors.exit_code_of_kind of the error it reports)."""
     emit = _Emitter()
-    if os.environ.get("SEGRAP_REUSE_FREED_MEMORY", "1") != "0":  # 0: glibc's defaults, for comparisons
-        from .pipeline import reuse_freed_memory
-
-        reuse_freed_memory()
     # stdout belongs to the protocol: everything else printed (nnU-Net, tqdm) goes to stderr
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     signal.signal(signal.SIGTERM, _raise_cancelled)
@@ -88,7 +84,10 @@ def run_request(request_path: Path, stop_on_stdin_eof: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     from .errors import Cancelled, SegRapError
-    from .pipeline import SegmentRequest, request_paths, run
+    from .pipeline import SegmentRequest, request_paths, reuse_freed_memory, run
+
+    if os.environ.get("SEGRAP_REUSE_FREED_MEMORY", "1") != "0":  # 0: glibc's defaults, for comparisons
+        reuse_freed_memory()
 
     staging = None
     try:

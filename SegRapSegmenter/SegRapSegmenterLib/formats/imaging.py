@@ -126,8 +126,7 @@ def check_volume_header(path: str | Path, role: str = "CT") -> None:
 def read_volume(path: str | Path, role: str = "CT", series_uid: str | None = None) -> VolumeSource:
     """Read a CT from an image file or a DICOM folder and check it (3D, scalar, finite, HU)."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{role} {path}: no such file or folder.")
+    check_volume_header(path, role)
     if path.is_dir():
         try:
             from .dicom import read_ct_series
@@ -136,10 +135,6 @@ def read_volume(path: str | Path, role: str = "CT", series_uid: str | None = Non
         volume = read_ct_series(path, series_uid)
         source = VolumeSource(volume.image, path, "dicom", list(getattr(volume, "notes", [])), volume)
     else:
-        if not _is_image_file(path):
-            raise InputError(f"{role} {path}: unsupported file type; give a NIfTI (.nii, .nii.gz), NRRD (.nrrd) "
-                             f"or MetaImage (.mha, .mhd) file, or a DICOM series folder.")
-        check_declared_size(path, role)
         # the completeness check decompresses the whole file once more (0.3 s for a 512 x 512 x 126
         # .nii.gz): on a thread, beside ITK's read, which releases the GIL; its verdict comes first
         from concurrent.futures import ThreadPoolExecutor

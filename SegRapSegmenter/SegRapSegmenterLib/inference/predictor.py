@@ -445,9 +445,9 @@ class TaskPredictor:
                     torch.cuda.synchronize(store)  # .cpu() waits anyway; this keeps the wait out of the labelling time
                 t0 = time.perf_counter()
                 slice_labels = scores.argmax(0).to(torch.uint8).cpu().numpy()
-                # the labeler keeps a few slices' scores: a copy, as the stream reuses its buffers
-                slice_scores = scores.cpu().numpy().copy() if needs_scores and store.type == "cpu" else (
-                    scores.cpu().numpy() if needs_scores else None)
+                # the labeler keeps a few slices' scores: a copy of its own (one, from any device), as the
+                # stream reuses its buffers
+                slice_scores = scores.to("cpu", copy=True).numpy() if needs_scores else None
                 for j, out in labeler.add(z - region.start[0], slice_scores, slice_labels):
                     labels[j] = out
                 labelling += time.perf_counter() - t0
