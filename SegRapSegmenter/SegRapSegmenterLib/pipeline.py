@@ -27,6 +27,7 @@ from .anatomy import structures as S
 from .anatomy.qa import structure_report
 from .arrays import CroppedMasks, uint8_image
 from .errors import DicomError, InputError, OutputError
+from .formats.identity import check_pair, identity_of_folder, identity_of_volume
 from .formats.imaging import VolumeSource, check_volume_header, contrast_on_ct_grid, read_volume
 from .inference.body import THRESHOLD_HU as BODY_THRESHOLD_HU
 from .inference.body import body_box_of_image
@@ -217,6 +218,25 @@ def _input_record(source: VolumeSource) -> dict:
     return record
 
 
+def _check_identity(req: SegmentRequest, tasks: tuple[str, ...], ct: VolumeSource | None,
+                    contrast: VolumeSource | None) -> tuple[dict, list[str]]:
+    """The inputs' identity record and warnings (``identity.check_pair``); InputError for two patients."""
+    contrast_path = req.contrast_ct if "gtv" in tasks else None
+    if contrast is not None:
+        contrast_identity = identity_of_volume(contrast)
+    elif contrast_path and Path(contrast_path).is_dir():
+        contrast_identity = identity_of_folder(contrast_path, req.contrast_series)
+    else:
+        contrast_identity = None
+    record, warnings = check_pair(identity_of_volume(ct) if ct else None, contrast_identity,
+                                  ct_path=req.ct if ct else None, contrast_path=contrast_path, register=req.register)
+    if req.identity and record.get("patient", "").startswith("not checked"):
+        # files written by a caller that knew where they came from (Slicer): its check stands, said again here
+        record = dict(req.identity)
+        warnings = list(record.pop("warnings", []))
+    return record, warnings
+
+
 def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None = None) -> SegmentResult:
     """Run the job of a request; returns the outputs' paths (see the module docstring for guarantees)."""
     progress = progress or (lambda stage, fraction, message: None)
@@ -251,6 +271,10 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
         contrast = read_volume(req.contrast_ct, "Contrast CT", req.contrast_series)
     elif "gtv" in tasks:  # its voxels are read when Task 2 starts: not held while Task 1 runs
         check_volume_header(req.contrast_ct, "Contrast CT")
+    # one patient, before any model runs: the contrast CT's identity comes from its headers alone
+    identity, identity_warnings = _check_identity(req, tasks, ct, contrast)
+    for message in identity_warnings:
+        warning(message)
     reference = ct.image if ct is not None else contrast.image
     if req.rtstruct and ct is not None and ct.dicom is not None and not ct.dicom.series.frame_of_reference_uid:
         raise DicomError(f"{req.ct}: the CT series has no FrameOfReferenceUID, so an RTSTRUCT cannot reference it. "
@@ -337,7 +361,8 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     provenance = {
         "case_id": case_id, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "software": _versions(), "bundle": bundle.summary(), "tasks": list(tasks), "inference": inference_record,
-        "inputs": {"ct": _input_record(ct) if ct else None, "contrast_ct": _input_record(contrast) if contrast else None},
+        "inputs": {"ct": _input_record(ct) if ct else None, "contrast_ct": _input_record(contrast) if contrast else None,
+                   "identity": identity},
         "contrast_alignment": asdict(alignment) if alignment else None,
         "postprocessing": {"keep_largest_component": req.keep_largest_component, "fill_holes": req.fill_holes,
                            "changes": cleanup},

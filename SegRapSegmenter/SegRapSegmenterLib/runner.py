@@ -75,6 +75,7 @@ class SegmentRequest:
     keep_largest_component: bool = True
     fill_holes: bool = False
     staging_dir: str | None = None  # chosen by the caller, so it can clean up after a killed worker
+    identity: dict | None = None  # the inputs' identity as the caller checked it (Slicer: its DICOM database)
 
     @classmethod
     def from_json(cls, data: dict) -> SegmentRequest:

@@ -74,6 +74,10 @@ def test_provenance_records_model_folds_device_inputs_and_timings(segment_run):
     assert prov["inference"]["oar"]["device"] == "cpu" and prov["inference"]["gtv"]["folds"] == ["all"]
     assert prov["inputs"]["ct"]["sha256"] and prov["inputs"]["contrast_ct"]["sha256"]
     assert prov["contrast_alignment"]["method"] == "same-grid"
+    # NIfTI inputs carry no patient: the provenance says the pair's identity was not checked
+    identity = prov["inputs"]["identity"]
+    assert identity["patient"].startswith("not checked") and "carry no patient identity" in identity["patient"]
+    assert identity["ct"] == {"kind": "file"} and identity["contrast_ct"] == {"kind": "file"}
     assert {"oar_inference", "gtv_inference", "write", "total"} <= set(prov["timings_s"])
     assert set(prov["structures"]) == set(S.STRUCTURE_NAMES)
     brain = prov["structures"]["Brain"]

@@ -5,7 +5,9 @@ whose geometry is the series' own (origin = first slice along the slice normal, 
 ImageOrientationPatient), and keeps what an RTSTRUCT must reference: the study, series and frame
 of reference UIDs and every slice's SOP UIDs in the image's z order. Every check fails with a
 DicomError naming the folder or file and the fix. Messages and logs name files and UIDs only,
-never patient names or IDs. The RTSTRUCT writer and reader live in ``rtstruct`` and are
+never patient names or IDs, except the refusals of one input that mixes patients or of a CT and
+contrast CT of two patients (``identity``), which show the differing values so that the user can
+tell which file is wrong. The RTSTRUCT writer and reader live in ``rtstruct`` and are
 re-exported here.
 """
 
@@ -43,8 +45,59 @@ SPACING_TOLERANCE = 0.01  # relative deviation of a slice step from the mean ste
 
 
 @dataclass(frozen=True)
+class Patient:
+    """Who a DICOM file belongs to: PatientID, PatientName and PatientBirthDate as written (blank when absent)."""
+
+    id: str
+    name: str
+    birth_date: str
+
+    @classmethod
+    def of(cls, ds: Dataset) -> "Patient":
+        return cls(_text(ds, "PatientID"), _text(ds, "PatientName"), _text(ds, "PatientBirthDate"))
+
+    @staticmethod
+    def _same_name(a: str, b: str) -> bool:
+        """PatientName values equal as names: the alphabetic group only, case, spaces and empty trailing parts ignored."""
+        def parts(value: str) -> list[str]:
+            words = [w.strip().upper() for w in value.split("=")[0].split("^")]
+            while words and not words[-1]:
+                words.pop()
+            return words
+        return parts(a) == parts(b)
+
+    def differences(self, other: "Patient") -> str:
+        """The identifying attributes that both carry and that differ, with both values ('' when none differs)."""
+        differ = []
+        if self.id and other.id and self.id != other.id:
+            differ.append(f"PatientID {self.id!r} vs {other.id!r}")
+        if self.name and other.name and not self._same_name(self.name, other.name):
+            differ.append(f"PatientName {self.name!r} vs {other.name!r}")
+        if self.birth_date and other.birth_date and self.birth_date != other.birth_date:
+            differ.append(f"PatientBirthDate {self.birth_date!r} vs {other.birth_date!r}")
+        return "; ".join(differ)
+
+
+def one_patient(named: Sequence[tuple[Patient, str]], where: str) -> Patient:
+    """The patient that every file names (each attribute's first non-blank value); DicomError when two differ.
+
+    ``named`` pairs each file's patient with a name for the message (a file name, or '' when unknown).
+    """
+    known, source = Patient("", "", ""), ""
+    for patient, name in named:
+        differ = known.differences(patient)
+        if differ:
+            files = f"{source} and {name}: " if source and name else ""
+            raise DicomError(f"{where} mixes patients ({files}{differ}). A CT series belongs to one patient: remove "
+                             f"the other patient's files or export the series again.")
+        source = source if known.id else name
+        known = Patient(known.id or patient.id, known.name or patient.name, known.birth_date or patient.birth_date)
+    return known
+
+
+@dataclass(frozen=True)
 class SeriesInfo:
-    """One series found in a folder: its UIDs, what it is and its files."""
+    """One series found in a folder: its UIDs, what it is, its files and the patients its files name."""
 
     series_uid: str
     modality: str
@@ -52,6 +105,8 @@ class SeriesInfo:
     study_uid: str
     sop_class_uid: str
     files: tuple[Path, ...]
+    patients: tuple[Patient, ...] = ()  # distinct, in file order: more than one is refused when read
+    frame_of_reference_uid: str = ""
 
     @property
     def slice_count(self) -> int:
@@ -85,6 +140,7 @@ class CtSeries:
     slices: tuple[CtSlice, ...]
     header: Dataset = field(repr=False)  # first slice's attributes without pixel data (patient, study)
     transfer_syntax: str = ""
+    patient: Patient | None = None  # every slice names this patient (a series of two is refused)
 
     @property
     def normal(self) -> np.ndarray:
@@ -203,7 +259,9 @@ def discover_series(folder: str | Path) -> list[SeriesInfo]:
         found.append(SeriesInfo(
             series_uid=uid, modality=_text(first, "Modality").upper(), description=_text(first, "SeriesDescription"),
             study_uid=_text(first, "StudyInstanceUID"), sop_class_uid=_text(first, "SOPClassUID"),
-            files=tuple(p for p, _ in members)))
+            files=tuple(p for p, _ in members),
+            patients=tuple(dict.fromkeys(Patient.of(ds) for _, ds in members)),
+            frame_of_reference_uid=_text(first, "FrameOfReferenceUID")))
     found.sort(key=lambda s: (s.modality != "CT", -s.slice_count, s.series_uid))
     return found
 
@@ -354,6 +412,8 @@ def _check_uniform(folder: Path, slices: list[_Slice]) -> None:
                 f"{first.path.name} has ImageOrientationPatient {np.round(first.iop, 5).tolist()}, "
                 f"{s.path.name} has {np.round(s.iop, 5).tolist()}. Remove the odd images (a localizer or a "
                 f"reformat) or choose another series.")
+    one_patient([(Patient.of(s.ds), s.path.name) for s in slices],
+                f"{folder}: series {_text(first.ds, 'SeriesInstanceUID')}")
     frames = Counter(_text(s.ds, "FrameOfReferenceUID") for s in slices)
     if "" in frames and len(frames) > 1:
         bad = next(s for s in slices if not _text(s.ds, "FrameOfReferenceUID"))
@@ -507,7 +567,7 @@ def read_ct_series(folder: str | Path, series_uid: str | None = None, *, pixels:
         frame_of_reference_uid=_text(first, "FrameOfReferenceUID"), description=info.description,
         slices=tuple(CtSlice(s.path, _text(s.ds, "SOPClassUID"), _text(s.ds, "SOPInstanceUID"),
                              tuple(float(v) for v in s.ipp)) for s in slices),
-        header=header, transfer_syntax=syntax)
+        header=header, transfer_syntax=syntax, patient=Patient.of(first))
     if not series.study_uid:
         raise DicomError(f"{slices[0].path}: no StudyInstanceUID; export the series again from the scanner or PACS.")
     if not series.frame_of_reference_uid:
@@ -519,5 +579,5 @@ def read_ct_series(folder: str | Path, series_uid: str | None = None, *, pixels:
     return DicomVolume(image=image, series=series, notes=notes)
 
 
-__all__ = ["CtSeries", "CtSlice", "DicomVolume", "SeriesInfo", "choose_ct_series", "discover_series",
+__all__ = ["CtSeries", "CtSlice", "DicomVolume", "Patient", "SeriesInfo", "choose_ct_series", "discover_series",
            "read_ct_series"]

@@ -257,12 +257,14 @@ class SegmentationLogic:
 
     ``python``: the worker's Python (default: Slicer's own). ``scheduler``: how ``wait=False`` runs
     are polled (default: a qt timer in Slicer; headless, the caller polls ``logic.run.poll()``).
+    ``dicomDatabase``: where the volumes' DICOM files are found (None: Slicer's open database).
     """
 
     def __init__(self, python: str | None = None, scheduler: Scheduler | None = None):
         self.python = python
         self.scheduler = scheduler
         self.run: SegmentationRun | None = None
+        self.dicomDatabase = None
 
     # -- segmentation ------------------------------------------------------------------------
 
@@ -304,6 +306,7 @@ class SegmentationLogic:
         reference = ctNode if ctNode is not None else contrastCtNode
         if reference is None:
             raise InputError("Select a CT volume.")
+        identity = self.checkIdentity(ctNode, contrastCtNode if "gtv" in tasks else None, register)
         if isinstance(folds, str):
             folds = tuple(f.strip() for f in folds.split(",") if f.strip()) or None
         workdir = Path(tempfile.mkdtemp(prefix="segrap-slicer-"))
@@ -316,7 +319,8 @@ class SegmentationLogic:
                 ct=ct_path, contrast_ct=contrast_path, out_dir=str(workdir / "out"), case_id=case_id, bundle=bundle,
                 tasks=tasks, structures=tuple(structures) if structures is not None else None, device=device,
                 folds=tuple(str(f) for f in folds) if folds else None, mirror=mirror, tile_step_size=tile_step_size,
-                threads=threads, low_memory=lowMemory, register=register)  # staging: inside out_dir
+                threads=threads, low_memory=lowMemory, register=register,
+                identity=identity)  # staging: inside out_dir
             from .dependencies import startup_environment
 
             worker = WorkerRun(request, python=self.python or default_python(), startup_env=startup_environment())
@@ -343,6 +347,26 @@ class SegmentationLogic:
         if scheduler is not None:
             run.scheduler_handle = scheduler(run.poll)
         return segmentationNode
+
+    def checkIdentity(self, ctNode, contrastCtNode, register: bool = False) -> dict:
+        """The two volumes' identity record (``formats.identity``); InputError when they are of two patients.
+
+        Volumes loaded from DICOM are compared through the DICOM database (``self.dicomDatabase``, or
+        Slicer's); the worker sees NRRD files only, so this record travels in the request.
+        """
+        from ..formats.identity import check_pair
+        from . import scene as SC
+
+        database = self.dicomDatabase if self.dicomDatabase is not None else SC.slicer_dicom_database()
+        label = lambda node: f"volume {node.GetName()!r}" if node is not None else None  # noqa: E731
+        record, warnings = check_pair(
+            SC.volume_identity(ctNode, database) if ctNode is not None else None,
+            SC.volume_identity(contrastCtNode, database) if contrastCtNode is not None else None,
+            ct_path=label(ctNode), contrast_path=label(contrastCtNode), register=register,
+            no_identity="not loaded from Slicer's DICOM database, so its patient is not known")
+        record["checked_in"] = "Slicer (DICOM database)"
+        record["warnings"] = warnings
+        return record
 
     def cancel(self) -> None:
         """Stop the running segmentation (the worker and its children); the scene is left as it was."""

@@ -483,6 +483,26 @@ def ct_dicom_files(volume_node, database: DicomDatabase | None) -> list[Path]:
     return files
 
 
+def volume_identity(volume_node, database: DicomDatabase | None):
+    """The patient and UIDs of a volume loaded from DICOM, from its files' headers; None when it was not
+    loaded from DICOM or no database is open (the identity cannot be known then)."""
+    import pydicom
+
+    from ..formats.dicom import Patient, one_patient
+    from ..formats.identity import InputIdentity
+
+    if not (volume_node.GetAttribute(INSTANCE_UIDS_ATTRIBUTE) or "").split() or database is None:
+        return None
+    tags = ["PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
+            "FrameOfReferenceUID"]
+    headers = [(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags), path.name)
+               for path in ct_dicom_files(volume_node, database)]
+    where = f"Volume {volume_node.GetName()!r}"
+    patient = one_patient([(Patient.of(ds), name) for ds, name in headers], where)
+    first = headers[0][0]
+    return InputIdentity(where, patient, *(str(first.get(k, "") or "").strip() for k in tags[3:]))
+
+
 def ct_dicom_volume(volume_node, database: DicomDatabase | None, workdir: str | Path):
     """The CT's DICOM series as ``dicom.read_ct_series`` reads it (files linked into ``workdir`` first)."""
     from ..formats.dicom import read_ct_series
