@@ -180,6 +180,8 @@ def _run_worker(request, args, label: str) -> int:
         if not args.json:
             for key, path in final["outputs"].items():
                 print(f"{key}: {path}")
+            if final.get("review"):
+                print(final["review"])
         return EXIT_OK
     if final["event"] == "cancelled":
         print(f"{label}: cancelled; no output written", file=sys.stderr)

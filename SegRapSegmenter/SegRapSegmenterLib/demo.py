@@ -110,7 +110,7 @@ def run_demo(out: str | Path, size: str = "small", seed: int = 99, device: str =
         summary = {"segmentation": str(seg_path), "provenance": outcome.final["outputs"]["provenance"],
                    "found": len(S.STRUCTURE_NAMES) - len(scores.empty), "empty": scores.empty,
                    "mean_dsc_oar": scores.mean(S.OAR_NAMES), "mean_dsc_gtv": scores.mean(S.GTV_NAMES),
-                   "notice": NOTICE}
+                   "review": outcome.final.get("review"), "flagged": outcome.final.get("flagged"), "notice": NOTICE}
         if details:
             summary["dsc"] = {k: round(v, 4) for k, v in scores.dsc.items()}
         print(json.dumps({"event": "demo-summary", **summary}))
@@ -118,5 +118,7 @@ def run_demo(out: str | Path, size: str = "small", seed: int = 99, device: str =
         print(f"segmentation: {seg_path}  (open it in 3D Slicer over {paths.ct})")
         for line in summary_lines(scores, details):
             print(line)
+        if outcome.final.get("review"):
+            print(outcome.final["review"])
         print(NOTICE)
     return EXIT_OK

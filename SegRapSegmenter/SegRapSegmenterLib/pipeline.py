@@ -25,6 +25,7 @@ from scipy import ndimage
 from . import __version__
 from .anatomy import structures as S
 from .anatomy.qa import structure_report
+from .anatomy.review import REMOVED_REVIEW_ABOVE, review_structure, review_tags, summary_line
 from .arrays import CroppedMasks, uint8_image
 from .errors import DicomError, InputError, OutputError
 from .formats.identity import check_pair, identity_of_folder, identity_of_volume
@@ -32,6 +33,7 @@ from .formats.imaging import VolumeSource, check_volume_header, contrast_on_ct_g
 from .inference.body import THRESHOLD_HU as BODY_THRESHOLD_HU
 from .inference.body import body_box_of_image
 from .inference.bundles import Bundle, resolve_bundle, sha256_file, verify_bundle
+from .inference.certainty import expected_dice
 from .inference.predictor import InferenceOptions, TaskPredictor, describe_device
 # the request and its checks live with the runner, which the CLI's process imports without numpy;
 # they are this module's API too (README: ``from SegRapSegmenterLib.pipeline import SegmentRequest, run``)
@@ -51,6 +53,8 @@ class SegmentResult:
     case_id: str
     outputs: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    review: str = ""  # one line naming the structures to review (``anatomy.review.summary_line``)
+    flagged: list[str] = field(default_factory=list)
 
 
 def _check_request(req: SegmentRequest) -> tuple[str, ...]:
@@ -149,22 +153,32 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
-def postprocess(masks: CroppedMasks, keep_largest: bool, fill: bool) -> dict[str, list[str]]:
+@dataclass
+class Cleanup:
+    """What post-processing did: the steps per structure, and the share of its predicted voxels it removed."""
+
+    steps: dict[str, list[str]] = field(default_factory=dict)
+    removed: dict[str, float] = field(default_factory=dict)
+
+
+def postprocess(masks: CroppedMasks, keep_largest: bool, fill: bool) -> Cleanup:
     """Per-structure clean-up in place, each on its own crop; returns what was done to each structure.
 
     Both steps give the same result on the bounding box as on the full grid: components do not
     change, and background touching the box's edge is outside the structure either way.
     """
-    done: dict[str, list[str]] = {}
+    done = Cleanup()
     for name in list(masks):
         box, mask = masks.crop(name)
         steps = []
         if keep_largest and S.get(name).single_component and mask.any():
             kept = keep_largest_component(mask)
-            removed = int(mask.sum() - kept.sum())
+            before = int(mask.sum())
+            removed = before - int(kept.sum())
             if removed:
                 mask = kept
-                steps.append(f"removed {removed} voxels outside the largest component")
+                done.removed[name] = removed / before
+                steps.append(f"removed {removed} voxels ({removed / before:.0%}) outside the largest component")
         if fill and mask.any():
             filled = ndimage.binary_fill_holes(mask)
             added = int(filled.sum() - mask.sum())
@@ -173,11 +187,11 @@ def postprocess(masks: CroppedMasks, keep_largest: bool, fill: bool) -> dict[str
                 steps.append(f"filled {added} hole voxels")
         if steps:
             masks.put(name, box, mask)
-            done[name] = steps
+            done.steps[name] = steps
     return done
 
 
-def _structures_of(task: str, labels: np.ndarray, shape, req: SegmentRequest) -> tuple[CroppedMasks, dict]:
+def _structures_of(task: str, labels: np.ndarray, shape, req: SegmentRequest) -> tuple[CroppedMasks, Cleanup]:
     """A task's label map as cropped structure masks, cleaned up (``postprocess``)."""
     masks = CroppedMasks(shape)
     if task == "oar":
@@ -297,6 +311,7 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     background = ThreadPoolExecutor(max_workers=1)
     pending = []
     alignment = None
+    certainty: dict[str, float] = {}  # expected Dice per structure (inference.certainty)
     span = {"oar": (0.05, 0.75), "gtv": (0.75, 0.92)} if len(tasks) == 2 else {tasks[0]: (0.05, 0.92)}
     for task in tasks:
         lo, hi = span[task]
@@ -322,6 +337,8 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
             f"{task}-inference", lo + (hi - lo) * f, f"{task}: {f:.0%} of the sliding window"),
             box=box if task == "oar" or ct is not None else None, warn=warning)
         timings[f"{task}_inference"] = time.perf_counter() - t0
+        if predictor.class_table is not None:
+            certainty.update(expected_dice(task, predictor.class_table))
         pending.append(background.submit(_structures_of, task, labels, masks.shape, req))
         del labels
         inference_record[task] = {"folds": list(predictor.folds), "device": describe_device(predictor.device),
@@ -339,13 +356,14 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
 
     progress("postprocess", 0.92, "post-processing and checking the structures")
     t0 = time.perf_counter()
-    cleanup: dict[str, list[str]] = {}
+    cleanup = Cleanup()
     try:
         for future in pending:
             task_masks, task_cleanup = future.result()
             for name in task_masks:
                 masks.put(name, *task_masks.crop(name))
-            cleanup.update(task_cleanup)
+            cleanup.steps.update(task_cleanup.steps)
+            cleanup.removed.update(task_cleanup.removed)
     finally:
         background.shutdown(cancel_futures=True)
     if req.structures is not None:
@@ -354,6 +372,19 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     structures, qa_warnings = structure_report(masks, reference)
     for message in qa_warnings:
         warning(message)
+    voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
+    for name, fraction in cleanup.removed.items():
+        if name in structures and fraction > REMOVED_REVIEW_ABOVE:
+            removed_ml = structures[name]["volume_ml"] * fraction / (1.0 - fraction)
+            warning(f"{name}: post-processing removed {fraction:.0%} of the predicted voxels ({removed_ml:.1f} ml "
+                    f"outside the largest component): check the contour")
+    reviews = {name: review_structure(voxels=entry["voxels"], flags=entry["flags"], certainty=certainty.get(name),
+                                      removed_fraction=cleanup.removed.get(name, 0.0), volume_ml=entry["volume_ml"],
+                                      volume_range_ml=None)
+               for name, entry in structures.items()}
+    for name, entry in structures.items():
+        entry.update(reviews[name].record())
+    review_line = summary_line(reviews)
     timings["postprocess"] = time.perf_counter() - t0
 
     progress("write", 0.95, "writing the outputs")
@@ -365,8 +396,11 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
                    "identity": identity},
         "contrast_alignment": asdict(alignment) if alignment else None,
         "postprocessing": {"keep_largest_component": req.keep_largest_component, "fill_holes": req.fill_holes,
-                           "changes": cleanup},
-        "structures": structures, "warnings": warnings, "timings_s": {},
+                           "changes": cleanup.steps},
+        "structures": structures, "review": {"summary": review_line, "flagged": [n for n, r in reviews.items()
+                                                                                 if r.review],
+                                             "method": "docs/quality.md", "certainty_measured": sorted(certainty)},
+        "warnings": warnings, "timings_s": {},
         "empty_structures": {"names": [n for n in masks if not masks.crop(n)[1].any()],
                              "handling": "kept: an empty segment (tag SegRap.Empty) in the .seg.nrrd, a ROI without "
                                          "contours marked EMPTY in the RTSTRUCT"},
@@ -374,7 +408,7 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     }
     outputs = _write_outputs(req, case_id, masks, reference, ct, provenance, staging, out_dir, timings, t_start, t0)
     progress("done", 1.0, f"wrote {len(outputs)} outputs to {out_dir}")
-    return SegmentResult(case_id, outputs, warnings)
+    return SegmentResult(case_id, outputs, warnings, review_line, [n for n, r in reviews.items() if r.review])
 
 
 def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, reference: sitk.Image,
@@ -394,7 +428,8 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, refer
         names: dict[str, Path] = {"segmentation": staging / f"{case_id}.seg.nrrd"}
         write_seg_nrrd(names["segmentation"], masks, reference, provenance={
             "model": {"name": provenance["bundle"]["name"], "version": provenance["bundle"]["version"]},
-            "case_id": case_id, "notice": provenance["notice"], "empty_structures": provenance["empty_structures"]})
+            "case_id": case_id, "notice": provenance["notice"], "empty_structures": provenance["empty_structures"],
+            "review": provenance["review"]}, segment_tags=review_tags(provenance["structures"]))
         if req.nifti:
             folder = staging / f"{case_id}_structures"
             folder.mkdir()
@@ -415,7 +450,9 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, refer
                                       provenance["postprocessing"]["changes"].items()]
             write_rtstruct(masks, ct.dicom, path, model_name=provenance["bundle"]["name"],
                            model_version=provenance["bundle"]["version"], roi_names=req.roi_names, notes=notes,
-                           contour_holes=req.contour_holes)
+                           contour_holes=req.contour_holes, review={
+                               name: f"{'; '.join(e['review_reasons'])} (confidence {e['confidence']:.2f})"
+                               for name, e in provenance["structures"].items() if e.get("review")})
             names["rtstruct"] = path
         timings["write"] = time.perf_counter() - t_write
         timings["total"] = time.perf_counter() - t_start

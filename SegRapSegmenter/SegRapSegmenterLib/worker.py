@@ -107,7 +107,8 @@ def run_request(request_path: Path, stop_on_stdin_eof: bool = False) -> int:
                                                                     message=message),
                      warn=lambda message: emit("warning", message=message))
         _FINISHING.set()
-        emit("done", case_id=result.case_id, outputs=result.outputs, warnings=result.warnings)
+        emit("done", case_id=result.case_id, outputs=result.outputs, warnings=result.warnings, review=result.review,
+             flagged=result.flagged)
         return 0
     except Cancelled as exc:
         emit("cancelled", message=str(exc))

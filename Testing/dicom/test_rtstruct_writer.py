@@ -364,3 +364,20 @@ def test_an_empty_structure_is_kept_as_a_roi_without_contours_and_said_so(standa
     assert dciodvfy(path) == []
     back = read_rtstruct(path, standard.volume)
     assert not back["Chiasm"].any() and np.array_equal(back["Brain"], masks["Brain"])
+
+
+def test_a_flagged_structure_carries_the_review_in_its_roi_observation(standard, tmp_path, dciodvfy):
+    review = {"Parotid_L": "low network certainty (expected Dice 0.41); 44% removed by post-processing "
+                           "(confidence 0.23)"}
+    path = write_rtstruct(standard.masks, standard.volume, tmp_path / "rt.dcm", model_name=MODEL[0],
+                          model_version=MODEL[1], review=review)
+    ds = pydicom.dcmread(path)
+    number = {r.ROIName: r.ROINumber for r in ds.StructureSetROISequence}
+    observations = {o.ReferencedROINumber: o for o in ds.RTROIObservationsSequence}
+    flagged = observations[number["Parotid_L"]]
+    assert flagged.ROIObservationLabel == rtstruct.REVIEW_LABEL
+    assert flagged.ROIObservationDescription.startswith(rtstruct.REVIEW_NOTE)
+    assert "44% removed by post-processing" in flagged.ROIObservationDescription
+    unflagged = [o for n, o in observations.items() if n != number["Parotid_L"]]
+    assert all("ROIObservationLabel" not in o for o in unflagged)
+    assert dciodvfy(path) == []

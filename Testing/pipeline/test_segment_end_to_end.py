@@ -125,3 +125,23 @@ def test_evaluate_scores_the_demo_prediction_and_writes_every_report(segment_run
     for png in [out / "boxplot.png", *sorted((out / "montages").glob("*.png"))]:
         assert matplotlib.image.imread(png).ndim == 3
     assert list((out / "montages").glob("*.png"))
+
+
+def test_every_structure_has_a_confidence_a_review_flag_and_its_segment_tags(segment_run):
+    done = segment_run["events"][-1]
+    prov = json.loads(open(done["outputs"]["provenance"]).read())
+    for name, entry in prov["structures"].items():
+        assert 0.0 <= entry["confidence"] <= 1.0 and isinstance(entry["review"], bool), name
+        assert entry["review"] == bool(entry["review_reasons"]), name
+    # the network's certainty was measured for every structure of both tasks (the frugal path)
+    assert prov["review"]["certainty_measured"] == sorted(S.STRUCTURE_NAMES)
+    assert prov["review"]["flagged"] == [n for n, e in prov["structures"].items() if e["review"]]
+    assert done["review"] == prov["review"]["summary"] and done["flagged"] == prov["review"]["flagged"]
+    # Slicer reads the flag from the segment tags (slicerio splits them the way Slicer's storage node does)
+    loaded = slicerio.read_segmentation(done["outputs"]["segmentation"])
+    for segment in loaded["segments"]:
+        entry = prov["structures"][segment["name"]]
+        assert segment["tags"]["SegRap.Review"] == ("1" if entry["review"] else "0")
+        assert float(segment["tags"]["SegRap.Confidence"]) == round(entry["confidence"], 3)
+        if entry["review"]:
+            assert segment["tags"]["SegRap.ReviewReasons"] == "; ".join(entry["review_reasons"])

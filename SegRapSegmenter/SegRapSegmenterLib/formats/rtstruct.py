@@ -56,6 +56,8 @@ CONTOUR_HOLES = ("keyhole", "xor")  # how a hole in a slice is encoded (PS3.3 C.
 CLOSED_TYPES = ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR")  # the contour geometric types read as areas
 STRUCTURE_SET_LABEL = "AUTO UNREVIEWED"  # SH: 16 characters at most
 EMPTY_NOTE = "EMPTY: the model found no voxel of this structure on this CT; check before planning."
+REVIEW_LABEL = "REVIEW"  # ROI Observation Label (SH, at most 16 characters) of a structure flagged for review
+REVIEW_NOTE = "SegRap flagged this contour for review"  # starts its ROI Observation Description
 REVIEW_WARNING = ("Auto-generated structures: they must be reviewed and approved by a qualified person before "
                   "any clinical use.")
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
@@ -276,7 +278,7 @@ def _contour_items(contours: Contours, placement: _Placement, slice_refs: Sequen
 
 def build_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, *, model_name: str, model_version: str,
                    roi_names: str = "tg263", notes: Sequence[str] = (), explicit_vr: bool = False,
-                   contour_holes: str = "keyhole") -> Dataset:
+                   contour_holes: str = "keyhole", review: Mapping[str, str] | None = None) -> Dataset:
     """The RT Structure Set dataset of ``masks`` (z, y, x on ``reference.image``'s grid); see ``write_rtstruct``."""
     if roi_names not in ROI_NAME_STYLES:
         raise InputError(f"roi_names must be one of {', '.join(ROI_NAME_STYLES)}, got {roi_names!r}.")
@@ -372,8 +374,13 @@ def build_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, *, m
         observation.ReferencedROINumber = roi.number
         observation.RTROIInterpretedType = roi.structure.rt_type if roi.structure else ""
         observation.ROIInterpreter = ""
+        flagged = (review or {}).get(roi.key) if roi.structure is not None else None
+        if flagged:  # PS3.3 C.8.8.8, Table C.8-44: ROI Observation Label (SH) and Description (ST), both Type 3
+            observation.ROIObservationLabel = REVIEW_LABEL
         if not len(found):
             observation.ROIObservationDescription = EMPTY_NOTE
+        elif flagged:
+            observation.ROIObservationDescription = f"{REVIEW_NOTE}: {flagged}".replace("\\", "/")[:1024]
         if roi.structure is not None:
             observation.SegmentedPropertyCategoryCodeSequence = [_code_item(roi.structure.category)]
             identification = _code_item(roi.structure.type)
@@ -396,7 +403,8 @@ def build_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, *, m
 
 def write_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, path: str | Path, *, model_name: str,
                    model_version: str, roi_names: str = "tg263", notes: Sequence[str] = (),
-                   explicit_vr: bool = False, contour_holes: str = "keyhole") -> Path:
+                   explicit_vr: bool = False, contour_holes: str = "keyhole",
+                   review: Mapping[str, str] | None = None) -> Path:
     """Write the structures as an RTSTRUCT on the CT series of ``reference``; the file appears only when complete.
 
     ``masks``: name (any catalogue spelling; other names are written as given, without codes) ->
@@ -405,11 +413,12 @@ def write_rtstruct(masks: Mapping[str, np.ndarray], reference: DicomVolume, path
     (default) or ``segrap``. ``notes``: provenance sentences added to the structure set description.
     ``contour_holes``: ``keyhole`` (default: each hole joined to its region's outline by a
     zero-width channel, one CLOSED_PLANAR contour per region) or ``xor`` (one contour per region
-    and per hole, CLOSEDPLANAR_XOR on the slices that have a hole).
+    and per hole, CLOSEDPLANAR_XOR on the slices that have a hole). ``review``: structure name (as in
+    ``masks``) -> why to review it; such a ROI's observation is labelled ``REVIEW`` and described.
     """
     path = Path(path)
     ds = build_rtstruct(masks, reference, model_name=model_name, model_version=model_version, roi_names=roi_names,
-                        notes=notes, explicit_vr=explicit_vr, contour_holes=contour_holes)
+                        notes=notes, explicit_vr=explicit_vr, contour_holes=contour_holes, review=review)
     for item in (ds, *ds.ROIContourSequence):
         _keep_raw(item, not explicit_vr)
     path.parent.mkdir(parents=True, exist_ok=True)

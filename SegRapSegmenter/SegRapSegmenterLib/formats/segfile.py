@@ -108,14 +108,21 @@ def _check_masks(masks: Mapping[str, np.ndarray], reference: sitk.Image) -> Crop
     return out
 
 
+def _tag_value(value: str) -> str:
+    """A segment tag's value: Slicer splits the tags field at '|' and each tag at its first ':'
+    (vtkMRMLSegmentationStorageNode.cxx, SetSegmentTagsFromString: v5.10.0 line 1789, v5.12.0 line 1791;
+    LIST_SEPARATOR '|' at line 77 / 79), so a value may hold ':' but never '|'."""
+    return str(value).replace("|", "/")
+
+
 def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference: sitk.Image, *,
-                   provenance: dict | None = None) -> Path:
+                   provenance: dict | None = None, segment_tags: Mapping[str, Mapping[str, str]] | None = None) -> Path:
     """Write masks (z, y, x, on ``reference``'s grid) as a Slicer segmentation, atomically.
 
     Catalogue structures (any spelling) are written in catalogue order with their SegRap name,
     color and terminology tag; other names are kept as they are, after them, with a grey color.
     An empty mask stays a segment (empty extent) tagged ``SegRap.Empty:1``: "not found" is shown,
-    not hidden, as in the RTSTRUCT.
+    not hidden, as in the RTSTRUCT. ``segment_tags``: more tags per structure (the review flag).
     """
     from ..anatomy.terminology import terminology_entry
 
@@ -160,6 +167,8 @@ def write_seg_nrrd(path: str | Path, masks: Mapping[str, np.ndarray], reference:
         extent = _extent(*ordered.crop(name))
         if extent == "0 -1 0 -1 0 -1":
             tag += f"{EMPTY_TAG}:1|"
+        for key, text in ((segment_tags or {}).get(name) or {}).items():
+            tag += f"{key}:{_tag_value(text)}|"
         custom.update(_segment_fields(i, name, name, color, layer, value, extent, tag))
     if provenance is not None:
         custom["SegRap_Provenance"] = json.dumps(provenance, separators=(",", ":"), sort_keys=True)

@@ -35,6 +35,7 @@ from .architecture import build_network, check_plans
 from .bundles import Bundle, load_checkpoint
 from .devices import DEVICES, describe_device, pick_device  # noqa: F401  (DEVICES: for callers)
 from .preprocess import preprocess_in_blocks
+from .certainty import ClassTally
 from .scores import SliceLabeler, axis_map, axis_orders
 from .tiles import Region, stream_scores, tile_slicers
 
@@ -59,6 +60,7 @@ class InferenceOptions:
     # paired classes swapped after a left-right flip. For benchmarks and for bundles that record too little.
     mirror_policy: str | None = None
     mirror_axes: tuple[int, ...] | None = None  # with mirror_policy: flip only these network axes
+    certainty: bool = True  # tally the class probabilities per structure (``certainty``) while scores are held
 
 
 def mirrored_sum(network, x, axes: tuple[int, ...], lr_axis: int | None, permutation) -> "torch.Tensor":
@@ -297,6 +299,7 @@ class TaskPredictor:
         self._allowed_axes = allowed_axes
         self._stock = None
         self.last_run: dict = {}
+        self.class_table: np.ndarray | None = None  # ``certainty.ClassTally`` of the last run (frugal path only)
 
     def orientation_note(self, image: sitk.Image) -> str | None:
         """How the image is reoriented for the network, for the provenance (None when it is not)."""
@@ -437,6 +440,7 @@ class TaskPredictor:
         stats: dict = {}
         clock = self._clock
         labelling = 0.0
+        tally = ClassTally(scores_of) if self.options.certainty else None
         # inference mode for the whole window: the tiles' scores are inference tensors, weighted in place
         with torch.inference_mode():
             for z, scores in stream_scores(clock.timed_network(self._evaluate), padded, tiles, region, gaussian,
@@ -444,15 +448,19 @@ class TaskPredictor:
                 if store.type == "cuda":
                     torch.cuda.synchronize(store)  # .cpu() waits anyway; this keeps the wait out of the labelling time
                 t0 = time.perf_counter()
-                slice_labels = scores.argmax(0).to(torch.uint8).cpu().numpy()
+                won = scores.argmax(0)
+                slice_labels = won.to(torch.uint8).cpu().numpy()
+                if tally is not None:
+                    tally.add(scores, won)
                 # the labeler keeps a few slices' scores: a copy of its own (one, from any device), as the
                 # stream reuses its buffers
                 slice_scores = scores.to("cpu", copy=True).numpy() if needs_scores else None
                 for j, out in labeler.add(z - region.start[0], slice_scores, slice_labels):
                     labels[j] = out
                 labelling += time.perf_counter() - t0
-        clock.add("labels", labelling)
+        clock.add("labels", labelling)  # certainty tally included
         clock.add("sliding_window", time.perf_counter() - t_stream)
+        self.class_table = tally.table() if tally is not None else None
         if not labeler.complete:
             raise ModelError(f"{self.task}: the sliding window ended before every slice was labelled; please report this.")
         self.last_run["tiles"] = evaluated
