@@ -29,11 +29,11 @@ import SimpleITK as sitk
 
 from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.demo import score_against_truth
+from SegRapSegmenterLib.evaluation.quality import Reviewed, review_figures
 from SegRapSegmenterLib.inference.bundles import DEMO_BUNDLE_PATH
 from SegRapSegmenterLib.phantom import cases as phantom
 
 HELD_OUT_SEED = 99
-BAD, GOOD = 0.5, 0.9
 
 
 def _resampled(case: phantom.PhantomCase, reference: sitk.Image) -> phantom.PhantomCase:
@@ -136,25 +136,10 @@ def run_case(case: phantom.PhantomCase, work: Path, bundle: str, tasks=("oar", "
             for n, e in provenance["structures"].items()]
 
 
-def auc(rows: list[dict]) -> float | None:
-    """P(confidence of a bad contour < confidence of a good one), ties counted half."""
-    bad = np.array([r["confidence"] for r in rows if r["dsc"] < BAD])
-    good = np.array([r["confidence"] for r in rows if r["dsc"] >= BAD])
-    if not len(bad) or not len(good):
-        return None
-    less = (bad[:, None] < good[None, :]).sum() + 0.5 * (bad[:, None] == good[None, :]).sum()
-    return float(less / (len(bad) * len(good)))
-
-
 def figures(rows: list[dict]) -> dict:
-    """The three figures; a structure that is absent from the image (truth empty) and found empty is left out:
-    its flag ("empty") is right, and its DSC of 1 says nothing about the contour."""
-    rows = [r for r in rows if not r["absent"]]
-    bad = [r for r in rows if r["dsc"] < BAD]
-    good = [r for r in rows if r["dsc"] >= GOOD]
-    return {"structures": len(rows), "dsc_below_0.5": len(bad), "dsc_0.9_or_more": len(good), "auc": auc(rows),
-            "sensitivity": (sum(r["review"] for r in bad) / len(bad)) if bad else None,
-            "false_flags": (sum(r["review"] for r in good) / len(good)) if good else None}
+    """``evaluation.quality.review_figures`` of the rows (absent structures are left out there)."""
+    return review_figures([Reviewed(str(r["case"]), r["structure"], r["dsc"], r["confidence"], r["review"], r["absent"])
+                           for r in rows])
 
 
 def _fmt(v) -> str:

@@ -28,22 +28,36 @@ class ClassTally:
         self.num_classes = num_classes
         self._table = None
 
-    def add(self, scores, labels) -> None:
-        """Add one network slice: ``scores`` (C, y, x) torch tensor of mean class scores, ``labels`` their arg-max."""
+    @staticmethod
+    def labels(scores):
+        """The arg-max labels of a slice's scores (C, y, x), and each voxel's best foreground score, in one pass.
+
+        The same labels as ``scores.argmax(0)``: background wins a tie with a foreground class, and among
+        tied foreground classes the first (torch.max over a dimension returns the first maximal index).
+        """
+        import torch
+
+        best = scores[1:].max(0)
+        won = torch.where(scores[0] >= best.values, 0, best.indices + 1)
+        return won, best.values
+
+    def add(self, scores, won, foreground_best) -> None:
+        """Add one network slice: its mean class scores (C, y, x), arg-max labels and best foreground scores."""
         import torch
 
         c = self.num_classes
         flat = scores.reshape(c, -1)
-        won = labels.reshape(-1).to(flat.device, torch.int64)
-        foreground_best = flat[1:].max(0).values.float()
-        keep = (won != 0) | (foreground_best - flat[0].float() > -FAR_BACKGROUND_LOGIT_GAP)
+        won = won.reshape(-1)
+        keep = (won != 0) | (foreground_best.reshape(-1) - flat[0] > -FAR_BACKGROUND_LOGIT_GAP)
         index = keep.nonzero().squeeze(1)
         if self._table is None:
             self._table = torch.zeros((c, c), dtype=torch.float64, device=flat.device)
         if index.numel() == 0:
             return
         probabilities = torch.softmax(flat[:, index].float(), dim=0)  # C x n
-        self._table.index_add_(0, won[index], probabilities.T.to(torch.float64))
+        part = torch.zeros((c, c), dtype=torch.float32, device=flat.device)
+        part.index_add_(0, won[index], probabilities.T)
+        self._table += part  # per slice in float32, over the volume in float64
 
     def table(self) -> np.ndarray | None:
         """The table as a NumPy array (None when no slice was added)."""

@@ -448,10 +448,12 @@ class TaskPredictor:
                 if store.type == "cuda":
                     torch.cuda.synchronize(store)  # .cpu() waits anyway; this keeps the wait out of the labelling time
                 t0 = time.perf_counter()
-                won = scores.argmax(0)
-                slice_labels = won.to(torch.uint8).cpu().numpy()
-                if tally is not None:
-                    tally.add(scores, won)
+                if tally is None:
+                    slice_labels = scores.argmax(0).to(torch.uint8).cpu().numpy()
+                else:  # the arg-max and each voxel's best foreground score in one pass (ClassTally.labels)
+                    won, foreground_best = tally.labels(scores)
+                    slice_labels = won.to(torch.uint8).cpu().numpy()
+                    tally.add(scores, won, foreground_best)
                 # the labeler keeps a few slices' scores: a copy of its own (one, from any device), as the
                 # stream reuses its buffers
                 slice_scores = scores.to("cpu", copy=True).numpy() if needs_scores else None
