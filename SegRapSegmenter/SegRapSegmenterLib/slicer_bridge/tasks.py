@@ -36,9 +36,11 @@ class TaskView:
 class PanelTasks:
     """Runs one ``BackgroundTask`` at a time for the panel and finishes it on the polling (GUI) thread."""
 
-    def __init__(self, view: TaskView, scheduler: Scheduler):
+    def __init__(self, view: TaskView, scheduler: Scheduler, other_work: Callable[[], "str | None"] = lambda: None):
+        """``other_work()`` names work that owns the progress bar and Cancel besides these tasks (the segmentation)."""
         self.view = view
         self.scheduler = scheduler
+        self.other_work = other_work
         self.current: BackgroundTask | None = None
 
     @property
@@ -53,8 +55,9 @@ class PanelTasks:
         only says so in the status line. ``controllable``: the call takes ``report`` and ``should_stop``.
         Refused (None, with a message) while another task runs.
         """
-        if self.current is not None:
-            self.view.error(f"Wait for the running task ({self.current.name}) or cancel it first.")
+        running = f"task ({self.current.name})" if self.current is not None else self.other_work()
+        if running:  # one thing at a time owns the progress bar and Cancel
+            self.view.error(f"Wait for the running {running} or cancel it first.")
             return None
         task = BackgroundTask(name, call, done=self._finisher(message, done), progress=self._progress,
                               passes_control=controllable)

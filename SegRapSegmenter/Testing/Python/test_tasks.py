@@ -106,6 +106,12 @@ class PanelTasksTest(unittest.TestCase):
         self.assertEqual(self.shown.of("status")[-1], "Cancelled: Writing ...")
         self.assertFalse(self.tasks.busy)
 
+    def test_nothing_starts_while_the_segmentation_runs(self):
+        tasks = PanelTasks(self.shown.view(), scheduler=lambda poll: None, other_work=lambda: "segmentation")
+        self.assertIsNone(tasks.start("verify", lambda: None, "Checking ..."))
+        self.assertEqual(self.shown.of("error"), ["Wait for the running segmentation or cancel it first."])
+        self.assertEqual(self.shown.of("busy"), [])
+
     def test_an_error_in_done_is_shown_once(self):
         def done(result):
             raise RuntimeError(f"the database did not take {result}")
