@@ -24,7 +24,7 @@ import vtk
 from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.anatomy import terminology
 from SegRapSegmenterLib.errors import Cancelled, DicomError, GeometryError
-from SegRapSegmenterLib.formats import dicom, imaging, rtstruct, segfile
+from SegRapSegmenterLib.formats import dicom, imaging, rtstruct
 from SegRapSegmenterLib.phantom import cases as phantom
 from SegRapSegmenterLib.phantom import dicom_series as phantom_dicom
 from SegRapSegmenterLib.slicer_bridge import scene as SC
@@ -34,6 +34,8 @@ DIRECTIONS = ("identity", "flipped", "rotated", "oblique")
 # the worker's result files are written here with pynrrd (segfile), which Slicer does not ship
 NO_PYNRRD = importlib.util.find_spec("nrrd") is None
 PYNRRD_REASON = "pynrrd not installed (as in a stock Slicer): the worker-result fixtures are written with it"
+if not NO_PYNRRD:
+    from SegRapSegmenterLib.formats import segfile
 
 
 def fresh_scene():
