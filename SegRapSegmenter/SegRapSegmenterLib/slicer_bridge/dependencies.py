@@ -141,7 +141,7 @@ def startup_environment() -> dict[str, str] | None:
     ``slicer.util.startupEnvironment`` (Base/Python/slicer/util.py v5.10.0:98, v5.12.0:269) is where another
     interpreter starts from: the one Slicer runs in carries PYTHONHOME, PYTHONPATH and PYTHONNOUSERSITE
     for Slicer's own Python (docs/slicer-compatibility.md). It calls ``slicer.app.startupEnvironment()``
-    (util.py v5.10.0:106, v5.12.0:277), a PythonQt call, and PythonQt is not thread-safe: so this is
+    (util.py v5.10.0:118, v5.12.0:289), a PythonQt call, and PythonQt is not thread-safe: so this is
     refused off the main (GUI) thread, everywhere, and a background task gets the value passed in.
     """
     if threading.current_thread() is not threading.main_thread():

@@ -4,7 +4,7 @@ The ``TaskView`` here records what the panel would show (status line, progress b
 error dialogs), and the test thread polls as Slicer's qt timer would. Slicer's own pip_install is
 not used by the panel: on 5.10 it runs pip from the GUI thread and reads its output there
 (Base/Python/slicer/util.py v5.10.0:3991-4034 -> _executePythonModule :3957-3988 -> logProcessOutput
-:3922-3950); on 5.12 its progress dialog waits in a loop that processes events (packaging.py
+:3922-3955); on 5.12 its progress dialog waits in a loop that processes events (packaging.py
 v5.12.0:712, :752-754), and when pip fails it shows an error dialog of its own before it raises
 (:758-764), which made two dialogs with the panel's. In both, events are processed while pip runs,
 so Apply stayed clickable. Here pip runs as a subprocess of a task, Apply reads Cancel meanwhile.
