@@ -396,10 +396,10 @@ class SegmentationLogic:
 
     @staticmethod
     def exportRtStructCall(segmentationNode, ctNode, path, roiNames: str = "tg263", dicomFolder=None):
-        """Read what the export needs from the scene now (GUI thread); returns the call that writes it, for any thread.
+        """Copy what the export needs from the scene now (GUI thread); returns the call that writes it, on any thread.
 
         The call takes optional ``report`` and ``should_stop`` keywords (``background.BackgroundTask``)
-        and returns the RTSTRUCT's path; reading the DICOM series and contouring 47 structures take
+        and returns the RTSTRUCT's path; making 47 masks, reading the DICOM series and contouring take
         seconds, so the panel runs it off the GUI thread.
         """
         if segmentationNode is None or ctNode is None:

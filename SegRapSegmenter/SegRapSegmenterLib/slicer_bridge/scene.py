@@ -506,42 +506,66 @@ def ct_dicom_volume(volume_node, database: DicomDatabase | None, workdir: str | 
 
 @dataclass
 class RtStructInputs:
-    """What an RTSTRUCT export reads from the scene and the DICOM database (GUI thread); the rest needs neither."""
+    """What an RTSTRUCT export takes from the scene and the DICOM database (on the GUI thread), as copies.
 
-    segmentation_name: str
-    masks: object  # formats.rtstruct.RoiMasks on the CT node's grid, as edited now
-    node_grid: sitk.Image  # the CT node's grid (no voxels)
+    The segmentation and the CT grid are nodes of no scene: nothing else reads or changes them, so
+    the masks can be made from them on another thread.
+    """
+
+    segmentation: object  # a vtkMRMLSegmentationNode outside any scene: the segments as edited when copied
+    grid: object  # a vtkMRMLScalarVolumeNode outside any scene: the CT node's extent and IJK-to-RAS, no voxels
     ct_files: list[Path]  # the CT's original DICOM files
     model_name: str
     model_version: str
 
 
+def detached_copies(segmentation_node, volume_node):
+    """Copies, outside any scene, of a segmentation node's segments and of a volume node's grid (no voxels)."""
+    segmentation = slicer.vtkMRMLSegmentationNode()
+    segmentation.SetName(segmentation_node.GetName())
+    segmentation.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
+    grid = slicer.vtkMRMLScalarVolumeNode()
+    grid.SetName(volume_node.GetName())
+    grid.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(volume_node)))
+    image = vtk.vtkImageData()
+    image.SetExtent(volume_node.GetImageData().GetExtent())
+    grid.SetAndObserveImageData(image)
+    return segmentation, grid
+
+
 def rtstruct_inputs(segmentation_node, volume_node, database: DicomDatabase | None, *,
                     model_name: str | None = None, model_version: str | None = None) -> RtStructInputs:
-    """Read what the export needs from the scene: masks (edits included), the CT grid, its DICOM files, the model.
+    """Take what the export needs from the scene: the segments (edits included), the CT grid, its DICOM files, the model.
 
     MRML nodes and Slicer's DICOM database (a Qt object) are not thread-safe, so this part runs on
-    the GUI thread; ``write_rtstruct_from`` (reading the series, contours, writing) can run off it.
-    Model name and version default to those recorded when the result was loaded (``MODEL_ATTRIBUTE``).
+    the GUI thread; it only copies (``detached_copies``) and looks files up. ``write_rtstruct_from``
+    (masks from the copies, reading the series, contours, writing) can run off it. Model name and
+    version default to those recorded when the result was loaded (``MODEL_ATTRIBUTE``).
     """
     from .. import __version__
 
+    if segmentation_node is None:
+        raise InputError("No segmentation is selected.")
     if model_name is None:
-        recorded = (segmentation_node.GetAttribute(MODEL_ATTRIBUTE) or "").split(" ", 1) if segmentation_node else []
+        recorded = (segmentation_node.GetAttribute(MODEL_ATTRIBUTE) or "").split(" ", 1)
         model_name = recorded[0] if recorded and recorded[0] else "SegRap Segmenter"
         if model_version is None:
             model_version = recorded[1] if len(recorded) > 1 else __version__
-    uids = dicom_instance_uids(volume_node)  # fail early, before reading the masks
+    uids = dicom_instance_uids(volume_node)  # fail early, before copying the segments
+    _check_no_transform(volume_node, "CT")
     log.info("RTSTRUCT export of %s on %d CT slices", segmentation_node.GetName(), len(uids))
     files = ct_dicom_files(volume_node, database)
-    masks = segmentation_masks(segmentation_node, volume_node)
-    return RtStructInputs(segmentation_node.GetName(), masks, _reference_image(volume_node), files, model_name,
-                          model_version or __version__)
+    segmentation, grid = detached_copies(segmentation_node, volume_node)
+    return RtStructInputs(segmentation, grid, files, model_name, model_version or __version__)
 
 
 def write_rtstruct_from(inputs: RtStructInputs, path: str | Path, *, roi_names: str = "tg263",
                         should_stop=None) -> Path:
-    """Write the RTSTRUCT of ``rtstruct_inputs`` (no scene access: runs on any thread); Cancelled when stopped."""
+    """Write the RTSTRUCT of ``rtstruct_inputs`` (no scene access: runs on any thread); Cancelled when stopped.
+
+    The masks are made from the copied segments on the CT node's grid, then put on the DICOM
+    series' grid if Slicer loaded it onto another one.
+    """
     from ..errors import Cancelled
     from ..formats.rtstruct import RoiMasks, masks_on_grid, write_rtstruct
 
@@ -549,15 +573,17 @@ def write_rtstruct_from(inputs: RtStructInputs, path: str | Path, *, roi_names: 
         if should_stop is not None and should_stop():
             raise Cancelled("The RTSTRUCT export was cancelled; nothing was written.")
 
-    masks = inputs.masks
+    masks = segmentation_masks(inputs.segmentation, inputs.grid)
+    check()
     workdir = Path(tempfile.mkdtemp(prefix="segrap-rtstruct-"))
     try:
         volume = link_ct_files(inputs.ct_files, workdir)
         check()
         notes = []
-        if not _same_grid(inputs.node_grid, volume.image):
-            moved, notes = masks_on_grid(masks, inputs.node_grid, volume.image,
-                                         what=f"Segmentation {inputs.segmentation_name!r}")
+        node_grid = _reference_image(inputs.grid)
+        if not _same_grid(node_grid, volume.image):
+            moved, notes = masks_on_grid(masks, node_grid, volume.image,
+                                         what=f"Segmentation {inputs.segmentation.GetName()!r}")
             masks = RoiMasks.of(moved)
         check()
         return write_rtstruct(masks, volume, path, model_name=inputs.model_name, model_version=inputs.model_version,
