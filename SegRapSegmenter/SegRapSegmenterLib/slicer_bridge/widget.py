@@ -395,12 +395,16 @@ class SegRapPanel(VTKObservationMixin):
         self.logic.python = self._python()
         self.ui.logTextEdit.clear()
         self._setProgress(0.0)
-        with slicer.util.tryWithErrorDisplay("SegRap segmentation could not start.", waitCursor=True):
+        try:  # not slicer.util.tryWithErrorDisplay: it raises again after its dialog (util.py v5.10.0:3409, v5.12.0:3589)
             node = self.logic.segment(
                 p.ctVolume, p.contrastCtVolume if p.segmentGtvs else None, p.outputSegmentation, tasks=tasks,
                 structures=self.selectedStructures(), device=p.device, folds=p.folds or None,
                 mirror=p.mirror, bundle=p.bundle or None, lowMemory=p.lowMemory, wait=False, progress=self._onEvent,
                 finished=self._onFinished)
+        except Exception as exc:  # noqa: BLE001 - said once, in a dialog
+            logging.exception("SegRapSegmenter")
+            self._showError(f"SegRap segmentation could not start.\n\n{exc}")
+        else:
             p.outputSegmentation = node
             self._startElapsedTimer()
         self._updateApplyButton()
@@ -512,8 +516,11 @@ class SegRapPanel(VTKObservationMixin):
     def _startExport(self, folder: str, what: str, done, discard=None) -> None:
         """Export in the background, then ``done(path)``; ``discard()`` when no RTSTRUCT comes of it (refused, failed, cancelled)."""
         call = None
-        with slicer.util.tryWithErrorDisplay(f"RTSTRUCT export {what} failed.", waitCursor=True):
-            call = self._exportCall(folder)  # reads the scene: on the GUI thread
+        try:
+            call = self._exportCall(folder)  # copies from the scene: on the GUI thread
+        except Exception as exc:  # noqa: BLE001 - said once, in a dialog
+            logging.exception("SegRapSegmenter")
+            self._showError(f"RTSTRUCT export {what} failed.\n\n{exc}")
 
         def write(report=None, should_stop=None):
             try:

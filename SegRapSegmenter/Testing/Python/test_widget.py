@@ -120,5 +120,17 @@ class PythonExecutableFieldTest(unittest.TestCase):
         self.assertEqual(connected_signals(source, "edit"), {"a(int)", "b(bool)", "c()"})
 
 
+class ErrorDialogTest(unittest.TestCase):
+    """slicer.util.tryWithErrorDisplay shows its dialog and raises again (Base/Python/slicer/util.py
+    v5.10.0:3368-3409, ``raise`` at :3409; v5.12.0:3548-3589, :3589): code after the ``with`` block
+    never runs on an error (the old Send left its temp folder behind), and the exception reaches the
+    Qt slot. The panel catches, shows one dialog and cleans up itself."""
+
+    def test_the_panel_does_not_rely_on_try_with_error_display(self):
+        source = WIDGET_FILE.read_text(encoding="utf-8")
+        used = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute) and n.attr == "tryWithErrorDisplay"]
+        self.assertEqual(used, [])
+
+
 if __name__ == "__main__":
     unittest.main()
