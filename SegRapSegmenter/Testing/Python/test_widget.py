@@ -1,5 +1,5 @@
-"""The panel (SegRapSegmenterLib.slicer_bridge.widget) against facts of CTK's source: clearing the
-"Python executable" field must reach the parameter node.
+"""The panel (SegRapSegmenterLib.slicer_bridge.widget) against facts of CTK's and Slicer's source: an emptied
+"Python executable" field must reach the parameter node, and an error is shown once.
 
 Slicer builds CTK at a pinned commit: dd4caeae7e979cf441e44ee85d3b0780120d113d in 5.10
 (SuperBuild/External_CTK.cmake v5.10.0:74) and 5056664a20a3d0a393bb6d91f040525581e0dcdf in 5.12
