@@ -50,6 +50,10 @@ class DicomNetworkError(SegRapError):
     """A DICOM peer cannot be reached, rejects the association or refuses a store."""
 
 
+class InstallError(SegRapError):
+    """Installing Python packages (pip, light-the-torch) into Slicer's Python failed."""
+
+
 class Cancelled(SegRapError):
     """The run was stopped on request (SIGTERM, SIGINT or the user's Cancel)."""
 

@@ -109,8 +109,19 @@ def _pynetdicom_ae():
     try:
         from pynetdicom import AE
     except ImportError:
-        raise DicomNetworkError("pynetdicom is not installed in this Python: pip install pynetdicom (in Slicer's "
-                                "Python console: slicer.util.pip_install('pynetdicom')).") from None
+        # a bare "pynetdicom" lets pip pick pynetdicom 3, which pulls pydicom 3 over Slicer 5.10's pydicom 2.4.4 (its
+        # DICOM plugins need it): the install hint holds this Python's pydicom where it is
+        import importlib.metadata
+
+        try:
+            hold = f"pydicom=={importlib.metadata.version('pydicom')}"
+        except importlib.metadata.PackageNotFoundError:
+            hold = "pydicom>=2.4,<4"
+        raise DicomNetworkError(
+            "pynetdicom is not installed in this Python. In 3D Slicer, press 'Send to' in the SegRap Segmenter panel, "
+            f"which offers an install that keeps Slicer's pydicom, or run in Slicer's Python console: "
+            f"slicer.util.pip_install(['pynetdicom>=2.1,<4', '{hold}']). Elsewhere: "
+            f"pip install \"pynetdicom>=2.1,<4\" \"{hold}\".") from None
     return AE
 
 

@@ -20,11 +20,12 @@ class SlicerRelease:
     pydicom: str
     numpy: str
     simpleitk: str
+    scipy: str
 
 
 SUPPORTED_RELEASES = (
-    SlicerRelease("5.10", python="3.12.10", pydicom="2.4.4", numpy="2.0.2", simpleitk="2.5.2"),
-    SlicerRelease("5.12", python="3.12.10", pydicom="3.0.2", numpy="2.4.6", simpleitk="2.5.5"),
+    SlicerRelease("5.10", python="3.12.10", pydicom="2.4.4", numpy="2.0.2", simpleitk="2.5.2", scipy="1.13.1"),
+    SlicerRelease("5.12", python="3.12.10", pydicom="3.0.2", numpy="2.4.6", simpleitk="2.5.5", scipy="1.17.1"),
 )
 
 

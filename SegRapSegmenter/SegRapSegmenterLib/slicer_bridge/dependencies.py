@@ -1,34 +1,40 @@
-"""What the worker's Python needs, whether it has it, and a pinned install plan that never replaces Slicer's own packages.
+"""What the worker's Python needs, whether it has it, and a pinned install that never replaces Slicer's own packages.
 
 The worker runs in a Python of the user's choice (Slicer's own by default, or an existing
 environment that already has torch with CUDA). ``probe_python`` asks that Python, in a
 subprocess, which packages it can import and which devices torch sees, so nothing heavy is
-imported into Slicer itself. ``install_plan`` turns what is missing into pinned ``pip``
-requirements plus a constraints file that holds the packages Slicer ships (SimpleITK, numpy,
-vtk, pydicom) and an installed torch at the versions installed, so pip fails rather than replacing them. Installing is left to
-the caller (``slicer.util.pip_install`` in Slicer, after the user agreed); nothing here downloads.
+imported into Slicer itself. ``install_plan`` turns what is missing into pinned requirements;
+``run_install`` runs them as ``PythonSlicer -m pip`` (and ``-m light_the_torch`` for torch, as the
+PyTorch extension does) in a subprocess, with a constraints file that holds the packages Slicer
+ships (SimpleITK, numpy, scipy, vtk, pydicom) and an installed torch at their versions, so pip
+fails rather than replacing them. It is meant for a ``background.BackgroundTask``: pip's output
+lines are its progress, and ``should_stop`` stops the process tree. Nothing runs before the user agreed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import queue
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runner import popen_options, python_environment, stop_process_tree
+from ..errors import Cancelled, InstallError
+from ..runner import WINDOWS, popen_options, python_environment, stop_process_tree
 
-# torch versions nnunetv2 2.8.1 accepts (its metadata: "torch!=2.9.*,>=2.1.2"): handed to the PyTorch
-# extension's installTorch, which appends it to "torch" (fepegar/SlicerPyTorch PyTorchUtils.py:240)
+# torch versions nnunetv2 2.8.1 accepts (its metadata: "torch!=2.9.*,>=2.1.2"), appended to "torch" as the
+# PyTorch extension does with its torchVersionRequirement (fepegar/SlicerPyTorch PyTorchUtils.py:240 at e1c85cc)
 TORCH_REQUIREMENT = ">=2.1.2,!=2.9.*"
 # import name -> pip requirement, pinned to what the core is tested with (pyproject.toml)
 REQUIREMENTS: dict[str, str] = {
-    "torch": "torch" + TORCH_REQUIREMENT,  # in Slicer: through the PyTorch extension (right CUDA build)
+    "torch": "torch" + TORCH_REQUIREMENT,  # in Slicer: with light-the-torch (right CUDA build), see install_steps
     "nnunetv2": "nnunetv2==2.8.1",
-    "scipy": "scipy>=1.10,<2",
+    "scipy": "scipy>=1.10,<2",  # bundled by Slicer (held there, see SLICER_OWNED); for another environment
     "pydicom": "pydicom>=2.4,<4",  # the core runs on Slicer 5.10's 2.4.4 and 5.12's 3.0.2
     "nrrd": "pynrrd>=1.0,<2",
     "psutil": "psutil>=5.9",  # process-tree stop of the worker; Slicer does not ship it
@@ -38,7 +44,10 @@ REQUIREMENTS: dict[str, str] = {
 }
 # Packages Slicer ships and its own modules depend on (its DICOM plugins import pydicom): never
 # installed, upgraded or replaced in Slicer's Python; the constraints file holds them where they are.
-SLICER_OWNED: dict[str, str] = {"SimpleITK": "SimpleITK", "numpy": "numpy", "vtk": "vtk", "pydicom": "pydicom"}
+# import name -> distribution. scipy is bundled too (Slicer_USE_SCIPY is ON by default: CMakeLists.txt
+# v5.10.0:410, v5.12.0:424; scipy==1.13.1 in SuperBuild/External_python-scipy.cmake v5.10.0:40, 1.17.1 at v5.12.0:44).
+SLICER_OWNED: dict[str, str] = {"SimpleITK": "SimpleITK", "numpy": "numpy", "scipy": "scipy", "vtk": "vtk",
+                                "pydicom": "pydicom"}
 # Held at their installed version too when present: the PyTorch extension chose that torch build
 # for the GPU driver, and pip must not swap it for a CPU wheel while installing nnunetv2.
 HELD_IF_INSTALLED: tuple[str, ...] = ("torch", "torchvision")
@@ -131,8 +140,13 @@ def startup_environment() -> dict[str, str] | None:
 
     ``slicer.util.startupEnvironment`` (Base/Python/slicer/util.py v5.10.0:98, v5.12.0:269) is where another
     interpreter starts from: the one Slicer runs in carries PYTHONHOME, PYTHONPATH and PYTHONNOUSERSITE
-    for Slicer's own Python (docs/slicer-compatibility.md).
+    for Slicer's own Python (docs/slicer-compatibility.md). It calls ``slicer.app.startupEnvironment()``
+    (util.py v5.10.0:118, v5.12.0:289), a PythonQt call, and PythonQt is not thread-safe: so this is
+    refused off the main (GUI) thread, everywhere, and a background task gets the value passed in.
     """
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("startup_environment() reads Slicer's application object: call it on the GUI thread and "
+                           "pass the result to the background task (PythonQt is not thread-safe).")
     slicer = sys.modules.get("slicer")
     if slicer is None or not hasattr(slicer, "app"):
         return None
@@ -146,9 +160,10 @@ def probe_python(python: str | None = None, timeout_s: float = 120.0,
     """Ask ``python`` (default: this one) which required packages import and which devices torch sees.
 
     It runs like the worker: from a neutral folder with the current folder off its import path, in
-    ``startup_env`` when it is another interpreter (default: Slicer's startup environment inside
-    Slicer, ours elsewhere), with no console window on Windows; a probe that hangs is stopped with
-    its whole process tree (PythonSlicer is a launcher with the real Python as its child).
+    ``startup_env`` when it is another interpreter (default: ``startup_environment()``, which only the
+    GUI thread may read: a background probe gets it passed in, see ``tasks.probe_call``), with no
+    console window on Windows; a probe that hangs is stopped with its whole process tree
+    (PythonSlicer is a launcher with the real Python as its child).
     """
     python = python or sys.executable
     names = list(WORKER_IMPORTS)
@@ -182,7 +197,13 @@ def missing_here(names: tuple[str, ...] = IN_PROCESS_IMPORTS) -> list[str]:
     """Import names this process cannot import (checked without importing them)."""
     import importlib.util
 
-    return [name for name in names if importlib.util.find_spec(name) is None]
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):  # a parent package that is missing, or not a module name at all
+            return True
+
+    return [name for name in names if absent(name)]
 
 
 def installed_version(distribution: str) -> str | None:
@@ -210,7 +231,7 @@ class InstallPlan:
     """What to install with pip, and what must be installed some other way."""
 
     requirements: list[str]  # pinned pip requirements, torch excluded
-    torch: bool  # torch is missing: install it with the PyTorch extension (right CUDA build)
+    torch: bool  # torch is missing: install it with light-the-torch (right CUDA build), as the PyTorch extension does
     refused: list[str]  # Slicer's own packages that are missing: a broken Slicer, not something to pip over
 
     def requirements_names(self) -> list[str]:
@@ -226,7 +247,7 @@ class InstallPlan:
         """What will happen, for the consent dialog."""
         parts = []
         if self.torch:
-            parts.append("PyTorch (through the PyTorch extension, which picks the build for your GPU)")
+            parts.append("PyTorch (with light-the-torch, as the PyTorch extension does: it picks the build for your GPU)")
         if self.requirements:
             parts.append("pip packages: " + ", ".join(self.requirements))
         if self.refused:
@@ -249,34 +270,115 @@ def install_plan(missing: list[str], into_slicer: bool = True) -> InstallPlan:
 
 
 def pip_arguments(plan: InstallPlan, constraints_file: str | Path) -> list[str]:
-    """The arguments for ``slicer.util.pip_install`` (a list: no shell quoting), constrained by Slicer's packages."""
+    """The ``pip install`` arguments of the plan's pip packages (a list: no shell quoting), constrained by Slicer's packages."""
     return [*plan.requirements, "--constraint", str(Path(constraints_file))]
 
 
-def install_in_slicer(plan: InstallPlan, pip_install, work_dir: str | Path) -> list[str]:
-    """Run ``plan`` with Slicer's ``pip_install`` (call only after the user agreed); torch via the PyTorch extension.
+# What the PyTorch extension installs torch with (fepegar/SlicerPyTorch PyTorchUtils/PyTorchUtils.py at
+# e1c85cc: ``pip_install('light-the-torch>=0.5')`` at :247, then ``_executePythonModule('light_the_torch',
+# args)`` at :224 with args ["install", "torch" + requirement, ...] from :240): light-the-torch picks the
+# torch build for the GPU driver. The same commands run here in a subprocess, off the GUI thread and
+# cancellable (the extension's call blocks Slicer until pip is done).
+LIGHT_THE_TORCH = "light-the-torch>=0.5"
+OUTPUT_TAIL_LINES = 30  # pip's last lines, in the error of a failed install
 
-    Only for Slicer's own Python: another environment is the user's to manage (the panel tells
-    them the ``pip install`` line instead). Returns the import names still missing afterwards:
-    packages that were never imported can be used at once, so no restart is needed when it is empty.
-    """
+
+@dataclass(frozen=True)
+class InstallStep:
+    """One command run with Slicer's Python: ``python -m <module> <args>`` (pip or light_the_torch)."""
+
+    label: str
+    module: str
+    args: tuple[str, ...]
+
+
+def install_steps(plan: InstallPlan, constraints_file: str | Path) -> list[InstallStep]:
+    """The commands that carry out ``plan`` in Slicer's Python, in order (torch first, then the pip packages)."""
+    import importlib.util
+
+    constraint = ("--constraint", str(Path(constraints_file)))
+    steps = []
     if plan.torch:
-        try:
-            import PyTorchUtils  # the PyTorch extension: installs the torch build matching the GPU driver
-        except ImportError as exc:
-            raise RuntimeError("PyTorch is missing and the PyTorch extension is not installed: install "
-                               "'PyTorch' from the Extensions Manager, restart Slicer and try again.") from exc
-        # installTorch(askConfirmation, forceComputationBackend, torchVersionRequirement, ...):
-        # fepegar/SlicerPyTorch PyTorchUtils/PyTorchUtils.py:194; None means it did not install
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                         torchVersionRequirement=TORCH_REQUIREMENT) is None:
-            raise RuntimeError("The PyTorch extension could not install torch; see the log.")
+        if importlib.util.find_spec("light_the_torch") is None:
+            steps.append(InstallStep("light-the-torch (finds the PyTorch build for this computer's GPU)", "pip",
+                                     ("install", LIGHT_THE_TORCH, *constraint)))
+        steps.append(InstallStep("PyTorch", "light_the_torch", ("install", REQUIREMENTS["torch"], *constraint)))
     if plan.requirements:
-        constraints = Path(work_dir) / "segrap-constraints.txt"
-        constraints.write_text(constraints_text())  # written after torch, so pip keeps the build just installed
-        pip_install(pip_arguments(plan, constraints))
+        steps.append(InstallStep(", ".join(plan.requirements), "pip",
+                                 ("install", *pip_arguments(plan, constraints_file))))
+    return steps
+
+
+Report = Callable[[str, "float | None"], None]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop an install command and what it started (PythonSlicer is a launcher with pip as its child)."""
+    try:
+        import psutil  # noqa: F401 - stop_process_tree uses it when it is there
+    except ImportError:
+        if not WINDOWS:  # no psutil yet: the command runs in a session of its own (popen_options)
+            import signal
+
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+    stop_process_tree(proc, grace_s=5.0)
+
+
+def run_step(python: str, step: InstallStep, env: Mapping[str, str] | None = None, report: Report | None = None,
+             should_stop: Callable[[], bool] | None = None, fraction: float | None = None) -> None:
+    """Run one install command, passing each output line to ``report``; InstallError when it fails, Cancelled when stopped."""
+    command = [python, "-m", step.module, *step.args]
+    try:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                text=True, errors="replace", env=dict(env) if env is not None else None,
+                                **popen_options())
+    except OSError as exc:
+        raise InstallError(f"Could not run {python} -m {step.module} ({exc}).") from exc
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True,
+                              name="segrap-install-output")
+    reader.start()
+    tail: list[str] = []
+    while reader.is_alive() or not lines.empty():
+        if should_stop is not None and should_stop():
+            _stop(proc)
+            raise Cancelled(f"Installing {step.label} was cancelled; what pip had installed so far stays.")
+        try:
+            line = lines.get(timeout=0.2).rstrip()
+        except queue.Empty:
+            continue
+        if line:
+            tail = [*tail[-(OUTPUT_TAIL_LINES - 1):], line]
+            if report is not None:
+                report(f"Installing {step.label}: {line[:160]}", fraction)
+    returncode = proc.wait()
+    if returncode != 0:
+        raise InstallError(f"Installing {step.label} failed ({' '.join([os.path.basename(python), '-m', step.module, *step.args])}"
+                           f" exited with {returncode}). Its last lines:\n" + "\n".join(tail))
+
+
+def run_install(plan: InstallPlan, python: str, work_dir: str | Path, env: Mapping[str, str] | None = None,
+                report: Report | None = None, should_stop: Callable[[], bool] | None = None) -> list[str]:
+    """Carry out ``plan`` with ``python`` (Slicer's PythonSlicer), off the GUI thread; call only after the user agreed.
+
+    Only for Slicer's own Python: another environment is the user's to manage (the panel tells them
+    the ``pip install`` line instead). The constraints file is written before each command, so pip
+    holds a torch that the previous command just installed. Returns the import names still missing
+    in this process afterwards: packages never imported before can be used at once, so no restart
+    is needed when it is empty.
+    """
     import importlib
 
+    constraints = Path(work_dir) / "segrap-constraints.txt"
+    steps = install_steps(plan, constraints)
+    for k, step in enumerate(steps):
+        constraints.write_text(constraints_text())
+        if report is not None:
+            report(f"Installing {step.label} ...", k / len(steps))
+        run_step(python, step, env, report, should_stop, k / len(steps))
     importlib.invalidate_caches()
     wanted = [*plan.requirements_names(), *(["torch"] if plan.torch else [])]
     return missing_here(tuple(wanted))

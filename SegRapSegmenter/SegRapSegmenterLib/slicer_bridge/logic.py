@@ -99,6 +99,31 @@ def _error_from_event(event: dict, log_tail: str) -> SegRapError:
     return WorkerError(f"{kind or 'Error'}: {message}")
 
 
+# the module's terminology file: Resources/ sits next to SegRapSegmenterLib in the source tree and in the
+# installed module folder (SegRapSegmenter/CMakeLists.txt lists both)
+TERMINOLOGY_FILE = Path(__file__).resolve().parents[2] / "Resources" / "SegRapSegmenter.term.json"
+
+
+def register_terminology(path: str | Path = TERMINOLOGY_FILE) -> str:
+    """Load the SegRap terminology into Slicer's Terminologies module; returns its context name (Slicer only)."""
+    import slicer
+
+    name = slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(path))
+    if not name:
+        raise RuntimeError(f"Slicer could not load the terminology file {path}.")
+    return name
+
+
+def structure_groups() -> dict[str, list[tuple[str, str]]]:
+    """Catalogue structures by region group: {group: [(SegRap name, display name), ...]} (the panel's tree)."""
+    from ..anatomy import structures
+
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for s in structures.STRUCTURES:
+        groups.setdefault(s.group, []).append((s.name, s.display_name))
+    return groups
+
+
 class SegmentationRun:
     """One segmentation in progress: the worker, its event thread, and what to do with the result."""
 
@@ -389,7 +414,17 @@ class SegmentationLogic:
 
         The files are found through Slicer's DICOM database by the CT's instance UIDs, or in
         ``dicomFolder`` when given. ``path`` is a ``.dcm`` file, or a folder (made if needed) to write
-        ``<CT name>_RTSTRUCT.dcm`` in.
+        ``<CT name>_RTSTRUCT.dcm`` in. Blocks until written (the panel uses ``exportRtStructCall``).
+        """
+        return self.exportRtStructCall(segmentationNode, ctNode, path, roiNames, dicomFolder)()
+
+    @staticmethod
+    def exportRtStructCall(segmentationNode, ctNode, path, roiNames: str = "tg263", dicomFolder=None):
+        """Copy what the export needs from the scene now (GUI thread); returns the call that writes it, on any thread.
+
+        The call takes optional ``report`` and ``should_stop`` keywords (``background.BackgroundTask``)
+        and returns the RTSTRUCT's path; making 47 masks, reading the DICOM series and contouring take
+        seconds, so the panel runs it off the GUI thread.
         """
         if segmentationNode is None or ctNode is None:
             raise InputError("Select the segmentation and the CT it was made on.")
@@ -399,7 +434,14 @@ class SegmentationLogic:
         from . import scene as SC
 
         database = SC.FolderDicomIndex(dicomFolder) if dicomFolder else SC.slicer_dicom_database()
-        return SC.export_rtstruct(segmentationNode, ctNode, target, database, roi_names=roiNames)
+        inputs = SC.rtstruct_inputs(segmentationNode, ctNode, database)
+
+        def write(report=None, should_stop=None) -> Path:
+            if report is not None:
+                report(f"Writing the RTSTRUCT {target.name} ...", None)
+            return SC.write_rtstruct_from(inputs, target, roi_names=roiNames, should_stop=should_stop)
+
+        return write
 
     @staticmethod
     def sendRtStruct(path, destination: str, calling_ae: str = "SEGRAP") -> "SendReport":

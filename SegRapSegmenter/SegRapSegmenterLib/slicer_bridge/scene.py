@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -503,11 +504,10 @@ def volume_identity(volume_node, database: DicomDatabase | None):
     return InputIdentity(where, patient, *(str(first.get(k, "") or "").strip() for k in tags[3:]))
 
 
-def ct_dicom_volume(volume_node, database: DicomDatabase | None, workdir: str | Path):
-    """The CT's DICOM series as ``dicom.read_ct_series`` reads it (files linked into ``workdir`` first)."""
+def link_ct_files(files: list[Path], workdir: str | Path):
+    """The CT's DICOM series as ``dicom.read_ct_series`` reads it (files linked into ``workdir`` first); no scene access."""
     from ..formats.dicom import read_ct_series
 
-    files = ct_dicom_files(volume_node, database)
     folder = Path(workdir) / "ct"
     folder.mkdir(parents=True, exist_ok=True)
     for k, source in enumerate(files):
@@ -519,39 +519,111 @@ def ct_dicom_volume(volume_node, database: DicomDatabase | None, workdir: str | 
     return read_ct_series(folder, pixels=False)  # the RTSTRUCT needs the grid and UIDs, not the pixels
 
 
+def ct_dicom_volume(volume_node, database: DicomDatabase | None, workdir: str | Path):
+    """The CT's DICOM series, its files found in the DICOM database by the volume's instance UIDs."""
+    return link_ct_files(ct_dicom_files(volume_node, database), workdir)
+
+
+@dataclass
+class RtStructInputs:
+    """What an RTSTRUCT export takes from the scene and the DICOM database (on the GUI thread), as copies.
+
+    The segmentation and the CT grid are nodes of no scene: nothing else reads or changes them, so
+    the masks can be made from them on another thread.
+    """
+
+    segmentation: object  # a vtkMRMLSegmentationNode outside any scene: the segments as edited when copied
+    grid: object  # a vtkMRMLScalarVolumeNode outside any scene: the CT node's extent and IJK-to-RAS, no voxels
+    ct_files: list[Path]  # the CT's original DICOM files
+    model_name: str
+    model_version: str
+
+
+def detached_copies(segmentation_node, volume_node):
+    """Copies, outside any scene, of a segmentation node's segments and of a volume node's grid (no voxels)."""
+    segmentation = slicer.vtkMRMLSegmentationNode()
+    segmentation.SetName(segmentation_node.GetName())
+    segmentation.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
+    grid = slicer.vtkMRMLScalarVolumeNode()
+    grid.SetName(volume_node.GetName())
+    grid.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(volume_node)))
+    image = vtk.vtkImageData()
+    image.SetExtent(volume_node.GetImageData().GetExtent())
+    grid.SetAndObserveImageData(image)
+    return segmentation, grid
+
+
+def rtstruct_inputs(segmentation_node, volume_node, database: DicomDatabase | None, *,
+                    model_name: str | None = None, model_version: str | None = None) -> RtStructInputs:
+    """Take what the export needs from the scene: the segments (edits included), the CT grid, its DICOM files, the model.
+
+    MRML nodes and Slicer's DICOM database (a Qt object) are not thread-safe, so this part runs on
+    the GUI thread; it only copies (``detached_copies``) and looks files up. ``write_rtstruct_from``
+    (masks from the copies, reading the series, contours, writing) can run off it. Model name and
+    version default to those recorded when the result was loaded (``MODEL_ATTRIBUTE``).
+    """
+    from .. import __version__
+
+    if segmentation_node is None:
+        raise InputError("No segmentation is selected.")
+    if model_name is None:
+        recorded = (segmentation_node.GetAttribute(MODEL_ATTRIBUTE) or "").split(" ", 1)
+        model_name = recorded[0] if recorded and recorded[0] else "SegRap Segmenter"
+        if model_version is None:
+            model_version = recorded[1] if len(recorded) > 1 else __version__
+    uids = dicom_instance_uids(volume_node)  # fail early, before copying the segments
+    _check_no_transform(volume_node, "CT")
+    log.info("RTSTRUCT export of %s on %d CT slices", segmentation_node.GetName(), len(uids))
+    files = ct_dicom_files(volume_node, database)
+    segmentation, grid = detached_copies(segmentation_node, volume_node)
+    return RtStructInputs(segmentation, grid, files, model_name, model_version or __version__)
+
+
+def write_rtstruct_from(inputs: RtStructInputs, path: str | Path, *, roi_names: str = "tg263",
+                        should_stop=None) -> Path:
+    """Write the RTSTRUCT of ``rtstruct_inputs`` (no scene access: runs on any thread); Cancelled when stopped.
+
+    The masks are made from the copied segments on the CT node's grid, then put on the DICOM
+    series' grid if Slicer loaded it onto another one.
+    """
+    from ..errors import Cancelled
+    from ..formats.rtstruct import RoiMasks, masks_on_grid, write_rtstruct
+
+    def check() -> None:
+        if should_stop is not None and should_stop():
+            raise Cancelled("The RTSTRUCT export was cancelled; nothing was written.")
+
+    masks = segmentation_masks(inputs.segmentation, inputs.grid)
+    check()
+    workdir = Path(tempfile.mkdtemp(prefix="segrap-rtstruct-"))
+    try:
+        volume = link_ct_files(inputs.ct_files, workdir)
+        check()
+        notes = []
+        node_grid = _reference_image(inputs.grid)
+        if not _same_grid(node_grid, volume.image):
+            moved, notes = masks_on_grid(masks, node_grid, volume.image,
+                                         what=f"Segmentation {inputs.segmentation.GetName()!r}")
+            masks = RoiMasks.of(moved)
+        check()
+        return write_rtstruct(masks, volume, path, model_name=inputs.model_name, model_version=inputs.model_version,
+                              roi_names=roi_names, notes=[*notes, "Exported from 3D Slicer (SegRapSegmenter)"])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def export_rtstruct(segmentation_node, volume_node, path: str | Path, database: DicomDatabase | None, *,
                     roi_names: str = "tg263", model_name: str | None = None,
                     model_version: str | None = None) -> Path:
     """Write the segmentation node's segments as an RTSTRUCT referencing the CT's original DICOM files.
 
     The masks are read from the node as it is now (edits included) on the CT volume's grid, then put
-    on the DICOM series' grid if Slicer loaded it onto another one. Model name and version default to
-    those recorded when the result was loaded (``MODEL_ATTRIBUTE``).
+    on the DICOM series' grid if Slicer loaded it onto another one. In one go, on the calling
+    thread; the panel runs the two halves (``rtstruct_inputs``, ``write_rtstruct_from``) apart.
     """
-    from .. import __version__
-    from ..formats.rtstruct import RoiMasks, masks_on_grid, write_rtstruct
-
-    if model_name is None:
-        recorded = (segmentation_node.GetAttribute(MODEL_ATTRIBUTE) or "").split(" ", 1) if segmentation_node else []
-        model_name = recorded[0] if recorded and recorded[0] else "SegRap Segmenter"
-        if model_version is None:
-            model_version = recorded[1] if len(recorded) > 1 else __version__
-    model_version = model_version or __version__
-    uids = dicom_instance_uids(volume_node)  # fail early, before reading the masks
-    log.info("RTSTRUCT export of %s on %d CT slices", segmentation_node.GetName(), len(uids))
-    masks = segmentation_masks(segmentation_node, volume_node)
-    workdir = Path(tempfile.mkdtemp(prefix="segrap-rtstruct-"))
-    try:
-        volume = ct_dicom_volume(volume_node, database, workdir)
-        notes = []
-        node_grid = _reference_image(volume_node)
-        if not _same_grid(node_grid, volume.image):
-            moved, notes = masks_on_grid(masks, node_grid, volume.image, what=f"Segmentation {segmentation_node.GetName()!r}")
-            masks = RoiMasks.of(moved)
-        return write_rtstruct(masks, volume, path, model_name=model_name, model_version=model_version,
-                              roi_names=roi_names, notes=[*notes, "Exported from 3D Slicer (SegRapSegmenter)"])
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    inputs = rtstruct_inputs(segmentation_node, volume_node, database, model_name=model_name,
+                             model_version=model_version)
+    return write_rtstruct_from(inputs, path, roi_names=roi_names)
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:

@@ -16,9 +16,9 @@ import unittest
 from pathlib import Path
 
 from SegRapSegmenterLib.errors import Cancelled, ModelError
-from SegRapSegmenterLib.slicer_bridge import dependencies
 from SegRapSegmenterLib.slicer_bridge.background import BackgroundTask
 from SegRapSegmenterLib.slicer_bridge.logic import SegmentationLogic
+from SegRapSegmenterLib.slicer_bridge.tasks import probe_call
 
 PIECE = 1 << 20
 PIECES = 4
@@ -124,7 +124,8 @@ class BackgroundProbeTest(unittest.TestCase):
 
     def test_the_probe_runs_on_its_own_thread_and_polls_finish_it(self):
         done = []
-        task = BackgroundTask("probe", lambda: dependencies.probe_python(sys.executable), done=done.append).start()
+        # tasks.probe_call reads Slicer's startup environment here, on the polling thread, as the panel does
+        task = BackgroundTask("probe", probe_call(sys.executable), done=done.append).start()
         self.assertTrue(task.poll(), "the probe finished before the first poll: it ran on the caller's thread?")
         task.wait(timeout_s=120)
         self.assertEqual(done, [task])

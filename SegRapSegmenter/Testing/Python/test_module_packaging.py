@@ -17,6 +17,9 @@ MODULE_DIR = Path(__file__).resolve().parents[2]  # SegRapSegmenter/
 MODULE_NAME = MODULE_DIR.name
 CMAKE_FILE = MODULE_DIR / "CMakeLists.txt"
 MODULE_FILE = MODULE_DIR / f"{MODULE_NAME}.py"
+WIDGET_FILE = MODULE_DIR / "SegRapSegmenterLib" / "slicer_bridge" / "widget.py"  # the panel
+SELFTEST_FILE = MODULE_DIR / "SegRapSegmenterLib" / "slicer_bridge" / "selftest.py"
+MAX_MODULE_FILE_LINES = 150
 UI_FILE = MODULE_DIR / "Resources" / "UI" / f"{MODULE_NAME}.ui"
 IMAGE_PROCESSING_PACKAGES = {"numpy", "SimpleITK", "scipy", "skimage", "nibabel", "torch", "nnunetv2", "cv2"}
 EXCLUDED_DIRS = {"Testing", "__pycache__"}
@@ -125,11 +128,13 @@ class ModuleUiTest(unittest.TestCase):
         names = [w.get("name") for w in _ui_widgets()]
         self.assertEqual(len(names), len(set(names)), "duplicate objectName in the .ui file")
 
-    def test_every_widget_the_module_file_uses_is_in_the_ui(self):
+    def test_every_widget_the_panel_and_self_test_use_is_in_the_ui(self):
         names = {w.get("name") for w in _ui_widgets()}
-        used = set(re.findall(r"\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
-        self.assertGreater(len(used), 10)
-        self.assertEqual(sorted(used - names), [], f"widgets used by {MODULE_FILE.name} but missing in the .ui")
+        for path in (MODULE_FILE, WIDGET_FILE, SELFTEST_FILE):
+            used = set(re.findall(r"\bui\.(\w+)", path.read_text(encoding="utf-8")))
+            if path is WIDGET_FILE:
+                self.assertGreater(len(used), 10)
+            self.assertEqual(sorted(used - names), [], f"widgets used by {path.name} but missing in the .ui")
 
     def test_node_selectors_follow_the_scene(self):
         root = ET.parse(UI_FILE).getroot()
@@ -152,6 +157,12 @@ class ModuleFileIsThinTest(unittest.TestCase):
                 imported.add(node.module.split(".")[0])
         self.assertEqual(sorted(imported & IMAGE_PROCESSING_PACKAGES), [])
         self.assertIn("slicer", imported)
+
+    def test_module_file_keeps_to_metadata_a_widget_shell_and_the_self_test_entry(self):
+        lines = MODULE_FILE.read_text(encoding="utf-8").splitlines()
+        self.assertLessEqual(len(lines), MAX_MODULE_FILE_LINES, "the panel belongs in slicer_bridge/widget.py")
+        top = {n.name for n in _module_tree().body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+        self.assertNotIn("SegRapSegmenterParameterNode", top, "the parameter node lives in slicer_bridge/parameters.py")
 
     def test_module_defines_the_slicer_classes(self):
         classes = {n.name for n in _module_tree().body if isinstance(n, ast.ClassDef)}

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parents[2]
-MODULE_FILE = MODULE_DIR / "SegRapSegmenter.py"
+PARAMETERS_FILE = MODULE_DIR / "SegRapSegmenterLib" / "slicer_bridge" / "parameters.py"  # the parameter node class
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "SegRapSegmenter.ui"
 PARAMETER_NODE_CLASS = "SegRapSegmenterParameterNode"
-HAND_SYNCED_NAME = "HAND_SYNCED"  # module-level dict: field -> widget the module file keeps in step itself
+HAND_SYNCED_NAME = "HAND_SYNCED"  # module-level dict: field -> widget the panel keeps in step itself
 
 PATH_TYPES = ("pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePath",
               "pathlib.PurePosixPath", "pathlib.PureWindowsPath")
@@ -116,7 +116,7 @@ def parameter_fields(source: str, class_name: str = PARAMETER_NODE_CLASS) -> dic
 
 
 def hand_synced(source: str) -> dict[str, str]:
-    """The module file's HAND_SYNCED mapping (field -> widget name)."""
+    """The parameters module's HAND_SYNCED mapping (field -> widget name)."""
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == HAND_SYNCED_NAME
                                                 for t in node.targets):
@@ -174,7 +174,7 @@ class ParameterBindingContractTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.ui = UI_FILE.read_text(encoding="utf-8")
-        cls.source = MODULE_FILE.read_text(encoding="utf-8")
+        cls.source = PARAMETERS_FILE.read_text(encoding="utf-8")
 
     def test_every_bound_widget_has_a_connector_in_slicer_5_10_and_5_12(self):
         self.assertGreaterEqual(len(bound_widgets(self.ui)), 8)

@@ -2,9 +2,9 @@
 
 Slicer imports every scripted module's file at each start to read its title and category, long
 before anyone opens the panel. The module file's top-level imports of our package must therefore
-load no numpy, SimpleITK, scipy or torch (seconds of start-up for everyone, and scipy and torch
-are not even in a fresh Slicer), and must parse on an older Slicer's Python (3.9 in 5.6 and 5.8)
-so that the module can tell the user it needs 5.10 instead of failing with a syntax error.
+load no numpy, SimpleITK, scipy or torch (seconds of start-up for everyone, and torch is not even
+in a fresh Slicer), must parse on an older Slicer's Python (3.9 in 5.0 to 5.8) and import only
+what Slicer 5.0 has, so that the module can tell the user it needs 5.10 instead of failing to load.
 Slicer's own modules (qt, slicer, vtk) are not checked: they are loaded by Slicer anyway.
 """
 
@@ -88,7 +88,8 @@ class StartupImportTest(unittest.TestCase):
             ast.parse("match x:\n    case 1:\n        pass\n", feature_version=(3, 9))
 
 
-NOT_IN_SLICER = ("scipy", "nrrd", "torch", "nnunetv2", "psutil")  # none ships with Slicer 5.10 or 5.12
+# none ships with Slicer 5.10 or 5.12 (scipy does: SuperBuild/External_python-scipy.cmake v5.10.0:40, v5.12.0:44)
+NOT_IN_SLICER = ("nrrd", "torch", "nnunetv2", "psutil", "pynetdicom")
 
 
 def run_without(blocked: tuple[str, ...], code: str) -> subprocess.CompletedProcess:
@@ -103,7 +104,7 @@ class BareSlicerTest(unittest.TestCase):
     """The self-test's torch-free parts (terminology, panel lists) need only what Slicer itself ships,
     as on Slicer's extension build servers."""
 
-    def test_catalogue_terminology_and_bundle_list_work_without_scipy_pynrrd_or_torch(self):
+    def test_catalogue_terminology_and_bundle_list_work_without_pynrrd_psutil_or_torch(self):
         proc = run_without(NOT_IN_SLICER, (
             "from SegRapSegmenterLib.anatomy import structures, terminology\n"
             "from SegRapSegmenterLib.slicer_bridge.logic import SegmentationLogic\n"
@@ -114,9 +115,44 @@ class BareSlicerTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
 
     def test_the_block_works(self):
-        proc = run_without(("scipy",), "import scipy\n")
+        proc = run_without(("torch",), "import torch\n")
         self.assertNotEqual(proc.returncode, 0)
-        self.assertIn("ModuleNotFoundError: import of scipy halted", proc.stderr)
+        self.assertIn("ModuleNotFoundError: import of torch halted", proc.stderr)
+
+
+# The Python modules of the slicer package in Slicer 5.0 and 5.2 (Base/Python/slicer/ at v5.0.3 and v5.2.2:
+# ScriptedLoadableModule.py, cli.py, logic.py, slicerqt.py, testing.py, util.py); parameterNodeWrapper/
+# first appears at v5.4.0. Compiled modules (qt, vtk, MRML classes) come from the application.
+OLD_SLICER_PYTHON_MODULES = ("slicer", "slicer.ScriptedLoadableModule", "slicer.cli", "slicer.logic",
+                             "slicer.slicerqt", "slicer.testing", "slicer.util")
+
+
+def top_level_slicer_imports(source: str) -> list[str]:
+    """Modules of the ``slicer`` package a source imports at top level (``from slicer import X`` counts as slicer)."""
+    names = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                node.module.split(".")[0] == "slicer":
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names if a.name.split(".")[0] == "slicer"]
+    return names
+
+
+class OldSlicerStartupTest(unittest.TestCase):
+    """On Slicer 5.2 or older the module file imports, so the panel can say that 5.10 is needed."""
+
+    def test_start_up_files_import_only_what_slicer_5_0_has(self):
+        files = [MODULE_FILE, *library_files(top_level_library_imports(MODULE_FILE.read_text(encoding="utf-8")))]
+        for path in files:
+            with self.subTest(path=path.name):
+                imported = top_level_slicer_imports(path.read_text(encoding="utf-8"))
+                self.assertEqual([m for m in imported if m not in OLD_SLICER_PYTHON_MODULES], [],
+                                 f"{path.name} imports at start-up what Slicer 5.0-5.2 lacks")
+
+    def test_the_check_sees_the_parameter_node_wrapper(self):
+        source = "from slicer.parameterNodeWrapper import Choice\nimport slicer.util\n"
+        self.assertEqual(top_level_slicer_imports(source), ["slicer.parameterNodeWrapper", "slicer.util"])
 
 
 class SlicerVersionTest(unittest.TestCase):
