@@ -243,6 +243,50 @@ def _tagged_empty(segment) -> bool:
     return bool(segment.HasTag(EMPTY_TAG))
 
 
+@dataclass(frozen=True)
+class FlaggedSegment:
+    """A segment the run flagged for review (segment tags written by ``segfile`` from the provenance)."""
+
+    segment_id: str
+    name: str
+    confidence: float
+    reasons: str
+
+
+def _tag(segment, key: str) -> str | None:
+    value = vtk.reference("")  # vtkSegment::GetTag(std::string, std::string&): vtkSegment.h:117 at v5.10.0 and v5.12.0
+    return str(value) if segment.GetTag(key, value) else None
+
+
+def flagged_segments(segmentation_node) -> list[FlaggedSegment]:
+    """The node's segments tagged for review (``SegRap.Review:1``), least confident first."""
+    from ..anatomy.review import CONFIDENCE_TAG, REASONS_TAG, REVIEW_TAG
+
+    segmentation = segmentation_node.GetSegmentation()
+    flagged = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(i)
+        segment = segmentation.GetSegment(segment_id)
+        if _tag(segment, REVIEW_TAG) == "1":
+            try:
+                confidence = float(_tag(segment, CONFIDENCE_TAG) or "nan")
+            except ValueError:
+                confidence = float("nan")
+            flagged.append(FlaggedSegment(segment_id, segment.GetName(), confidence, _tag(segment, REASONS_TAG) or ""))
+    return sorted(flagged, key=lambda f: (not f.confidence == f.confidence, f.confidence, f.name))
+
+
+def segment_center_ras(segmentation_node, segment_id: str) -> tuple[float, float, float] | None:
+    """The centre of a segment in RAS, or None for an empty or unknown segment: where the panel jumps the views to.
+
+    ``double* GetSegmentCenterRAS(const std::string&)`` (vtkMRMLSegmentationNode.h:301 at v5.10.0 and v5.12.0)
+    returns nullptr, None in Python, when the segment is missing or empty (vtkMRMLSegmentationNode.cxx:1014
+    GetSegmentCenter, which it calls, at v5.10.0).
+    """
+    center = segmentation_node.GetSegmentCenterRAS(segment_id)
+    return None if center is None else tuple(float(c) for c in center)
+
+
 def load_segmentation(path: str | Path, reference_volume, segmentation_node=None, *, name: str | None = None,
                       show_3d: bool = False):
     """Load a ``.seg.nrrd`` into a segmentation node on the reference volume's geometry; returns the node.

@@ -175,6 +175,18 @@ class SelfTests:
             self.assertTrue(lens.any(), "the demo model found no left lens")
             self.assertFalse((lens & ~eye).any(), "Lens_L must lie inside Eye_L (overlapping segments)")
 
+            self.delayDisplay("Structures flagged for review, in the panel")
+            import json
+
+            provenance = json.loads(segmentation.GetAttribute(scene.PROVENANCE_ATTRIBUTE) or "{}")
+            flagged = scene.flagged_segments(segmentation)
+            self.assertEqual(sorted(f.name for f in flagged), sorted(provenance["review"]["flagged"]))
+            panel = _panel()
+            if panel is not None:
+                shown = panel.showReview(segmentation)
+                self.assertEqual([f.name for f in shown], [f.name for f in flagged])
+                self.assertEqual(panel.ui.reviewListWidget.count, max(1, len(flagged)))
+
             self.delayDisplay("RTSTRUCT export and read-back")
             path = logic.exportRtStruct(segmentation, ct, os.path.join(tmp, "out"), dicomFolder=str(written.ct_dir))
             back = rtstruct.read_rtstruct(path, ctSeries)

@@ -87,6 +87,7 @@ class SegRapPanel(VTKObservationMixin):
         ui.exportRtStructToFolderButton.connect("clicked(bool)", self.onExportToFolder)
         ui.exportRtStructToDatabaseButton.connect("clicked(bool)", self.onExportToDatabase)
         ui.sendRtStructButton.connect("clicked(bool)", self.onSendRtStruct)
+        ui.reviewListWidget.connect("itemClicked(QListWidgetItem*)", self._onReviewItemClicked)
         for signal in PATH_EDIT_SIGNALS:
             ui.pythonExecutablePathLineEdit.connect(signal, self._onPythonPathEdited)
         ui.lowMemoryCheckBox.toolTip = LOW_MEMORY_NOTE
@@ -432,6 +433,7 @@ class SegRapPanel(VTKObservationMixin):
             if p is not None:
                 p.outputSegmentation = run.segmentation_node
                 p.exportSegmentation = run.segmentation_node
+            self.showReview(run.segmentation_node)
             if run.laterality_warnings:
                 slicer.util.warningDisplay("Check left and right before using these contours:\n\n"
                                            + "\n".join(run.laterality_warnings), windowTitle=TITLE)
@@ -445,6 +447,35 @@ class SegRapPanel(VTKObservationMixin):
             self.ui.logTextEdit.appendPlainText(f"ERROR: {run.error}")
             self._showError(f"SegRap segmentation failed:\n{run.error}")
         self._onParameterNodeModified()
+
+    def showReview(self, segmentationNode) -> list:
+        """List the segments the run flagged for review (least confident first); returns them."""
+        from . import scene as SC
+
+        listing = self.ui.reviewListWidget
+        listing.clear()
+        self._reviewed = (segmentationNode, SC.flagged_segments(segmentationNode) if segmentationNode else [])
+        for flagged in self._reviewed[1]:
+            listing.addItem(f"{flagged.name} (confidence {flagged.confidence:.2f}): {flagged.reasons}")
+        if segmentationNode is not None and not self._reviewed[1]:
+            listing.addItem("No structure flagged for review (still review every contour before use).")
+        self.ui.reviewCollapsibleButton.collapsed = False
+        return self._reviewed[1]
+
+    def _onReviewItemClicked(self, item) -> None:
+        """Centre the slice views on the clicked flagged segment (vtkSlicerMarkupsLogic::JumpSlicesToLocation,
+        vtkSlicerMarkupsLogic.h:121 at v5.10.0 and v5.12.0)."""
+        from . import scene as SC
+
+        node, flagged = getattr(self, "_reviewed", (None, []))
+        row = self.ui.reviewListWidget.row(item)
+        if node is None or not 0 <= row < len(flagged):
+            return
+        center = SC.segment_center_ras(node, flagged[row].segment_id)
+        if center is None:
+            self._setStatus(f"{flagged[row].name} is empty: nothing to show; contour it by hand if it is there.")
+            return
+        slicer.modules.markups.logic().JumpSlicesToLocation(*center, True)
 
     # -- models ---------------------------------------------------------------------------------
 

@@ -198,6 +198,26 @@ class WorkerResultToSegmentationNodeTest(unittest.TestCase):
         self.assertFalse(SC.segmentation_masks(node, self.ct, ["Chiasm"])["Chiasm"].any())
         self.assertEqual(node.GetAttribute(SC.EMPTY_ATTRIBUTE), "Chiasm")
 
+    def test_segments_flagged_for_review_are_listed_least_confident_first_with_a_place_to_jump_to(self):
+        masks = dict(self.truth)
+        masks["Chiasm"] = np.zeros_like(masks["Chiasm"])
+        tags = {"Parotid_L": {"SegRap.Review": "1", "SegRap.Confidence": "0.412",
+                              "SegRap.ReviewReasons": "low network certainty (expected Dice 0.41)|x"},
+                "Chiasm": {"SegRap.Review": "1", "SegRap.Confidence": "0.000", "SegRap.ReviewReasons": "empty"},
+                "Brain": {"SegRap.Review": "0", "SegRap.Confidence": "0.990"}}
+        path = segfile.write_seg_nrrd(self.root / "flagged.seg.nrrd", masks, self.case.ct, segment_tags=tags)
+        node = SC.load_segmentation(path, self.ct)  # read by Slicer's own storage node (slicer-core)
+        flagged = SC.flagged_segments(node)
+        self.assertEqual([(f.name, f.confidence) for f in flagged], [("Chiasm", 0.0), ("Parotid_L", 0.412)])
+        # Slicer splits the tags at '|': the writer turned the reason's '|' into '/', so nothing was cut off
+        self.assertEqual(flagged[1].reasons, "low network certainty (expected Dice 0.41)/x")
+        self.assertIsNone(SC.segment_center_ras(node, flagged[0].segment_id))  # empty: nowhere to jump
+        center = np.array(SC.segment_center_ras(node, flagged[1].segment_id))
+        voxels = np.argwhere(self.truth["Parotid_L"])  # z, y, x
+        lps = np.array([self.case.ct.TransformContinuousIndexToPhysicalPoint([float(v) for v in voxels.mean(0)[::-1]])])
+        ras = lps[0] * [-1, -1, 1]
+        self.assertLess(np.linalg.norm(center - ras), 10.0)  # the middle of the parotid, within a voxel or two
+
     def test_loading_into_an_existing_node_replaces_same_names_and_keeps_the_others(self):
         node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
         node.SetReferenceImageGeometryParameterFromVolumeNode(self.ct)
