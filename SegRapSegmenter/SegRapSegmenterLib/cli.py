@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 2 a usage error (argparse); 3 bad input (image, DICOM, geometry, names);
 4 a missing or bad model bundle; 5 an output folder that cannot be written; 6 the worker process
-died; 7 a DICOM peer that cannot be reached, rejects the association or refuses a store; 1 any
-other error; 130 interrupted or cancelled. Every error message says what to fix.
+died; 7 a DICOM peer that cannot be reached, rejects the association or refuses a store; 8 another
+run is writing the same case into the same output folder (nothing was changed); 1 any other error;
+130 interrupted or cancelled. Every error message says what to fix.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from . import __version__
 from .console import ProgressPrinter
 from .errors import (  # noqa: F401
+    EXIT_BUSY,
     EXIT_ERROR,
     EXIT_INPUT,
     EXIT_INTERRUPTED,
@@ -98,8 +100,18 @@ def _add_contour_holes(p) -> None:
                    help="how a hole in a slice is written (DICOM PS3.3 C.8.8.6.3): keyhole (default; every reader reads it the same) or xor (CLOSEDPLANAR_XOR contours, for planning systems that read them)")
 
 
+def _device_argument(text: str) -> str:
+    """argparse type of --device: auto, cuda, cuda:N, mps or cpu (whether it exists is the worker's check)."""
+    from .errors import InputError
+    from .inference.devices import check_device_name
+
+    try:
+        return check_device_name(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_segment(sub) -> None:
-    from .inference.devices import DEVICES
 
     p = sub.add_parser("segment", help="contour the OARs on a CT and the GTVs on a contrast CT")
     src = p.add_argument_group("inputs (one case, or a cohort with --input-dir)")
@@ -115,9 +127,11 @@ def _add_segment(sub) -> None:
     p.add_argument("--case-id", help="name of the outputs (default: from the input file or folder name)")
     p.add_argument("--bundle", help="installed bundle name, bundle folder, or 'demo' (default: the only "
                    "installed bundle)")
-    p.add_argument("--tasks", default="oar,gtv", help="oar, gtv or oar,gtv (default both)")
+    p.add_argument("--tasks", help="oar, gtv or oar,gtv (default: what the inputs allow, the OARs on --ct and the "
+                   "GTVs on --contrast-ct, saying what is left out; named tasks whose input is missing are an error)")
     p.add_argument("--structures", help="comma-separated subset of structures, any known spelling")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda, then mps, then cpu")
+    p.add_argument("--device", type=_device_argument, default="auto",
+                   help="auto (cuda, then mps, then cpu), cuda, cuda:N (the N-th GPU), mps or cpu")
     p.add_argument("--folds", help="comma-separated folds to ensemble (default: all in the bundle)")
     mirror = p.add_mutually_exclusive_group()
     mirror.add_argument("--mirror", dest="mirror", action="store_true", default=None,
@@ -150,19 +164,37 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
+def _tasks_of(args, ct, contrast) -> tuple[tuple[str, ...], str | None]:
+    """The tasks to run and, when a default left one out, the line that says so.
+
+    Named ``--tasks`` are taken as they are (a missing input is then the worker's error); without
+    them, the OARs run when there is a plain CT and the GTVs when there is a contrast CT.
+    """
+    named = _split(args.tasks)
+    if args.tasks is not None:
+        return named or (), None
+    if ct and not contrast:
+        return ("oar",), ("no --contrast-ct given: contoured the organs at risk only; the tumour volumes (GTVp, "
+                          "GTVnd) need the contrast CT (--contrast-ct).")
+    if contrast and not ct:
+        return ("gtv",), ("no --ct given: contoured the tumour volumes only; the organs at risk need the plain CT "
+                          "(--ct).")
+    return ("oar", "gtv"), None
+
+
 def _request_from_args(args, ct, contrast, case_id, out_dir):
     from .runner import SegmentRequest
 
     return SegmentRequest(
         ct=str(ct) if ct else None, contrast_ct=str(contrast) if contrast else None, out_dir=str(out_dir),
-        case_id=case_id, bundle=args.bundle, tasks=_split(args.tasks) or (), structures=_split(args.structures),
+        case_id=case_id, bundle=args.bundle, tasks=_tasks_of(args, ct, contrast)[0], structures=_split(args.structures),
         device=args.device, folds=_split(args.folds), mirror=args.mirror, tile_step_size=args.step,
         threads=args.threads, low_memory=args.low_memory, register=args.register, ct_series=args.ct_series,
         contrast_series=args.contrast_series, nifti=args.nifti, rtstruct=args.rtstruct, roi_names=args.roi_names,
         keep_largest_component=args.largest, fill_holes=args.fill_holes, contour_holes=args.contour_holes)
 
 
-def _run_worker(request, args, label: str) -> int:
+def _run_worker(request, args, label: str, note: str | None = None) -> int:
     from .errors import Cancelled
     from .runner import WorkerRun, cancel_on_termination
 
@@ -173,13 +205,16 @@ def _run_worker(request, args, label: str) -> int:
             outcome = run.start().wait(on_event)
     except (KeyboardInterrupt, Cancelled) as exc:
         run.cancel()  # wait() did it already, unless the signal came before
-        print(f"{label}: {exc or 'interrupted'}; cancelled, no output written", file=sys.stderr)
+        reason = str(exc) or "interrupted (Ctrl-C)"  # a KeyboardInterrupt has no message
+        print(f"{label}: {reason}; cancelled, no output written", file=sys.stderr)
         return EXIT_INTERRUPTED
     final = outcome.final
     if final["event"] == "done":
         if not args.json:
             for key, path in final["outputs"].items():
                 print(f"{key}: {path}")
+        if note:
+            print(f"{label}: note: {note}", file=sys.stderr)
         return EXIT_OK
     if final["event"] == "cancelled":
         print(f"{label}: cancelled; no output written", file=sys.stderr)
@@ -232,7 +267,7 @@ def _cmd_segment(args) -> int:
         if args.case_id is not None:
             check_case_id(args.case_id, "--case-id")
         request = _request_from_args(args, args.ct, args.contrast_ct, args.case_id, args.out)
-        return _run_worker(request, args, "segrap segment")
+        return _run_worker(request, args, "segrap segment", _tasks_of(args, args.ct, args.contrast_ct)[1])
     if args.ct or args.contrast_ct or args.case_id:
         raise InputError("--input-dir processes a cohort: leave out --ct, --contrast-ct and --case-id.")
     failures = []
@@ -249,11 +284,14 @@ def _cmd_segment(args) -> int:
             print(f"[{number}/{len(cases)}] {case_id}: already done, skipped", file=sys.stderr)
             continue
         request = _request_from_args(args, ct, contrast, case_id, out)
-        if contrast is None:
-            request.tasks = tuple(t for t in request.tasks if t != "gtv")
-        if ct is None:
-            request.tasks = tuple(t for t in request.tasks if t != "oar")
-        rc = _run_worker(request, args, f"[{number}/{len(cases)}] {case_id}")
+        note = _tasks_of(args, ct, contrast)[1]
+        if args.tasks is not None:  # a named task whose image this case lacks is left out, and said so
+            left_out = [t for t, image in (("oar", ct), ("gtv", contrast)) if t in request.tasks and image is None]
+            request.tasks = tuple(t for t in request.tasks if t not in left_out)
+            if left_out:
+                note = f"no {' or '.join('plain CT' if t == 'oar' else 'contrast CT' for t in left_out)} in " \
+                       f"{args.input_dir / case_id}: {', '.join(left_out)} left out for this case."
+        rc = _run_worker(request, args, f"[{number}/{len(cases)}] {case_id}", note)
         if rc == EXIT_INTERRUPTED:
             return rc
         if rc != EXIT_OK:
@@ -678,8 +716,6 @@ def _cmd_send(args) -> int:
 
 
 def _add_serve(sub) -> None:
-    from .inference.devices import DEVICES
-
     p = sub.add_parser("serve", help="run the DICOM auto-contouring node: CT studies in, RTSTRUCT out",
                        description="A Storage SCP that contours every complete CT study it receives and sends the "
                        "RTSTRUCT to the destinations. Flags win over the --config file.")
@@ -697,7 +733,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--settle", type=float, help="a study is complete after this many seconds without a new "
                    "instance (default 30)")
     p.add_argument("--bundle", help="model bundle (installed name, folder or 'demo')")
-    p.add_argument("--device", choices=DEVICES, help="default auto")
+    p.add_argument("--device", type=_device_argument, help="auto (default), cuda, cuda:N, mps or cpu")
     p.add_argument("--tasks", help="oar, gtv or oar,gtv (default both, as the study allows)")
     p.add_argument("--contour-holes", choices=("keyhole", "xor"), help="how holes are written in the RTSTRUCT")
     p.add_argument("--workers", type=int, help="jobs run at once (default one per GPU, one without GPUs)")
