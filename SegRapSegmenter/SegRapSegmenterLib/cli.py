@@ -414,8 +414,10 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="score predictions against references with the SegRap DSC and NSD",
                        description="Score predicted structures against reference contours with the SegRap 2023 "
                                    "organizers' DSC and NSD. Both sides are folders of cases (or single cases) "
-                                   "in any of: .seg.nrrd, case folders of <Structure>.nii.gz, the challenge's "
-                                   "4D .mha, Task001/Task002 label maps, RTSTRUCT + CT; matched by case id.")
+                                   "in any of: the output folder of `segrap segment` (one case or a cohort), "
+                                   ".seg.nrrd, case folders of <Structure>.nii.gz, the challenge's 4D .mha, "
+                                   "Task001/Task002 label maps, a folder holding an RTSTRUCT beside its CT "
+                                   "series; matched by case id.")
     p.add_argument("--pred", required=True, type=Path, help="predictions: a folder of cases or one case")
     p.add_argument("--ref", required=True, type=Path, help="references: a folder of cases or one case")
     p.add_argument("--task", choices=("oar", "gtv"),
@@ -487,7 +489,9 @@ def _add_dicom_phantom(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
     p.add_argument("--size", choices=("small", "full"), default="small")
     p.add_argument("--slices", type=int, help="keep only this many central slices")
-    p.add_argument("--masks", action="store_true", help="also write the true structures as masks.seg.nrrd")
+    p.add_argument("--masks", action="store_true", help="also write the true structures as <case>.seg.nrrd, named "
+                   "with the case id `segrap segment` gives the series (study-<hash of the study UID>), so "
+                   "`segrap evaluate --ref OUT` matches them")
     p.set_defaults(func=_cmd_dicom_phantom)
 
 
@@ -497,11 +501,13 @@ def _cmd_dicom_phantom(args) -> int:
     written = write_variant(args.variant, args.out, index=args.index, seed=args.seed, size=args.size,
                             slices=args.slices)
     if args.masks:
+        from .formats.dicom import study_case_id
         from .formats.segfile import write_seg_nrrd
 
         masks = dict(written.case.oar_masks()) | written.case.gtv_masks()
-        write_seg_nrrd(args.out / "masks.seg.nrrd", masks, written.case.ct)
-        print(args.out / "masks.seg.nrrd")
+        truth = args.out / f"{study_case_id(written.study_uid)}.seg.nrrd"
+        write_seg_nrrd(truth, masks, written.case.ct)
+        print(truth)
     print(written.ct_dir)
     print(written.contrast_dir)
     return EXIT_OK

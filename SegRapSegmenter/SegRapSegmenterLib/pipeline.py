@@ -76,6 +76,18 @@ def _check_request(req: SegmentRequest) -> tuple[str, ...]:
     return tasks
 
 
+def request_case_id(req: SegmentRequest, named: str | None = None) -> str:
+    """The case id of a request: ``--case-id``; for a DICOM input, its study's (``formats.dicom.study_case_id``, as
+    the node names cases, so a folder ``.../CT`` is not named after its parent); else from the input file's name."""
+    named = named or request_paths(req)[0]
+    source, series = (req.ct, req.ct_series) if req.ct else (req.contrast_ct, req.contrast_series)
+    if req.case_id or not source or not Path(source).is_dir():
+        return named
+    from .formats.dicom import series_case_id
+
+    return check_case_id(series_case_id(source, series) or named, "the case id taken from the DICOM study")
+
+
 def _check_inputs(req: SegmentRequest, tasks: tuple[str, ...]) -> None:
     """The input images' paths, types and headers (no voxels): a typo fails here, before the model is touched."""
     if req.ct:
@@ -236,6 +248,7 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     t_start = time.perf_counter()
     tasks = _check_request(req)
     case_id, staging = request_paths(req)
+    case_id = request_case_id(req, case_id)
     _check_inputs(req, tasks)
     pick_device(req.device)
     _check_out_dir(Path(req.out_dir))

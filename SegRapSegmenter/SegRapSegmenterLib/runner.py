@@ -264,23 +264,28 @@ def release_case_lock(lock: CaseLock, succeeded: bool) -> None:
         _remove_if_empty(lock.created)
 
 
-def clear_abandoned_lock(out_dir: str | Path, case_id: str, staging: str | Path) -> None:
+def clear_abandoned_lock(out_dir: str | Path, staging: str | Path) -> None:
     """After a worker was killed: remove the lock file it left (and the output folder it made, if empty).
 
-    Only a lock nobody holds and whose note names this run's staging folder is touched.
+    Only a lock nobody holds and whose note names this run's staging folder is touched (the worker
+    may have named the case after its DICOM study, which the caller does not know).
     """
-    path = case_lock_path(out_dir, case_id)
     try:
-        fd = os.open(path, os.O_RDWR)
+        paths = [p for p in Path(out_dir).iterdir() if p.name.startswith(LOCK_PREFIX)]
     except OSError:
         return
-    if not _try_lock(fd):
-        os.close(fd)
-        return
-    holder = _holder(fd)
-    if holder.get("staging") == str(staging):
-        release_case_lock(CaseLock(path, fd, [str(f) for f in holder.get("created", [])]), succeeded=False)
-    else:
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        if not _try_lock(fd):
+            os.close(fd)
+            continue
+        holder = _holder(fd)
+        if holder.get("staging") == str(staging):
+            release_case_lock(CaseLock(path, fd, [str(f) for f in holder.get("created", [])]), succeeded=False)
+            return
         os.close(fd)
 
 
@@ -575,7 +580,7 @@ class WorkerRun:
     def _cleanup_staging(self) -> None:
         if self.request.staging_dir:
             shutil.rmtree(self.request.staging_dir, ignore_errors=True)
-            clear_abandoned_lock(self.request.out_dir, request_paths(self.request)[0], self.request.staging_dir)
+            clear_abandoned_lock(self.request.out_dir, self.request.staging_dir)
 
     def _remove_tmp(self) -> None:
         if self._log is not None:

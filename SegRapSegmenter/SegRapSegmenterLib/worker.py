@@ -84,7 +84,7 @@ def run_request(request_path: Path, stop_on_stdin_eof: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     from .errors import Cancelled, SegRapError
-    from .pipeline import SegmentRequest, request_paths, reuse_freed_memory, run
+    from .pipeline import SegmentRequest, request_case_id, request_paths, reuse_freed_memory, run
 
     if os.environ.get("SEGRAP_REUSE_FREED_MEMORY", "1") != "0":  # 0: glibc's defaults, for comparisons
         reuse_freed_memory()
@@ -100,7 +100,7 @@ def run_request(request_path: Path, stop_on_stdin_eof: bool = False) -> int:
         # a plain case id and a staging folder inside the output folder, or an InputError: the
         # staging folder is deleted at the end, so it must be ours before it is remembered
         case_id, staging = request_paths(req)
-        emit("start", pid=os.getpid(), case_id=case_id, request=data)
+        emit("start", pid=os.getpid(), case_id=request_case_id(req, case_id), request=data)
         result = run(req,
                      progress=lambda stage, fraction, message: emit("progress", stage=stage,
                                                                     fraction=round(float(fraction), 4),
