@@ -710,14 +710,27 @@ def _add_send(sub) -> None:
     p.set_defaults(func=_cmd_send)
 
 
+SEND_WARNINGS_SHOWN = 5  # warning statuses printed one per line; the rest are counted
+
+
 def _cmd_send(args) -> int:
+    import time
+
     from .node.address import parse_destination
     from .node.scu import send_files
 
+    if not args.verbose:  # pynetdicom logs two INFO lines per file; the summary below says what they would
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    t0 = time.monotonic()
     report = send_files(args.paths, parse_destination(args.to), args.calling_ae, timeout=args.timeout)
-    for warning in report.warnings:
+    for warning in report.warnings[:SEND_WARNINGS_SHOWN]:
         print(f"segrap send: warning: {warning}", file=sys.stderr)
-    print(f"sent {len(report.sent)} file(s) to {report.destination}")
+    if len(report.warnings) > SEND_WARNINGS_SHOWN:
+        print(f"segrap send: warning: {len(report.warnings) - SEND_WARNINGS_SHOWN} more file(s) stored with a "
+              f"warning status (-v lists every store)", file=sys.stderr)
+    warned = f", {len(report.warnings)} with a warning status" if report.warnings else ""
+    print(f"sent {len(report.sent)} file(s) to {report.destination} in one association (C-ECHO answered; every "
+          f"store accepted{warned}) in {time.monotonic() - t0:.1f} s")
     return EXIT_OK
 
 

@@ -26,6 +26,7 @@ from . import __version__
 from .anatomy import structures as S
 from .anatomy.qa import structure_report
 from .arrays import CroppedMasks, uint8_image
+from .console import StageEstimate
 from .errors import DicomError, InputError, OutputError
 from .formats.imaging import VolumeSource, check_volume_header, contrast_on_ct_grid, read_volume
 from .inference.body import THRESHOLD_HU as BODY_THRESHOLD_HU
@@ -336,8 +337,9 @@ def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging:
             else:
                 image = contrast.image
         progress(f"{task}-inference", lo, f"running the {task} model on {describe_device(predictor.device)}")
-        labels = predictor.predict(image, lambda f, lo=lo, hi=hi, task=task: progress(
-            f"{task}-inference", lo + (hi - lo) * f, f"{task}: {f:.0%} of the sliding window"),
+        estimate = StageEstimate()  # the time left of the task, from the rate its tiles are measured to go at
+        labels = predictor.predict(image, lambda f, lo=lo, hi=hi, task=task, estimate=estimate: progress(
+            f"{task}-inference", lo + (hi - lo) * f, f"{task}: {f:.0%} of the sliding window{estimate.text(f)}"),
             box=box if task == "oar" or ct is not None else None, warn=warning)
         timings[f"{task}_inference"] = time.perf_counter() - t0
         pending.append(background.submit(_structures_of, task, labels, masks.shape, req))

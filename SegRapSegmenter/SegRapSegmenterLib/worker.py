@@ -45,9 +45,15 @@ _STDIN_CLOSED = threading.Event()  # set by the stdin watcher just before it int
 _FINISHING = threading.Event()  # set once the run is over: a late end of stdin no longer interrupts
 
 
+_CANCELLING = threading.Event()  # set by the first stop request: a second one must not break off its clean-up
+
+
 def _raise_cancelled(signum, frame):  # noqa: ARG001 - signal handler signature
     from .errors import Cancelled
 
+    if _CANCELLING.is_set():  # the runner closes stdin and sends SIGTERM: both arrive, one stops the run
+        return
+    _CANCELLING.set()
     if _STDIN_CLOSED.is_set():
         raise Cancelled("stopped: the caller closed the worker's input (cancelled, or the caller ended)")
     raise Cancelled(f"stopped by signal {signal.Signals(signum).name}")
