@@ -697,7 +697,7 @@ def _cmd_train(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# segrap send / segrap serve (the DICOM node: docs in node/ and the README)
+# segrap send / segrap serve (the DICOM node: docs/node.md)
 # --------------------------------------------------------------------------------------------
 
 
@@ -738,7 +738,7 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run the DICOM auto-contouring node: CT studies in, RTSTRUCT out",
                        description="A Storage SCP that contours every complete CT study it receives and sends the "
                        "RTSTRUCT to the destinations. Flags win over the --config file.")
-    p.add_argument("--config", type=Path, help="TOML file with the same settings (see the README)")
+    p.add_argument("--config", type=Path, help="TOML file with the same settings (see docs/node.md)")
     p.add_argument("--status", action="store_true", help="print the queue of the node whose --spool is given, "
                    "and exit")
     p.add_argument("--ae-title", help="the node's AE title (default SEGRAP)")

@@ -35,7 +35,7 @@ from .inference.bundles import Bundle, resolve_bundle, sha256_file, verify_bundl
 from .inference.devices import pick_device
 from .inference.predictor import InferenceOptions, TaskPredictor, describe_device
 # the request and its checks live with the runner, which the CLI's process imports without numpy;
-# they are this module's API too (README: ``from SegRapSegmenterLib.pipeline import SegmentRequest, run``)
+# they are this module's API too (docs/command-line.md: ``from SegRapSegmenterLib.pipeline import SegmentRequest, run``)
 from .runner import (STAGING_PREFIX, TASKS, SegmentRequest, acquire_case_lock, check_case_id,  # noqa: F401
                      default_case_id, is_staging_of, release_case_lock, request_paths, staging_path)
 
