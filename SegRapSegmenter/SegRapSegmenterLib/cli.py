@@ -164,8 +164,8 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
-def _tasks_of(args, ct, contrast) -> tuple[tuple[str, ...], str | None]:
-    """The tasks to run and, when a default left one out, the line that says so.
+def _tasks_of(args, ct, contrast, folder: Path | None = None) -> tuple[tuple[str, ...], str | None]:
+    """The tasks to run and, when a default left one out, the line that says so (``folder``: a cohort's case).
 
     Named ``--tasks`` are taken as they are (a missing input is then the worker's error); without
     them, the OARs run when there is a plain CT and the GTVs when there is a contrast CT.
@@ -174,11 +174,12 @@ def _tasks_of(args, ct, contrast) -> tuple[tuple[str, ...], str | None]:
     if args.tasks is not None:
         return named or (), None
     if ct and not contrast:
-        return ("oar",), ("no --contrast-ct given: contoured the organs at risk only; the tumour volumes (GTVp, "
-                          "GTVnd) need the contrast CT (--contrast-ct).")
+        why = f"no contrast CT (image_contrast.*) in {folder}" if folder else "no --contrast-ct given"
+        return ("oar",), (f"{why}: contoured the organs at risk only; the tumour volumes (GTVp, GTVnd) need the "
+                          f"contrast CT.")
     if contrast and not ct:
-        return ("gtv",), ("no --ct given: contoured the tumour volumes only; the organs at risk need the plain CT "
-                          "(--ct).")
+        why = f"no plain CT (image.*, ct.*) in {folder}" if folder else "no --ct given"
+        return ("gtv",), f"{why}: contoured the tumour volumes only; the organs at risk need the plain CT."
     return ("oar", "gtv"), None
 
 
@@ -284,7 +285,7 @@ def _cmd_segment(args) -> int:
             print(f"[{number}/{len(cases)}] {case_id}: already done, skipped", file=sys.stderr)
             continue
         request = _request_from_args(args, ct, contrast, case_id, out)
-        note = _tasks_of(args, ct, contrast)[1]
+        note = _tasks_of(args, ct, contrast, args.input_dir / case_id)[1]
         if args.tasks is not None:  # a named task whose image this case lacks is left out, and said so
             left_out = [t for t, image in (("oar", ct), ("gtv", contrast)) if t in request.tasks and image is None]
             request.tasks = tuple(t for t in request.tasks if t not in left_out)

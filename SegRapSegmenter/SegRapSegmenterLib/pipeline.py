@@ -98,7 +98,8 @@ def _check_inputs(req: SegmentRequest, tasks: tuple[str, ...]) -> None:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """Fail early when the output folder could not be written; it is created only when the outputs are."""
+    """Fail early when the output folder could not be written; it is created for the case's lock and removed again
+    when the run fails and leaves it empty."""
     existing = out_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -381,7 +382,8 @@ def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging:
     t0 = time.perf_counter()
     provenance = {
         "case_id": case_id, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "software": _versions(), "bundle": bundle.summary() | {"verification": verification.summary()}, "tasks": list(tasks), "inference": inference_record,
+        "software": _versions(), "bundle": bundle.summary() | {"verification": verification.summary()},
+        "tasks": list(tasks), "inference": inference_record,
         "inputs": {"ct": _input_record(ct) if ct else None, "contrast_ct": _input_record(contrast) if contrast else None},
         "contrast_alignment": asdict(alignment) if alignment else None,
         "postprocessing": {"keep_largest_component": req.keep_largest_component, "fill_holes": req.fill_holes,

@@ -92,7 +92,7 @@ def test_a_cohort_hashes_the_bundle_once_and_says_which_task_each_case_lacks(hel
                    "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_OK, err
-    assert sum("no --ct given" in line for line in err.splitlines()) == 2
+    assert sum("no plain CT (image.*, ct.*) in" in line for line in err.splitlines()) == 2
     checks = [json.loads((tmp_path / "out" / n / f"{n}.provenance.json").read_text())["bundle"]["verification"]
               for n in ("p1", "p2")]
     files = len(M.load_bundle(bundle).files)
