@@ -209,6 +209,9 @@ def _run_worker(request, args, label: str, note: str | None = None) -> int:
         reason = str(exc) or "interrupted (Ctrl-C)"  # a KeyboardInterrupt has no message
         print(f"{label}: {reason}; cancelled, no output written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if isinstance(on_event, ProgressPrinter):
+            on_event.close()  # no redraw after the run, whatever ended it
     final = outcome.final
     if final["event"] == "done":
         if not args.json:

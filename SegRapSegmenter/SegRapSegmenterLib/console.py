@@ -9,6 +9,7 @@ percentage is shown: the elapsed time, the stage, and for the sliding windows th
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -50,15 +51,41 @@ class StageEstimate:
 
 class ProgressPrinter:
     """A one-line progress display on a terminal, stage lines elsewhere (with the elapsed time); warnings on lines of
-    their own."""
+    their own.
 
-    def __init__(self, label: str, clock: Callable[[], float] = time.monotonic, tty: bool | None = None):
+    On a terminal the line is redrawn every ``tick_s`` seconds, so the elapsed time runs on through
+    stages that report nothing for a while (writing the outputs); ``close`` stops that.
+    """
+
+    def __init__(self, label: str, clock: Callable[[], float] = time.monotonic, tty: bool | None = None,
+                 tick_s: float = 1.0):
         self.label = label
         self.clock = clock
         self.started = clock()
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.last_stage = None
         self.last_line = self.started
+        self.message: str | None = None  # the terminal line's message, redrawn while it is current
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if self.tty and tick_s > 0:
+            threading.Thread(target=self._tick, args=(tick_s,), name="segrap-progress", daemon=True).start()
+
+    def _tick(self, tick_s: float) -> None:
+        while not self._stop.wait(tick_s):
+            self.redraw()
+
+    def redraw(self) -> None:
+        """Write the terminal line again with the elapsed time now."""
+        with self._lock:
+            if self.message is not None and not self._stop.is_set():
+                sys.stderr.write(f"\r{self.label} [{duration(self.clock() - self.started)}] {self.message[:90]:<90}")
+                sys.stderr.flush()
+
+    def close(self) -> None:
+        """Stop redrawing (the run ended, however it ended)."""
+        with self._lock:
+            self._stop.set()
 
     def __call__(self, event: dict) -> None:
         kind = event.get("event")
@@ -66,15 +93,17 @@ class ProgressPrinter:
         if kind == "progress":
             message = str(event.get("message", ""))
             if self.tty:
-                sys.stderr.write(f"\r{self.label} [{elapsed}] {message[:90]:<90}")
-                sys.stderr.flush()
+                self.message = message
+                self.redraw()
             elif event.get("stage") != self.last_stage or self.clock() - self.last_line >= QUIET_LINE_S:
                 print(f"{self.label} [{elapsed}]: {message}", file=sys.stderr)
                 self.last_line = self.clock()
             self.last_stage = event.get("stage")
         elif kind == "warning":
-            print(("\n" if self.tty else "") + f"{self.label}: warning: {event.get('message')}", file=sys.stderr)
+            with self._lock:
+                print(("\n" if self.tty else "") + f"{self.label}: warning: {event.get('message')}", file=sys.stderr)
         elif kind in ("done", "error", "cancelled"):
+            self.close()
             if self.tty:
                 sys.stderr.write("\n")
             if kind == "done":

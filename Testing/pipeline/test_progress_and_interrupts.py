@@ -93,3 +93,17 @@ def test_ctrl_c_says_the_run_was_interrupted(heldout_case, tmp_path):
     err = proc.stderr.read()
     assert "segrap segment: interrupted (Ctrl-C); cancelled, no output written" in err, err
     assert "segrap segment: ;" not in err and not out.exists()
+
+
+def test_on_a_terminal_the_elapsed_time_runs_on_through_a_quiet_stage(capsys):
+    clock = Clock()
+    show = ProgressPrinter("segrap segment", clock=clock, tty=True, tick_s=0)  # redrawn by hand here
+    show({"event": "progress", "stage": "write", "fraction": 0.95, "message": "writing the outputs"})
+    clock.now += 35
+    show.redraw()  # what the ticker does every second
+    err = capsys.readouterr().err
+    assert "\rsegrap segment [0:00] writing the outputs" in err and "\rsegrap segment [0:35] writing the outputs" in err
+    show({"event": "done"})
+    assert capsys.readouterr().err == "\nsegrap segment: finished in 0:35\n"
+    show.redraw()
+    assert capsys.readouterr().err == ""  # nothing is drawn after the end
