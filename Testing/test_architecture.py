@@ -178,7 +178,7 @@ def test_the_public_entry_points_keep_their_names():
     for name in ("SegRapSegmenterLib.pipeline", "SegRapSegmenterLib.worker", "SegRapSegmenterLib.cli",
                  "SegRapSegmenterLib.runner", "SegRapSegmenterLib.slicer_bridge.logic"):
         assert name in modules, name
-    from SegRapSegmenterLib.pipeline import SegmentRequest, run  # noqa: F401  (the Python API of the README)
+    from SegRapSegmenterLib.pipeline import SegmentRequest, run  # noqa: F401  (the Python API of docs/command-line.md)
 
 
 # --------------------------------------------------------------------------------------------

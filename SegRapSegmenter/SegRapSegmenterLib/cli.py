@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 2 a usage error (argparse); 3 bad input (image, DICOM, geometry, names);
 4 a missing or bad model bundle; 5 an output folder that cannot be written; 6 the worker process
-died; 7 a DICOM peer that cannot be reached, rejects the association or refuses a store; 1 any
-other error; 130 interrupted or cancelled. Every error message says what to fix.
+died; 7 a DICOM peer that cannot be reached, rejects the association or refuses a store; 8 another
+run is writing the same case into the same output folder (nothing was changed); 1 any other error;
+130 interrupted or cancelled. Every error message says what to fix.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from . import __version__
 from .console import ProgressPrinter
 from .errors import (  # noqa: F401
+    EXIT_BUSY,
     EXIT_ERROR,
     EXIT_INPUT,
     EXIT_INTERRUPTED,
@@ -98,8 +100,18 @@ def _add_contour_holes(p) -> None:
                    help="how a hole in a slice is written (DICOM PS3.3 C.8.8.6.3): keyhole (default; every reader reads it the same) or xor (CLOSEDPLANAR_XOR contours, for planning systems that read them)")
 
 
+def _device_argument(text: str) -> str:
+    """argparse type of --device: auto, cuda, cuda:N, mps or cpu (whether it exists is the worker's check)."""
+    from .errors import InputError
+    from .inference.devices import check_device_name
+
+    try:
+        return check_device_name(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_segment(sub) -> None:
-    from .inference.devices import DEVICES
 
     p = sub.add_parser("segment", help="contour the OARs on a CT and the GTVs on a contrast CT")
     src = p.add_argument_group("inputs (one case, or a cohort with --input-dir)")
@@ -115,9 +127,11 @@ def _add_segment(sub) -> None:
     p.add_argument("--case-id", help="name of the outputs (default: from the input file or folder name)")
     p.add_argument("--bundle", help="installed bundle name, bundle folder, or 'demo' (default: the only "
                    "installed bundle)")
-    p.add_argument("--tasks", default="oar,gtv", help="oar, gtv or oar,gtv (default both)")
+    p.add_argument("--tasks", help="oar, gtv or oar,gtv (default: what the inputs allow, the OARs on --ct and the "
+                   "GTVs on --contrast-ct, saying what is left out; named tasks whose input is missing are an error)")
     p.add_argument("--structures", help="comma-separated subset of structures, any known spelling")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda, then mps, then cpu")
+    p.add_argument("--device", type=_device_argument, default="auto",
+                   help="auto (cuda, then mps, then cpu), cuda, cuda:N (the N-th GPU), mps or cpu")
     p.add_argument("--folds", help="comma-separated folds to ensemble (default: all in the bundle)")
     mirror = p.add_mutually_exclusive_group()
     mirror.add_argument("--mirror", dest="mirror", action="store_true", default=None,
@@ -150,19 +164,38 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
+def _tasks_of(args, ct, contrast, folder: Path | None = None) -> tuple[tuple[str, ...], str | None]:
+    """The tasks to run and, when a default left one out, the line that says so (``folder``: a cohort's case).
+
+    Named ``--tasks`` are taken as they are (a missing input is then the worker's error); without
+    them, the OARs run when there is a plain CT and the GTVs when there is a contrast CT.
+    """
+    named = _split(args.tasks)
+    if args.tasks is not None:
+        return named or (), None
+    if ct and not contrast:
+        why = f"no contrast CT (image_contrast.*) in {folder}" if folder else "no --contrast-ct given"
+        return ("oar",), (f"{why}: contoured the organs at risk only; the tumour volumes (GTVp, GTVnd) need the "
+                          f"contrast CT.")
+    if contrast and not ct:
+        why = f"no plain CT (image.*, ct.*) in {folder}" if folder else "no --ct given"
+        return ("gtv",), f"{why}: contoured the tumour volumes only; the organs at risk need the plain CT."
+    return ("oar", "gtv"), None
+
+
 def _request_from_args(args, ct, contrast, case_id, out_dir):
     from .runner import SegmentRequest
 
     return SegmentRequest(
         ct=str(ct) if ct else None, contrast_ct=str(contrast) if contrast else None, out_dir=str(out_dir),
-        case_id=case_id, bundle=args.bundle, tasks=_split(args.tasks) or (), structures=_split(args.structures),
+        case_id=case_id, bundle=args.bundle, tasks=_tasks_of(args, ct, contrast)[0], structures=_split(args.structures),
         device=args.device, folds=_split(args.folds), mirror=args.mirror, tile_step_size=args.step,
         threads=args.threads, low_memory=args.low_memory, register=args.register, ct_series=args.ct_series,
         contrast_series=args.contrast_series, nifti=args.nifti, rtstruct=args.rtstruct, roi_names=args.roi_names,
         keep_largest_component=args.largest, fill_holes=args.fill_holes, contour_holes=args.contour_holes)
 
 
-def _run_worker(request, args, label: str) -> int:
+def _run_worker(request, args, label: str, note: str | None = None) -> int:
     from .errors import Cancelled
     from .runner import WorkerRun, cancel_on_termination
 
@@ -173,8 +206,12 @@ def _run_worker(request, args, label: str) -> int:
             outcome = run.start().wait(on_event)
     except (KeyboardInterrupt, Cancelled) as exc:
         run.cancel()  # wait() did it already, unless the signal came before
-        print(f"{label}: {exc or 'interrupted'}; cancelled, no output written", file=sys.stderr)
+        reason = str(exc) or "interrupted (Ctrl-C)"  # a KeyboardInterrupt has no message
+        print(f"{label}: {reason}; cancelled, no output written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if isinstance(on_event, ProgressPrinter):
+            on_event.close()  # no redraw after the run, whatever ended it
     final = outcome.final
     if final["event"] == "done":
         if not args.json:
@@ -182,6 +219,8 @@ def _run_worker(request, args, label: str) -> int:
                 print(f"{key}: {path}")
             if final.get("review"):
                 print(final["review"])
+        if note:
+            print(f"{label}: note: {note}", file=sys.stderr)
         return EXIT_OK
     if final["event"] == "cancelled":
         print(f"{label}: cancelled; no output written", file=sys.stderr)
@@ -234,7 +273,7 @@ def _cmd_segment(args) -> int:
         if args.case_id is not None:
             check_case_id(args.case_id, "--case-id")
         request = _request_from_args(args, args.ct, args.contrast_ct, args.case_id, args.out)
-        return _run_worker(request, args, "segrap segment")
+        return _run_worker(request, args, "segrap segment", _tasks_of(args, args.ct, args.contrast_ct)[1])
     if args.ct or args.contrast_ct or args.case_id:
         raise InputError("--input-dir processes a cohort: leave out --ct, --contrast-ct and --case-id.")
     failures = []
@@ -251,11 +290,14 @@ def _cmd_segment(args) -> int:
             print(f"[{number}/{len(cases)}] {case_id}: already done, skipped", file=sys.stderr)
             continue
         request = _request_from_args(args, ct, contrast, case_id, out)
-        if contrast is None:
-            request.tasks = tuple(t for t in request.tasks if t != "gtv")
-        if ct is None:
-            request.tasks = tuple(t for t in request.tasks if t != "oar")
-        rc = _run_worker(request, args, f"[{number}/{len(cases)}] {case_id}")
+        note = _tasks_of(args, ct, contrast, args.input_dir / case_id)[1]
+        if args.tasks is not None:  # a named task whose image this case lacks is left out, and said so
+            left_out = [t for t, image in (("oar", ct), ("gtv", contrast)) if t in request.tasks and image is None]
+            request.tasks = tuple(t for t in request.tasks if t not in left_out)
+            if left_out:
+                note = f"no {' or '.join('plain CT' if t == 'oar' else 'contrast CT' for t in left_out)} in " \
+                       f"{args.input_dir / case_id}: {', '.join(left_out)} left out for this case."
+        rc = _run_worker(request, args, f"[{number}/{len(cases)}] {case_id}", note)
         if rc == EXIT_INTERRUPTED:
             return rc
         if rc != EXIT_OK:
@@ -378,8 +420,10 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="score predictions against references with the SegRap DSC and NSD",
                        description="Score predicted structures against reference contours with the SegRap 2023 "
                                    "organizers' DSC and NSD. Both sides are folders of cases (or single cases) "
-                                   "in any of: .seg.nrrd, case folders of <Structure>.nii.gz, the challenge's "
-                                   "4D .mha, Task001/Task002 label maps, RTSTRUCT + CT; matched by case id.")
+                                   "in any of: the output folder of `segrap segment` (one case or a cohort), "
+                                   ".seg.nrrd, case folders of <Structure>.nii.gz, the challenge's 4D .mha, "
+                                   "Task001/Task002 label maps, a folder holding an RTSTRUCT beside its CT "
+                                   "series; matched by case id.")
     p.add_argument("--pred", required=True, type=Path, help="predictions: a folder of cases or one case")
     p.add_argument("--ref", required=True, type=Path, help="references: a folder of cases or one case")
     p.add_argument("--task", choices=("oar", "gtv"),
@@ -451,7 +495,9 @@ def _add_dicom_phantom(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
     p.add_argument("--size", choices=("small", "full"), default="small")
     p.add_argument("--slices", type=int, help="keep only this many central slices")
-    p.add_argument("--masks", action="store_true", help="also write the true structures as masks.seg.nrrd")
+    p.add_argument("--masks", action="store_true", help="also write the true structures as <case>.seg.nrrd, named "
+                   "with the case id `segrap segment` gives the series (study-<hash of the study UID>), so "
+                   "`segrap evaluate --ref OUT` matches them")
     p.set_defaults(func=_cmd_dicom_phantom)
 
 
@@ -461,11 +507,13 @@ def _cmd_dicom_phantom(args) -> int:
     written = write_variant(args.variant, args.out, index=args.index, seed=args.seed, size=args.size,
                             slices=args.slices)
     if args.masks:
+        from .formats.dicom import study_case_id
         from .formats.segfile import write_seg_nrrd
 
         masks = dict(written.case.oar_masks()) | written.case.gtv_masks()
-        write_seg_nrrd(args.out / "masks.seg.nrrd", masks, written.case.ct)
-        print(args.out / "masks.seg.nrrd")
+        truth = args.out / f"{study_case_id(written.study_uid)}.seg.nrrd"
+        write_seg_nrrd(truth, masks, written.case.ct)
+        print(truth)
     print(written.ct_dir)
     print(written.contrast_dir)
     return EXIT_OK
@@ -655,7 +703,7 @@ def _cmd_train(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# segrap send / segrap serve (the DICOM node: docs in node/ and the README)
+# segrap send / segrap serve (the DICOM node: docs/node.md)
 # --------------------------------------------------------------------------------------------
 
 
@@ -668,24 +716,35 @@ def _add_send(sub) -> None:
     p.set_defaults(func=_cmd_send)
 
 
+SEND_WARNINGS_SHOWN = 5  # warning statuses printed one per line; the rest are counted
+
+
 def _cmd_send(args) -> int:
+    import time
+
     from .node.address import parse_destination
     from .node.scu import send_files
 
+    if not args.verbose:  # pynetdicom logs two INFO lines per file; the summary below says what they would
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    t0 = time.monotonic()
     report = send_files(args.paths, parse_destination(args.to), args.calling_ae, timeout=args.timeout)
-    for warning in report.warnings:
+    for warning in report.warnings[:SEND_WARNINGS_SHOWN]:
         print(f"segrap send: warning: {warning}", file=sys.stderr)
-    print(f"sent {len(report.sent)} file(s) to {report.destination}")
+    if len(report.warnings) > SEND_WARNINGS_SHOWN:
+        print(f"segrap send: warning: {len(report.warnings) - SEND_WARNINGS_SHOWN} more file(s) stored with a "
+              f"warning status (-v lists every store)", file=sys.stderr)
+    warned = f", {len(report.warnings)} with a warning status" if report.warnings else ""
+    print(f"sent {len(report.sent)} file(s) to {report.destination} in one association (C-ECHO answered; every "
+          f"store accepted{warned}) in {time.monotonic() - t0:.1f} s")
     return EXIT_OK
 
 
 def _add_serve(sub) -> None:
-    from .inference.devices import DEVICES
-
     p = sub.add_parser("serve", help="run the DICOM auto-contouring node: CT studies in, RTSTRUCT out",
                        description="A Storage SCP that contours every complete CT study it receives and sends the "
                        "RTSTRUCT to the destinations. Flags win over the --config file.")
-    p.add_argument("--config", type=Path, help="TOML file with the same settings (see the README)")
+    p.add_argument("--config", type=Path, help="TOML file with the same settings (see docs/node.md)")
     p.add_argument("--status", action="store_true", help="print the queue of the node whose --spool is given, "
                    "and exit")
     p.add_argument("--ae-title", help="the node's AE title (default SEGRAP)")
@@ -699,7 +758,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--settle", type=float, help="a study is complete after this many seconds without a new "
                    "instance (default 30)")
     p.add_argument("--bundle", help="model bundle (installed name, folder or 'demo')")
-    p.add_argument("--device", choices=DEVICES, help="default auto")
+    p.add_argument("--device", type=_device_argument, help="auto (default), cuda, cuda:N, mps or cpu")
     p.add_argument("--tasks", help="oar, gtv or oar,gtv (default both, as the study allows)")
     p.add_argument("--contour-holes", choices=("keyhole", "xor"), help="how holes are written in the RTSTRUCT")
     p.add_argument("--workers", type=int, help="jobs run at once (default one per GPU, one without GPUs)")

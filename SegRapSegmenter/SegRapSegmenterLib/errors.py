@@ -42,6 +42,10 @@ class OutputError(SegRapError):
     """An output folder or file cannot be written."""
 
 
+class CaseBusyError(SegRapError):
+    """Another run is writing the same case into the same output folder (its lock is held)."""
+
+
 class WorkerError(SegRapError):
     """The worker process died or broke its protocol."""
 
@@ -61,18 +65,19 @@ class Cancelled(SegRapError):
 # Exit codes of the ``segrap`` command and of the worker process, one table for both: the worker reports
 # an error by its class name and the caller maps that name back through ``exit_code_of_kind``.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT, EXIT_WORKER, EXIT_NETWORK = 3, 4, 5, 6, 7
+EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT, EXIT_WORKER, EXIT_NETWORK, EXIT_BUSY = 3, 4, 5, 6, 7, 8
 
 _EXIT_BY_CLASS: tuple[tuple[type[SegRapError], int], ...] = (
     (InputError, EXIT_INPUT), (GeometryError, EXIT_INPUT), (DicomError, EXIT_INPUT),
     (StructureNameError, EXIT_INPUT), (DecompositionConflictError, EXIT_INPUT),
     (ModelError, EXIT_MODEL), (OutputError, EXIT_OUTPUT), (WorkerError, EXIT_WORKER), (Cancelled, EXIT_INTERRUPTED),
-    (DicomNetworkError, EXIT_NETWORK),
+    (DicomNetworkError, EXIT_NETWORK), (CaseBusyError, EXIT_BUSY),
 )
 
 
 def exit_code(exc: BaseException) -> int:
-    """The exit code of an error: 3 bad input, 4 bad model, 5 output not writable, 6 worker died, 7 DICOM network, 1 other."""
+    """The exit code of an error: 3 bad input, 4 bad model, 5 output not writable, 6 worker died, 7 DICOM network,
+    8 the case is being written by another run, 1 other."""
     for cls, code in _EXIT_BY_CLASS:
         if isinstance(exc, cls):
             return code

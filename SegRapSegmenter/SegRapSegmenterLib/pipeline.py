@@ -27,18 +27,20 @@ from .anatomy import structures as S
 from .anatomy.qa import structure_report
 from .anatomy.review import REMOVED_REVIEW_ABOVE, review_structure, review_tags, summary_line
 from .arrays import CroppedMasks, uint8_image
+from .console import StageEstimate
 from .errors import DicomError, InputError, OutputError
-from .formats.identity import check_pair, identity_of_folder, identity_of_volume
+from .formats.identity import check_pair, identity_of_folder
 from .formats.imaging import VolumeSource, check_volume_header, contrast_on_ct_grid, read_volume
 from .inference.body import THRESHOLD_HU as BODY_THRESHOLD_HU
 from .inference.body import body_box_of_image
 from .inference.bundles import Bundle, resolve_bundle, sha256_file, verify_bundle
 from .inference.certainty import expected_dice
+from .inference.devices import pick_device
 from .inference.predictor import InferenceOptions, TaskPredictor, describe_device
 # the request and its checks live with the runner, which the CLI's process imports without numpy;
-# they are this module's API too (README: ``from SegRapSegmenterLib.pipeline import SegmentRequest, run``)
-from .runner import (STAGING_PREFIX, TASKS, SegmentRequest, check_case_id, default_case_id,  # noqa: F401
-                     request_paths, staging_path)
+# they are this module's API too (docs/command-line.md: ``from SegRapSegmenterLib.pipeline import SegmentRequest, run``)
+from .runner import (STAGING_PREFIX, TASKS, SegmentRequest, acquire_case_lock, check_case_id,  # noqa: F401
+                     default_case_id, is_staging_of, release_case_lock, request_paths, staging_path)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,29 @@ def _check_request(req: SegmentRequest) -> tuple[str, ...]:
     return tasks
 
 
+def request_case_id(req: SegmentRequest, named: str | None = None) -> str:
+    """The case id of a request: ``--case-id``; for a DICOM input, its study's (``formats.dicom.study_case_id``, as
+    the node names cases, so a folder ``.../CT`` is not named after its parent); else from the input file's name."""
+    named = named or request_paths(req)[0]
+    source, series = (req.ct, req.ct_series) if req.ct else (req.contrast_ct, req.contrast_series)
+    if req.case_id or not source or not Path(source).is_dir():
+        return named
+    from .formats.dicom import series_case_id
+
+    return check_case_id(series_case_id(source, series) or named, "the case id taken from the DICOM study")
+
+
+def _check_inputs(req: SegmentRequest, tasks: tuple[str, ...]) -> None:
+    """The input images' paths, types and headers (no voxels): a typo fails here, before the model is touched."""
+    if req.ct:
+        check_volume_header(req.ct, "CT")
+    if "gtv" in tasks:
+        check_volume_header(req.contrast_ct, "Contrast CT")
+
+
 def _check_out_dir(out_dir: Path) -> None:
-    """Fail early when the output folder could not be written; it is created only when the outputs are."""
+    """Fail early when the output folder could not be written; it is created for the case's lock and removed again
+    when the run fails and leaves it empty."""
     existing = out_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -232,18 +255,16 @@ def _input_record(source: VolumeSource) -> dict:
     return record
 
 
-def _check_identity(req: SegmentRequest, tasks: tuple[str, ...], ct: VolumeSource | None,
-                    contrast: VolumeSource | None) -> tuple[dict, list[str]]:
-    """The inputs' identity record and warnings (``identity.check_pair``); InputError for two patients."""
+def _check_identity(req: SegmentRequest, tasks: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """The inputs' identity record and warnings (``identity.check_pair``), from the DICOM headers alone, before the
+    model: InputError for two patients. Image files have none; a caller's own record (Slicer's) stands for them."""
     contrast_path = req.contrast_ct if "gtv" in tasks else None
-    if contrast is not None:
-        contrast_identity = identity_of_volume(contrast)
-    elif contrast_path and Path(contrast_path).is_dir():
-        contrast_identity = identity_of_folder(contrast_path, req.contrast_series)
-    else:
-        contrast_identity = None
-    record, warnings = check_pair(identity_of_volume(ct) if ct else None, contrast_identity,
-                                  ct_path=req.ct if ct else None, contrast_path=contrast_path, register=req.register)
+
+    def of(path: str | None, series: str | None):
+        return identity_of_folder(path, series) if path and Path(path).is_dir() else None
+
+    record, warnings = check_pair(of(req.ct, req.ct_series), of(contrast_path, req.contrast_series),
+                                  ct_path=req.ct, contrast_path=contrast_path, register=req.register)
     if req.identity and record.get("patient", "").startswith("not checked"):
         # files written by a caller that knew where they came from (Slicer): its check stands, said again here
         record = dict(req.identity)
@@ -252,7 +273,33 @@ def _check_identity(req: SegmentRequest, tasks: tuple[str, ...], ct: VolumeSourc
 
 
 def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None = None) -> SegmentResult:
-    """Run the job of a request; returns the outputs' paths (see the module docstring for guarantees)."""
+    """Run the job of a request; returns the outputs' paths (see the module docstring for guarantees).
+
+    The cheap checks come first (names, input paths and file headers, the device, the output folder),
+    then the case's lock in the output folder (a second run of the same case stops with CaseBusyError),
+    and only then the model bundle and the images' voxels.
+    """
+    t_start = time.perf_counter()
+    tasks = _check_request(req)
+    case_id, staging = request_paths(req)
+    case_id = request_case_id(req, case_id)
+    _check_inputs(req, tasks)
+    identity = _check_identity(req, tasks)  # one patient: refused here, before the model and any output
+    pick_device(req.device)
+    _check_out_dir(Path(req.out_dir))
+    lock = acquire_case_lock(req.out_dir, case_id, staging)
+    succeeded = False
+    try:
+        result = _segment(req, tasks, case_id, staging, t_start, progress, warn, identity)
+        succeeded = True
+        return result
+    finally:
+        release_case_lock(lock, succeeded)
+
+
+def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging: Path, t_start: float,
+             progress: Progress | None, warn: Warn | None, identity: tuple[dict, list[str]]) -> SegmentResult:
+    """``run``'s work once its checks passed and it holds the case's lock."""
     progress = progress or (lambda stage, fraction, message: None)
     warnings: list[str] = []
 
@@ -262,19 +309,18 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
         if warn:
             warn(message)
 
+    for message in identity[1]:
+        warning(message)
+
     timings: dict[str, float] = {}
-    t_start = time.perf_counter()
-    tasks = _check_request(req)
     out_dir = Path(req.out_dir)
-    case_id, staging = request_paths(req)
-    _check_out_dir(out_dir)
 
     progress("model", 0.0, "checking the model bundle")
     t0 = time.perf_counter()
     bundle: Bundle = resolve_bundle(req.bundle)
-    verify_bundle(bundle)
     for task in tasks:
         bundle.task(task)
+    verification = verify_bundle(bundle, quick=True)
     timings["verify_bundle"] = time.perf_counter() - t0
 
     progress("read", 0.02, "reading the images")
@@ -283,12 +329,8 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     contrast = None
     if "gtv" in tasks and ct is None:
         contrast = read_volume(req.contrast_ct, "Contrast CT", req.contrast_series)
-    elif "gtv" in tasks:  # its voxels are read when Task 2 starts: not held while Task 1 runs
-        check_volume_header(req.contrast_ct, "Contrast CT")
-    # one patient, before any model runs: the contrast CT's identity comes from its headers alone
-    identity, identity_warnings = _check_identity(req, tasks, ct, contrast)
-    for message in identity_warnings:
-        warning(message)
+    # (the contrast CT's header was checked with the CT's; its voxels are read when Task 2 starts, so they are
+    # not held while Task 1 runs)
     reference = ct.image if ct is not None else contrast.image
     if req.rtstruct and ct is not None and ct.dicom is not None and not ct.dicom.series.frame_of_reference_uid:
         raise DicomError(f"{req.ct}: the CT series has no FrameOfReferenceUID, so an RTSTRUCT cannot reference it. "
@@ -333,8 +375,9 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
             else:
                 image = contrast.image
         progress(f"{task}-inference", lo, f"running the {task} model on {describe_device(predictor.device)}")
-        labels = predictor.predict(image, lambda f, lo=lo, hi=hi, task=task: progress(
-            f"{task}-inference", lo + (hi - lo) * f, f"{task}: {f:.0%} of the sliding window"),
+        estimate = StageEstimate()  # the time left of the task, from the rate its tiles are measured to go at
+        labels = predictor.predict(image, lambda f, lo=lo, hi=hi, task=task, estimate=estimate: progress(
+            f"{task}-inference", lo + (hi - lo) * f, f"{task}: {f:.0%} of the sliding window{estimate.text(f)}"),
             box=box if task == "oar" or ct is not None else None, warn=warning)
         timings[f"{task}_inference"] = time.perf_counter() - t0
         if predictor.class_table is not None:
@@ -349,8 +392,9 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
         if predictor.device.type == "cuda":
             import torch
 
-            inference_record[task]["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-            torch.cuda.reset_peak_memory_stats()
+            inference_record[task]["peak_gpu_memory_gib"] = round(
+                torch.cuda.max_memory_allocated(predictor.device) / 2**30, 3)
+            torch.cuda.reset_peak_memory_stats(predictor.device)
         del predictor
         give_back_freed_memory()  # what the task's tiles kept in the heap (reuse_freed_memory)
 
@@ -391,9 +435,10 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     t0 = time.perf_counter()
     provenance = {
         "case_id": case_id, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "software": _versions(), "bundle": bundle.summary(), "tasks": list(tasks), "inference": inference_record,
+        "software": _versions(), "bundle": bundle.summary() | {"verification": verification.summary()},
+        "tasks": list(tasks), "inference": inference_record,
         "inputs": {"ct": _input_record(ct) if ct else None, "contrast_ct": _input_record(contrast) if contrast else None,
-                   "identity": identity},
+                   "identity": identity[0]},
         "contrast_alignment": asdict(alignment) if alignment else None,
         "postprocessing": {"keep_largest_component": req.keep_largest_component, "fill_holes": req.fill_holes,
                            "changes": cleanup.steps},
@@ -406,14 +451,58 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
                                          "contours marked EMPTY in the RTSTRUCT"},
         "notice": "Automatically generated contours: review and edit before clinical use.",
     }
-    outputs = _write_outputs(req, case_id, masks, reference, ct, provenance, staging, out_dir, timings, t_start, t0)
+    outputs = _write_outputs(req, case_id, masks, reference, ct, provenance, staging, out_dir, timings, t_start, t0,
+                             warning)
     progress("done", 1.0, f"wrote {len(outputs)} outputs to {out_dir}")
     return SegmentResult(case_id, outputs, warnings, review_line, [n for n, r in reviews.items() if r.review])
 
 
+def output_names(case_id: str) -> dict[str, str]:
+    """Every name a run of ``case_id`` may write into its output folder, by output key (the provenance last)."""
+    return {"segmentation": f"{case_id}.seg.nrrd", "nifti": f"{case_id}_structures",
+            "challenge_oar": f"{case_id}_oar_4d.mha", "challenge_gtv": f"{case_id}_gtv_4d.mha",
+            "rtstruct": f"{case_id}_RTSTRUCT.dcm", "provenance": f"{case_id}.provenance.json"}
+
+
+def _output_record(key: str, path: Path) -> dict:
+    """What provenance says of one output: its name and sha256 (per file for a folder); the RTSTRUCT's UID."""
+    if path.is_dir():
+        return {"folder": path.name, "files": {p.name: sha256_file(p) for p in sorted(path.iterdir())}}
+    record = {"file": path.name, "sha256": sha256_file(path)}
+    if key == "rtstruct":
+        import pydicom
+
+        record["sop_instance_uid"] = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    return record
+
+
+def _previous_set(out_dir: Path, case_id: str) -> tuple[list[str], str | None]:
+    """The outputs an earlier run of the case left in the folder, and when that run wrote them (if its provenance says)."""
+    names = [name for name in output_names(case_id).values() if (out_dir / name).exists()]
+    try:
+        created = json.loads((out_dir / f"{case_id}.provenance.json").read_text()).get("created_utc")
+    except (OSError, ValueError, AttributeError):
+        created = None
+    return names, created
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, reference: sitk.Image,
                    ct: VolumeSource | None, provenance: dict, staging: Path, out_dir: Path, timings: dict,
-                   t_start: float, t_write: float) -> dict[str, str]:
+                   t_start: float, t_write: float, warning: Warn = log.warning) -> dict[str, str]:
+    """Write the outputs into the staging folder, then replace the case's earlier outputs with them as one set.
+
+    The earlier set's provenance goes first (a set without provenance is incomplete: a cohort run
+    does it again), then the new files are moved into place, then what the earlier set had and the
+    new one lacks is removed, and the new provenance, which lists every output with its sha256,
+    comes last.
+    """
     from .formats.maskfiles import write_challenge_mha
     from .formats.segfile import write_seg_nrrd
 
@@ -421,31 +510,35 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, refer
         shutil.rmtree(staging)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty folder
+        for old in out_dir.iterdir():  # staging folders of this case's runs that were killed (the lock is ours)
+            if old.is_dir() and not old.is_symlink() and is_staging_of(old.name, case_id):
+                shutil.rmtree(old, ignore_errors=True)
         staging.mkdir(parents=True)
     except OSError as exc:
         raise OutputError(f"Output folder {out_dir}: cannot write ({exc.strerror}).") from exc
+    file_names = output_names(case_id)
     try:
-        names: dict[str, Path] = {"segmentation": staging / f"{case_id}.seg.nrrd"}
+        names: dict[str, Path] = {"segmentation": staging / file_names["segmentation"]}
         write_seg_nrrd(names["segmentation"], masks, reference, provenance={
             "model": {"name": provenance["bundle"]["name"], "version": provenance["bundle"]["version"]},
             "case_id": case_id, "notice": provenance["notice"], "empty_structures": provenance["empty_structures"],
             "review": provenance["review"]}, segment_tags=review_tags(provenance["structures"]))
         if req.nifti:
-            folder = staging / f"{case_id}_structures"
+            folder = staging / file_names["nifti"]
             folder.mkdir()
             for name in masks:
                 sitk.WriteImage(uint8_image(masks[name], reference), str(folder / f"{name}.nii.gz"), useCompression=True)
             names["nifti"] = folder
             for task, task_names in (("oar", S.OAR_NAMES), ("gtv", S.GTV_NAMES)):
                 if any(n in masks for n in task_names):
-                    path = staging / f"{case_id}_{task}_4d.mha"
+                    path = staging / file_names[f"challenge_{task}"]
                     write_challenge_mha(path, masks.subset(task_names), task,
                                         reference.GetSpacing()[::-1], reference)
                     names[f"challenge_{task}"] = path
         if req.rtstruct:
             from .formats.rtstruct import write_rtstruct
 
-            path = staging / f"{case_id}_RTSTRUCT.dcm"
+            path = staging / file_names["rtstruct"]
             notes = list(ct.notes) + [f"{name}: {'; '.join(steps)}" for name, steps in
                                       provenance["postprocessing"]["changes"].items()]
             write_rtstruct(masks, ct.dicom, path, model_name=provenance["bundle"]["name"],
@@ -454,16 +547,29 @@ def _write_outputs(req: SegmentRequest, case_id: str, masks: CroppedMasks, refer
                                name: f"{'; '.join(e['review_reasons'])} (confidence {e['confidence']:.2f})"
                                for name, e in provenance["structures"].items() if e.get("review")})
             names["rtstruct"] = path
+        provenance["outputs"] = {key: _output_record(key, path) for key, path in names.items()}
+        previous, previous_created = _previous_set(out_dir, case_id)
+        stale = [name for name in previous if name not in {p.name for p in names.values()}
+                 and name != file_names["provenance"]]
+        if previous:
+            provenance["replaced"] = {"previous_created_utc": previous_created, "removed": stale}
+            warning(f"Replaced the outputs of an earlier run of {case_id} in {out_dir}"
+                    + (f" (written {previous_created})" if previous_created else "")
+                    + (f"; removed what the new set lacks: {', '.join(stale)}" if stale else "") + ".")
         timings["write"] = time.perf_counter() - t_write
         timings["total"] = time.perf_counter() - t_start
         provenance["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        names["provenance"] = staging / f"{case_id}.provenance.json"
+        names["provenance"] = staging / file_names["provenance"]
         names["provenance"].write_text(json.dumps(provenance, indent=1))
+        _remove(out_dir / file_names["provenance"])
         final: dict[str, str] = {}
         for key, path in names.items():
             target = out_dir / path.name
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            if key == "provenance":
+                for name in stale:
+                    _remove(out_dir / name)
+            else:
+                _remove(target)
             os.replace(path, target)
             final[key] = str(target)
         return final

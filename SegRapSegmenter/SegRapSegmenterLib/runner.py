@@ -24,6 +24,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
+import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -118,8 +121,173 @@ def check_case_id(case_id: str, where: str = "case id") -> str:
 
 
 def staging_path(out_dir: str | Path, case_id: str) -> Path:
-    """The staging folder a run of ``case_id`` writes into before moving its outputs into place."""
-    return Path(out_dir) / f"{STAGING_PREFIX}{check_case_id(case_id)}"
+    """A staging folder of its own for one run of ``case_id``, which writes there before moving its outputs into place.
+
+    The name is unique per run (process id and a random part), so two runs never share one.
+    """
+    return Path(out_dir) / f"{STAGING_PREFIX}{check_case_id(case_id)}.{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def is_staging_of(name: str, case_id: str) -> bool:
+    """Whether a folder name is a staging folder of ``case_id`` (and not of a case whose id starts the same)."""
+    return re.fullmatch(re.escape(f"{STAGING_PREFIX}{case_id}") + r"(\.\d+-[0-9a-f]{8})?", name) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# The case lock: one run at a time writes a case into an output folder
+# --------------------------------------------------------------------------------------------
+
+LOCK_PREFIX = ".segrap-lock-"
+_WINDOWS_LOCK_OFFSET = 1 << 20  # the byte locked on Windows, past the holder's note, which stays readable
+
+
+@dataclass
+class CaseLock:
+    """A held case lock: its file, the open descriptor that holds it, and the folders the run created for it."""
+
+    path: Path
+    fd: int
+    created: list[str]  # folders made for the output folder, innermost first (removed again when left empty)
+
+
+def case_lock_path(out_dir: str | Path, case_id: str) -> Path:
+    """The lock file of a case in an output folder (a hidden name no case id can take)."""
+    return Path(out_dir) / f"{LOCK_PREFIX}{check_case_id(case_id)}"
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the operating system's exclusive lock on an open file without waiting; False when another holds it.
+
+    The system drops the lock when the holder's process ends however it ends, so a killed run
+    leaves no lock that blocks the next one (POSIX flock; on Windows a byte-range lock).
+    """
+    if os.name == "nt":
+        import msvcrt
+
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = json.loads(os.read(fd, 65536).decode("utf-8") or "{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _make_out_dir(out_dir: Path) -> list[str]:
+    """Create the output folder; the folders made, innermost first."""
+    missing = []
+    folder = out_dir
+    while not folder.exists() and folder != folder.parent:
+        missing.append(str(folder))
+        folder = folder.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_if_empty(folders: list[str]) -> None:
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+def acquire_case_lock(out_dir: str | Path, case_id: str, staging: str | Path) -> CaseLock:
+    """Lock ``case_id`` in ``out_dir`` for this run, or a CaseBusyError naming the run that holds it.
+
+    The output folder is created here (the lock lives in it); ``release_case_lock`` removes it
+    again when the run failed and left it empty.
+    """
+    from .errors import CaseBusyError, OutputError
+
+    out_dir = Path(out_dir)
+    try:
+        created = _make_out_dir(out_dir)
+    except OSError as exc:
+        raise OutputError(f"Output folder {out_dir}: cannot be created ({exc.strerror}); choose another --out.") from exc
+    path = case_lock_path(out_dir, case_id)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            _remove_if_empty(created)
+            raise OutputError(f"Output folder {out_dir}: cannot write its lock file ({exc.strerror}).") from exc
+        if not _try_lock(fd):
+            holder = _holder(fd)
+            os.close(fd)
+            _remove_if_empty(created)
+            who = (f"process {holder.get('pid')} on {holder.get('host')}, started {holder.get('started_utc')}"
+                   if holder else "another process")
+            raise CaseBusyError(f"Output folder {out_dir}: case {case_id} is being written by another run ({who}; "
+                                f"lock {path.name}). Nothing was changed. Wait for that run to end, or choose "
+                                f"another --out or --case-id.")
+        try:  # a holder that removed the file as we opened it: lock the file that is there now
+            same = os.name == "nt" or os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    note = {"pid": os.getpid(), "host": platform.node(), "case_id": case_id, "staging": str(staging),
+            "created": created, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(note).encode("utf-8"))
+    return CaseLock(path, fd, created)
+
+
+def release_case_lock(lock: CaseLock, succeeded: bool) -> None:
+    """Remove the lock file and let the lock go; after a failure, also the output folders the run made, if empty."""
+    if os.name == "nt":
+        os.close(lock.fd)  # Windows cannot remove an open file
+        with contextlib.suppress(OSError):
+            lock.path.unlink()
+    else:
+        with contextlib.suppress(OSError):
+            lock.path.unlink()  # while still locked: a waiting run then locks a file of its own
+        os.close(lock.fd)
+    if not succeeded:
+        _remove_if_empty(lock.created)
+
+
+def clear_abandoned_lock(out_dir: str | Path, staging: str | Path) -> None:
+    """After a worker was killed: remove the lock file it left (and the output folder it made, if empty).
+
+    Only a lock nobody holds and whose note names this run's staging folder is touched (the worker
+    may have named the case after its DICOM study, which the caller does not know).
+    """
+    try:
+        paths = [p for p in Path(out_dir).iterdir() if p.name.startswith(LOCK_PREFIX)]
+    except OSError:
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        if not _try_lock(fd):
+            os.close(fd)
+            continue
+        holder = _holder(fd)
+        if holder.get("staging") == str(staging):
+            release_case_lock(CaseLock(path, fd, [str(f) for f in holder.get("created", [])]), succeeded=False)
+            return
+        os.close(fd)
 
 
 def request_paths(req: SegmentRequest) -> tuple[str, Path]:
@@ -413,6 +581,7 @@ class WorkerRun:
     def _cleanup_staging(self) -> None:
         if self.request.staging_dir:
             shutil.rmtree(self.request.staging_dir, ignore_errors=True)
+            clear_abandoned_lock(self.request.out_dir, self.request.staging_dir)
 
     def _remove_tmp(self) -> None:
         if self._log is not None:

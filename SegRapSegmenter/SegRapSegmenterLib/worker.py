@@ -45,9 +45,15 @@ _STDIN_CLOSED = threading.Event()  # set by the stdin watcher just before it int
 _FINISHING = threading.Event()  # set once the run is over: a late end of stdin no longer interrupts
 
 
+_CANCELLING = threading.Event()  # set by the first stop request: a second one must not break off its clean-up
+
+
 def _raise_cancelled(signum, frame):  # noqa: ARG001 - signal handler signature
     from .errors import Cancelled
 
+    if _CANCELLING.is_set():  # the runner closes stdin and sends SIGTERM: both arrive, one stops the run
+        return
+    _CANCELLING.set()
     if _STDIN_CLOSED.is_set():
         raise Cancelled("stopped: the caller closed the worker's input (cancelled, or the caller ended)")
     raise Cancelled(f"stopped by signal {signal.Signals(signum).name}")
@@ -84,7 +90,7 @@ def run_request(request_path: Path, stop_on_stdin_eof: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     from .errors import Cancelled, SegRapError
-    from .pipeline import SegmentRequest, request_paths, reuse_freed_memory, run
+    from .pipeline import SegmentRequest, request_case_id, request_paths, reuse_freed_memory, run
 
     if os.environ.get("SEGRAP_REUSE_FREED_MEMORY", "1") != "0":  # 0: glibc's defaults, for comparisons
         reuse_freed_memory()
@@ -100,7 +106,7 @@ def run_request(request_path: Path, stop_on_stdin_eof: bool = False) -> int:
         # a plain case id and a staging folder inside the output folder, or an InputError: the
         # staging folder is deleted at the end, so it must be ours before it is remembered
         case_id, staging = request_paths(req)
-        emit("start", pid=os.getpid(), case_id=case_id, request=data)
+        emit("start", pid=os.getpid(), case_id=request_case_id(req, case_id), request=data)
         result = run(req,
                      progress=lambda stage, fraction, message: emit("progress", stage=stage,
                                                                     fraction=round(float(fraction), 4),

@@ -121,9 +121,12 @@ def test_a_bad_ct_folder_writes_nothing(standard, tmp_path, capsys):
 
 
 def test_dicom_phantom_command_writes_both_series(tmp_path, capsys):
+    from SegRapSegmenterLib.formats.dicom import series_case_id
+
     assert main(["dicom-phantom", "--out", str(tmp_path), "--variant", "oblique", "--slices", "4", "--masks"]) == 0
     assert len(list((tmp_path / "CT").iterdir())) == 4 and len(list((tmp_path / "CT_contrast").iterdir())) == 4
-    assert (tmp_path / "masks.seg.nrrd").exists()
+    truth = list(tmp_path.glob("study-*.seg.nrrd"))  # named as `segrap segment` names the series' case
+    assert len(truth) == 1 and truth[0].name[:-len(".seg.nrrd")] == series_case_id(tmp_path / "CT")
     assert str(tmp_path / "CT") in capsys.readouterr().out
 
 

@@ -134,19 +134,15 @@ def test_contrast_ct_of_another_study_is_contoured_with_a_warning_and_both_uids(
 
 
 def test_a_callers_identity_record_stands_for_image_files_and_its_warnings_are_said_again(tmp_path):
-    import SimpleITK as sitk
-    from SegRapSegmenterLib.formats.imaging import VolumeSource
     from SegRapSegmenterLib.pipeline import SegmentRequest, _check_identity
 
-    image = sitk.Image([4, 4, 4], sitk.sitkInt16)
-    ct, ce = (VolumeSource(image, tmp_path / name, "file") for name in ("ct.nrrd", "contrast_ct.nrrd"))
+    ct, ce = (str(tmp_path / name) for name in ("ct.nrrd", "contrast_ct.nrrd"))
     slicer_record = {"patient": "same patient (PatientID compared)", "checked_in": "Slicer (DICOM database)",
                      "warnings": ["The contrast CT volume 'CE' is from another study"]}
-    req = SegmentRequest(ct=str(ct.path), contrast_ct=str(ce.path), out_dir=str(tmp_path), identity=slicer_record)
-    record, warnings = _check_identity(req, ("oar", "gtv"), ct, ce)
+    req = SegmentRequest(ct=ct, contrast_ct=ce, out_dir=str(tmp_path), identity=slicer_record)
+    record, warnings = _check_identity(req, ("oar", "gtv"))
     assert record["checked_in"] == "Slicer (DICOM database)" and "warnings" not in record
     assert warnings == ["The contrast CT volume 'CE' is from another study"]
     # without it, image files are recorded as not checked
-    record, warnings = _check_identity(SegmentRequest(ct=str(ct.path), contrast_ct=str(ce.path), out_dir=str(tmp_path)),
-                                       ("oar", "gtv"), ct, ce)
+    record, warnings = _check_identity(SegmentRequest(ct=ct, contrast_ct=ce, out_dir=str(tmp_path)), ("oar", "gtv"))
     assert record["patient"].startswith("not checked") and warnings == []

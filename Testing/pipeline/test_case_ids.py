@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from SegRapSegmenterLib import cli
 from SegRapSegmenterLib.errors import InputError
-from SegRapSegmenterLib.pipeline import SegmentRequest, check_case_id, request_paths
+from SegRapSegmenterLib.pipeline import SegmentRequest, check_case_id, is_staging_of, request_paths
 from SegRapSegmenterLib.runner import WorkerRun
 
 
@@ -83,9 +83,12 @@ def test_worker_refuses_a_staging_dir_that_is_not_its_own_and_deletes_nothing(tm
     assert _intact(victim) and (out / "earlier.seg.nrrd").is_file() and (out / "sub" / ".segrap-partial-x").is_dir()
 
 
-def test_the_default_staging_folder_is_inside_the_output_folder(tmp_path):
+def test_the_default_staging_folder_is_inside_the_output_folder_and_unique_per_run(tmp_path):
     request = SegmentRequest(ct=str(tmp_path / "scans" / "p1.nii.gz"), out_dir=str(tmp_path / "out"))
     case_id, staging = request_paths(request)
-    assert case_id == "p1" and staging == tmp_path / "out" / ".segrap-partial-p1"
+    assert case_id == "p1" and staging.parent == tmp_path / "out" and staging.name.startswith(".segrap-partial-p1.")
+    assert request_paths(request)[1] != staging  # issue 31: two runs never share a staging folder
+    assert is_staging_of(staging.name, "p1") and not is_staging_of(staging.name, "p") \
+        and not is_staging_of(staging.name.replace("p1", "p1.x", 1), "p1")
     request.staging_dir = str(staging)
     assert request_paths(request) == (case_id, staging)

@@ -34,6 +34,12 @@ def test_rtstruct_from_a_dicom_ct_references_its_instances(tmp_path, capsys):
     assert referenced == ct_uids
     assert rtstruct.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == written.frame_of_reference_uid
     assert [r.ROIName for r in rtstruct.StructureSetROISequence] == ["GTVp", "GTVn"]
+    # issue 31: the provenance names the structure set it belongs with, by UID and checksum
+    from SegRapSegmenterLib.inference.bundles import sha256_file
+
+    listed = json.loads(open(done["outputs"]["provenance"]).read())["outputs"]["rtstruct"]
+    assert listed == {"file": "patient1_RTSTRUCT.dcm", "sha256": sha256_file(done["outputs"]["rtstruct"]),
+                      "sop_instance_uid": rtstruct.SOPInstanceUID}
     # the structure set holds what the .seg.nrrd holds
     volume = read_ct_series(written.ct_dir)
     from_rt = read_rtstruct(done["outputs"]["rtstruct"], volume)

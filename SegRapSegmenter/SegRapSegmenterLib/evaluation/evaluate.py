@@ -16,7 +16,8 @@ import json
 import logging
 import math
 import os
-import tempfile
+import secrets
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -277,10 +278,15 @@ def _few(cases: dict) -> str:
 
 
 def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write a file under a temporary name in its folder and rename it when complete."""
+    """Write a file under a temporary name in its folder and rename it when complete.
+
+    The file gets the permissions the umask gives any new file (mkstemp's 0600 would hide a report
+    from the colleagues it is for).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(raw)
@@ -374,9 +380,24 @@ def _montage_rows(ref: F.CaseSource, pred: F.CaseSource, rows: list[CaseScore], 
 
 def run(prediction: str | Path, reference: str | Path, out: str | Path, task: str | None = None, *,
         plots: bool = True, worst: int = 4) -> Evaluation:
-    """Evaluate and write scores.csv, summary.json, report.md and (with ``plots``) the PNG figures into ``out``."""
+    """Evaluate and write scores.csv, summary.json, report.md and (with ``plots``) the PNG figures into ``out``.
+
+    A run that fails removes the output folder again when it made it (no empty or half-filled folder is left).
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    top = None if out.exists() else out  # the outermost folder this run will make
+    while top is not None and not top.parent.exists() and top.parent != top:
+        top = top.parent
+    try:
+        return _run(prediction, reference, out, task, plots, worst)
+    except BaseException:
+        if top is not None and top.is_dir():
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def _run(prediction: str | Path, reference: str | Path, out: Path, task: str | None, plots: bool,
+         worst: int) -> Evaluation:
     montages: dict[str, str] = {}
 
     def draw(ref: F.CaseSource, pred: F.CaseSource, rows: list[CaseScore]) -> None:

@@ -266,6 +266,28 @@ def discover_series(folder: str | Path) -> list[SeriesInfo]:
     return found
 
 
+def study_case_id(study_uid: str) -> str:
+    """The case id of a DICOM study: ``study-`` and 16 hex digits of its UID's sha256, as the DICOM node names
+    its jobs. Derived from the study, not the patient, so file names and messages carry no patient ID."""
+    import hashlib
+
+    return "study-" + hashlib.sha256(study_uid.strip().encode()).hexdigest()[:16]
+
+
+def series_case_id(folder: str | Path, series_uid: str | None = None) -> str | None:
+    """The case id of the series in a DICOM folder (the first file's, or the ``series_uid`` one's), from its study
+    (``study_case_id``); None when no such file or no StudyInstanceUID is found. Reads headers until one matches."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            ds = _read_header(Path(root) / name)
+            if ds is None or (series_uid and _text(ds, "SeriesInstanceUID") != series_uid.strip()):
+                continue
+            study = _text(ds, "StudyInstanceUID")
+            return study_case_id(study) if study else None
+    return None
+
+
 def _listing(series: Sequence[SeriesInfo]) -> str:
     return "\n  ".join(s.describe() for s in series)
 

@@ -450,6 +450,41 @@ def open_file(case_id: str, path: Path, task: str | None = None) -> CaseSource:
     return LabelMapCase(case_id, path, image, task)
 
 
+PROVENANCE_SUFFIX = ".provenance.json"
+
+
+def segment_outputs(folder: Path) -> dict[str, CaseEntry]:
+    """The cases ``segrap segment`` wrote into ``folder``: one per ``<case>.provenance.json``, read from its
+    ``<case>.seg.nrrd`` (else its ``--nifti`` folder); the other files of the set hold the same structures."""
+    found: dict[str, CaseEntry] = {}
+    for provenance in sorted(folder.glob("*" + PROVENANCE_SUFFIX)):
+        case_id = provenance.name[: -len(PROVENANCE_SUFFIX)]
+        seg, nifti = folder / f"{case_id}.seg.nrrd", folder / f"{case_id}_structures"
+        if case_id.startswith("."):
+            continue
+        if seg.is_file():
+            found[case_id] = CaseEntry(case_id, seg, "file")
+        elif nifti.is_dir():
+            found[case_id] = CaseEntry(case_id, nifti, "structures")
+    return found
+
+
+def _has_rtstruct(folder: Path) -> bool:
+    """Whether a folder (subfolders included) holds an RTSTRUCT: a CT series alone is not a case to score."""
+    import pydicom
+
+    for path in itertools.islice((p for p in folder.rglob("*") if p.is_file()), 5000):
+        if path.suffix.lower() != ".dcm" and not _is_dicom(path):
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+        except Exception:  # noqa: BLE001 - not readable as DICOM: not an RTSTRUCT either
+            continue
+        if str(ds.get("Modality", "")).upper() == "RTSTRUCT":
+            return True
+    return False
+
+
 def _case_of(path: Path) -> CaseEntry | None:
     if path.name.startswith("."):
         return None
@@ -461,6 +496,8 @@ def _case_of(path: Path) -> CaseEntry | None:
     if path.is_dir():
         if _structure_files(path):
             return CaseEntry(path.name, path, "structures")
+        if _has_dicom(path) and not _has_rtstruct(path):
+            return None  # a CT series (say the CT/ beside a phantom's truth): images, not contours
         if any(detect(path) for detect, _ in _FOLDER_READERS):
             return CaseEntry(path.name, path, "folder")
     return None
@@ -476,20 +513,27 @@ def find_cases(root: str | Path) -> dict[str, CaseEntry]:
         raise InputError(f"{root}: no such file or folder.")
     if root.is_file():
         entry = _case_of(root)
+        if entry is None and (root.suffix.lower() == ".dcm" or _is_dicom(root)):
+            raise InputError(f"{root}: a DICOM file; an RTSTRUCT is read on its CT series, so give the folder that "
+                             f"holds both (or, for `segrap segment` output, its output folder: its .seg.nrrd holds "
+                             f"the same structures).")
         if entry is None:
             raise InputError(f"{root}: not a case file (.seg.nrrd, .nii.gz, .nii, .nrrd or .mha).")
         return {entry.case_id: entry}
+    outputs = segment_outputs(root)  # `segrap segment`'s output folder of one case
+    if outputs:
+        return outputs
     if _structure_files(root):
         return {root.name: CaseEntry(root.name, root, "structures")}
     found: dict[str, CaseEntry] = {}
     for child in sorted(root.iterdir()):
-        entry = _case_of(child)
-        if entry is None:
-            continue
-        if entry.case_id in found:
-            raise InputError(f"{root}: case {entry.case_id} appears twice ({found[entry.case_id].path.name} and "
-                             f"{child.name}); keep one format per case in a folder.")
-        found[entry.case_id] = entry
+        children = segment_outputs(child) if child.is_dir() and not child.name.startswith(".") else {}
+        entry = _case_of(child) if not children else None  # a cohort's case folder holds one segment output set
+        for entry in list(children.values()) + ([entry] if entry is not None else []):
+            if entry.case_id in found:
+                raise InputError(f"{root}: case {entry.case_id} appears twice ({found[entry.case_id].path} and "
+                                 f"{entry.path}); keep one format per case in a folder.")
+            found[entry.case_id] = entry
     if not found:
         sets = [c for c in sorted(root.iterdir()) if c.is_dir() and re.search(r"_set$", c.name, re.I)]
         for folder in sets:

@@ -216,15 +216,103 @@ def load_bundle(root: str | Path, check_network: bool = True) -> Bundle:
     return bundle
 
 
-def verify_bundle(bundle: Bundle) -> None:
-    """Check every listed file's sha256; a missing or changed file is a ModelError naming it."""
+@dataclass(frozen=True)
+class Verification:
+    """What a bundle check did: files hashed, files passed on their recorded size and times, and the record."""
+
+    hashed: int
+    unchanged: int
+    record: str | None  # where the record of this check was written, None when it was not
+    stats: dict[str, list[int]] = field(default_factory=dict, repr=False)  # rel -> file_stamp of each hashed file
+
+    def summary(self) -> dict:
+        """What provenance records of the check."""
+        how = ("sha256 of every file" if not self.unchanged else
+               f"sha256 of {self.hashed} file(s) changed or not yet recorded; the other {self.unchanged} unchanged "
+               f"since they passed a full sha256 check (same size, modification and change time, file id)")
+        return {"hashed": self.hashed, "unchanged_since_full_check": self.unchanged, "how": how}
+
+
+VERIFIED_FOLDER = "verified"  # beside the store: SEGRAP_HOME/verified/<key of the bundle's folder>.json
+
+
+def file_stamp(path: Path) -> list[int]:
+    """Size, modification time, change time (ns) and file id of a file: what any write to it changes."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def verification_record_path(bundle: Bundle) -> Path:
+    """Where the record of a bundle's last full check is kept (under SEGRAP_HOME, not inside the bundle)."""
+    key = hashlib.sha256(os.path.normcase(os.path.abspath(bundle.root)).encode("utf-8")).hexdigest()[:32]
+    return store_root().parent / VERIFIED_FOLDER / f"{key}.json"
+
+
+def _read_record(bundle: Bundle, manifest_sha256: str) -> dict[str, dict]:
+    """The file entries of the bundle's record, or {} when there is none or it is of another manifest or folder."""
+    try:
+        data = json.loads(verification_record_path(bundle).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("manifest_sha256") != manifest_sha256 \
+            or data.get("root") != os.path.abspath(bundle.root) or not isinstance(data.get("files"), dict):
+        return {}
+    return data["files"]
+
+
+def record_verification(bundle: Bundle, verification: Verification) -> str | None:
+    """Write the record that later quick checks trust: each hashed file's stamp, kept only if it is still the same.
+
+    Best effort: a store that cannot be written means every run hashes every file again (nothing is skipped).
+    """
+    files = {}
+    for rel, stamp in verification.stats.items():
+        try:
+            if file_stamp(bundle.root / rel) == stamp:
+                files[rel] = {"stamp": stamp, "sha256": bundle.files[rel]}
+        except OSError:
+            continue
+    path = verification_record_path(bundle)
+    data = {"root": os.path.abspath(bundle.root), "manifest_sha256": sha256_file(bundle.root / MANIFEST_NAME),
+            "files": files}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        tmp.write_text(json.dumps(data, indent=0))
+        os.replace(tmp, path)
+    except OSError:
+        return None
+    return str(path)
+
+
+def verify_bundle(bundle: Bundle, quick: bool = False, record: bool = True) -> Verification:
+    """Check every listed file's sha256; a missing or changed file is a ModelError naming it.
+
+    ``quick`` (each run): a file whose size, modification time, change time and file id are those
+    recorded when it last passed a full hash is not hashed again; any other file is. ``record``:
+    write that record after a check that passed (``segrap models verify`` and install write it).
+    Links and files missing from the manifest are looked for every time.
+    """
     problems = []
+    manifest_sha256 = sha256_file(bundle.root / MANIFEST_NAME)
+    recorded = _read_record(bundle, manifest_sha256) if quick else {}
+    hashed, unchanged, stats = 0, 0, {}
     for rel, expected in sorted(bundle.files.items()):
         path = bundle.root / rel
         if not path.is_file():
             problems.append(f"{rel}: missing")
-        elif sha256_file(path) != expected:
+            continue
+        before = file_stamp(path)
+        entry = recorded.get(rel)
+        if isinstance(entry, dict) and entry.get("stamp") == before and entry.get("sha256") == expected:
+            unchanged += 1
+            continue
+        digest = sha256_file(path)
+        hashed += 1
+        if digest != expected:
             problems.append(f"{rel}: checksum differs (file changed or damaged)")
+        elif file_stamp(path) == before:  # not written to while it was read
+            stats[rel] = before
     required = [f"{model.result_folder}/{name}" for model in bundle.tasks.values()
                 for name in ("dataset.json", "plans.json")]
     required += [bundle.checkpoint_path(t, f).relative_to(bundle.root).as_posix()
@@ -244,6 +332,13 @@ def verify_bundle(bundle: Bundle) -> None:
     if problems:
         raise ModelError(f"Bundle {bundle.name} {bundle.version} at {bundle.root} failed verification:\n  "
                          + "\n  ".join(problems) + "\nReinstall it from its source.")
+    if quick:  # the files that passed on their record keep it
+        stats |= {rel: entry["stamp"] for rel, entry in recorded.items() if rel in bundle.files and rel not in stats
+                  and file_stamp(bundle.root / rel) == entry["stamp"]}
+    result = Verification(hashed, unchanged, None, stats)
+    if record and hashed:
+        result = Verification(hashed, unchanged, record_verification(bundle, result), stats)
+    return result
 
 
 def check_checkpoint_records(path: Path) -> None:
@@ -462,7 +557,7 @@ def install_bundle(source: str | Path, store: Path | None = None, force: bool = 
             bundle = load_bundle(root)
             if report is not None:
                 report("Verifying the checksums", None)
-            verify_bundle(bundle)
+            verification = verify_bundle(bundle, record=False)  # the work folder's record would be of no use
             check_bundle_name(bundle.name, f"{root / MANIFEST_NAME}: bundle name")
             for task in bundle.tasks:
                 for fold in bundle.tasks[task].folds:
@@ -478,7 +573,9 @@ def install_bundle(source: str | Path, store: Path | None = None, force: bool = 
                                  f"remove it first or install with --force.")
             shutil.rmtree(final)
         os.replace(root, final)
-        return load_bundle(final)
+        installed = load_bundle(final)
+        record_verification(installed, verification)  # the same files, moved: runs need not hash them again
+        return installed
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

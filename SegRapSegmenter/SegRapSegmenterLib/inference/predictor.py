@@ -56,7 +56,7 @@ class InferenceOptions:
     low_memory: bool = False  # scores and the image stay in CPU memory; only tiles go to the GPU
     crop_to_body: bool = True
     # how test-time mirroring treats left and right; None: as the bundle's training_mirroring says
-    # (README's matrix). "plain": stock nnU-Net (every axis, no swap); "laterality-aware": every axis,
+    # (docs/command-line.md's matrix). "plain": stock nnU-Net (every axis, no swap); "laterality-aware": every axis,
     # paired classes swapped after a left-right flip. For benchmarks and for bundles that record too little.
     mirror_policy: str | None = None
     mirror_axes: tuple[int, ...] | None = None  # with mirror_policy: flip only these network axes
@@ -132,7 +132,7 @@ def left_right_axis(orientation: str, transpose_forward=(0, 1, 2)) -> int:
 
 def plan_mirroring(training: str, requested: bool, allowed: tuple[int, ...] | None, lr_axis: int | None,
                    has_pairs: bool) -> tuple[tuple[int, ...], bool]:
-    """Test-time mirroring axes and whether left-right flips swap paired classes (README's matrix).
+    """Test-time mirroring axes and whether left-right flips swap paired classes (docs/command-line.md's matrix).
 
     ``none`` (no mirroring in training): only the left-right flip, with the swap (the network learned
     laterality from position, so a mirrored patient is a plausible patient). ``laterality-aware``:
