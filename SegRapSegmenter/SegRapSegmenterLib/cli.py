@@ -445,6 +445,12 @@ def _cmd_evaluate(args) -> int:
               f"(sd {100 * g['dsc_std']:.2f}), NSD {100 * g['nsd_mean']:.2f} % (sd {100 * g['nsd_std']:.2f})")
     if summary["class_dice_54"]:
         print(f"54-class Dice: {100 * summary['class_dice_54']['mean']:.2f} %")
+    flag = summary.get("review_flag")
+    if flag:
+        def f(v):
+            return "-" if v is None else f"{v:.3f}"
+        print(f"review flag: AUC {f(flag['auc'])} for DSC < 0.5, sensitivity {f(flag['sensitivity'])}, false flags "
+              f"{f(flag['false_flags'])} ({flag['dsc_below_0.5']} of {flag['structures']} structures below 0.5)")
     for note in result.notes:
         print(f"note: {note}")
     print(f"report: {result.files['report']}")

@@ -264,7 +264,8 @@ def _check_identity(req: SegmentRequest, tasks: tuple[str, ...]) -> tuple[dict, 
         return identity_of_folder(path, series) if path and Path(path).is_dir() else None
 
     record, warnings = check_pair(of(req.ct, req.ct_series), of(contrast_path, req.contrast_series),
-                                  ct_path=req.ct, contrast_path=contrast_path, register=req.register)
+                                  ct_path=req.ct, contrast_path=contrast_path, register=req.register,
+                                  patient_values=req.patient_values_in_errors)
     if req.identity and record.get("patient", "").startswith("not checked"):
         # files written by a caller that knew where they came from (Slicer): its check stands, said again here
         record = dict(req.identity)

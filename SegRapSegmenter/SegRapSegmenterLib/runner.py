@@ -79,6 +79,7 @@ class SegmentRequest:
     fill_holes: bool = False
     staging_dir: str | None = None  # chosen by the caller, so it can clean up after a killed worker
     identity: dict | None = None  # the inputs' identity as the caller checked it (Slicer: its DICOM database)
+    patient_values_in_errors: bool = True  # False: an error naming two patients does not quote their values (node)
 
     @classmethod
     def from_json(cls, data: dict) -> SegmentRequest:

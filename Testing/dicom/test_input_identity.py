@@ -146,3 +146,12 @@ def test_a_callers_identity_record_stands_for_image_files_and_its_warnings_are_s
     # without it, image files are recorded as not checked
     record, warnings = _check_identity(SegmentRequest(ct=ct, contrast_ct=ce, out_dir=str(tmp_path)), ("oar", "gtv"))
     assert record["patient"].startswith("not checked") and warnings == []
+
+
+def test_without_patient_values_the_refusal_names_the_attributes_only(pair, tmp_path):
+    ct = identity_of_folder(pair.ct_dir)
+    other = identity_of_folder(_copy_with(pair.contrast_dir, tmp_path / "other", PatientID="SOMEONE-ELSE"))
+    with pytest.raises(InputError) as refused:
+        check_pair(ct, other, ct_path="ct", contrast_path="ce", register=False, patient_values=False)
+    assert "PatientID differs" in str(refused.value) and "SOMEONE-ELSE" not in str(refused.value)
+    assert ct.patient.id not in str(refused.value)

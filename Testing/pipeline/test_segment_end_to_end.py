@@ -145,3 +145,24 @@ def test_every_structure_has_a_confidence_a_review_flag_and_its_segment_tags(seg
         assert float(segment["tags"]["SegRap.Confidence"]) == round(entry["confidence"], 3)
         if entry["review"]:
             assert segment["tags"]["SegRap.ReviewReasons"] == "; ".join(entry["review_reasons"])
+
+
+def test_evaluate_reports_how_the_review_flag_ranked_against_the_true_dsc(segment_run, tmp_path):
+    from SegRapSegmenterLib import cli
+
+    out = tmp_path / "report"
+    reference = segment_run["paths"].folder.parent
+    assert cli.main(["evaluate", "--pred", str(segment_run["out"]), "--ref", str(reference), "--out", str(out),
+                     "--no-plots"]) == 0
+    flag = json.loads((out / "summary.json").read_text())["review_flag"]
+    assert flag["structures"] == 47 and flag["absent_left_out"] == 0
+    prov = json.loads(next(segment_run["out"].glob("*.provenance.json")).read_text())
+    import csv
+
+    scores = {row["structure"]: float(row["dsc_exact"])
+              for row in csv.DictReader((out / "scores.csv").read_text().splitlines())}
+    assert set(scores) == set(S.STRUCTURE_NAMES)
+    good = [n for n in S.STRUCTURE_NAMES if scores[n] >= 0.9]
+    expected = sum(prov["structures"][n]["review"] for n in good) / len(good)
+    assert flag["false_flags"] == expected
+    assert "Review flag of the runs" in (out / "report.md").read_text()

@@ -31,6 +31,7 @@ from ..arrays import Crop
 from ..errors import GeometryError, InputError
 from ..formats import maskfiles as F
 from . import metrics as M
+from .quality import Reviewed, review_figures, review_of
 
 log = logging.getLogger("segrap.evaluate")
 
@@ -73,6 +74,7 @@ class Evaluation:
     class_dice: dict[str, np.ndarray] = field(default_factory=dict)  # case -> Dice of the 54 classes
     notes: list[str] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
+    reviewed: list[Reviewed] = field(default_factory=list)  # each scored structure's confidence and review flag
 
     def structures(self) -> list[str]:
         """Structures scored in at least one case, in catalogue order."""
@@ -121,9 +123,19 @@ class Evaluation:
             "overall": self._group(list(per_structure), per_structure) if per_structure else None,
             "structures": per_structure,
             "class_dice_54": self._class_dice_summary(),
+            "review_flag": self._review_summary(),
             "notes": self.notes,
         }
         return summary
+
+    def _review_summary(self) -> dict | None:
+        """How the runs' confidence and review flag ranked against the DSC (None: no run recorded them)."""
+        if not self.reviewed:
+            return None
+        return {**review_figures(self.reviewed),
+                "definition": "auc: P(confidence of a structure with DSC < 0.5 < that of one with DSC >= 0.5); "
+                              "sensitivity: share of DSC < 0.5 flagged; false_flags: share of DSC >= 0.9 flagged; "
+                              "structures absent from both reference and prediction left out (docs/quality.md)"}
 
     def _group(self, names: list[str], per_structure: dict) -> dict:
         per_case: dict[str, dict[str, list[float]]] = {}
@@ -254,6 +266,11 @@ def evaluate(prediction: str | Path, reference: str | Path, task: str | None = N
         result.formats["prediction"].add(pred.format)
         rows = score_case(ref, pred, task, result.notes)
         result.rows.extend(rows)
+        review = review_of(preds[case_id].path, case_id)
+        if review:
+            result.reviewed += [Reviewed(case_id, r.structure, r.score.dsc_exact, *review[r.structure],
+                                         absent=r.score.reference_voxels == 0 and r.score.prediction_voxels == 0)
+                                for r in rows if r.structure in review]
         ref_lm, pred_lm = ref.labelmap(), pred.labelmap()
         if ref_lm is not None and pred_lm is not None:
             result.class_dice[case_id] = M.class_dice(ref_lm, pred_lm, S.NUM_CLASSES)
@@ -336,6 +353,13 @@ def report_markdown(evaluation: Evaluation, summary: dict, montages: dict[str, s
         g = summary["overall"]
         lines.append(f"| All | {g['structures']} | {g['cases']} | {_pm(g['dsc_mean'], g['dsc_std'])} | "
                      f"{_pm(g['nsd_mean'], g['nsd_std'])} |")
+    flag = summary.get("review_flag")
+    if flag:
+        def f(v):
+            return "-" if v is None else f"{v:.3f}"
+        lines += ["", f"Review flag of the runs (docs/quality.md): AUC of the confidence for DSC < 0.5 {f(flag['auc'])}, "
+                      f"sensitivity {f(flag['sensitivity'])}, false flags among DSC >= 0.9 {f(flag['false_flags'])}, "
+                      f"over {flag['structures']} structures ({flag['dsc_below_0.5']} with DSC < 0.5)."]
     cd = summary.get("class_dice_54")
     if cd:
         lines += ["", f"54-class Dice (Task 1 label maps, mean over classes as in the DKFZ poster): "

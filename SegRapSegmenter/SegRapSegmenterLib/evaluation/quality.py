@@ -3,7 +3,9 @@ on its own cases (``segrap evaluate``) and the benchmark can check it on the pha
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -41,3 +43,37 @@ def review_figures(rows: list[Reviewed]) -> dict:
             "dsc_0.9_or_more": len(good), "auc": auc_for_bad(kept),
             "sensitivity": sum(r.review for r in bad) / len(bad) if bad else None,
             "false_flags": sum(r.review for r in good) / len(good) if good else None}
+
+
+PROVENANCE_SUFFIX = ".provenance.json"
+
+
+def provenance_of(prediction: Path, case_id: str) -> Path | None:
+    """The provenance file ``segrap segment`` wrote beside a prediction (a .seg.nrrd, a --nifti folder, a case
+    folder); None when there is none (predictions of other tools)."""
+    prediction = Path(prediction)
+    name = prediction.name
+    candidates = []
+    if name.endswith(".seg.nrrd"):
+        candidates.append(prediction.with_name(name[:-len(".seg.nrrd")] + PROVENANCE_SUFFIX))
+    if prediction.is_dir():
+        candidates += [prediction / f"{case_id}{PROVENANCE_SUFFIX}", *sorted(prediction.glob(f"*{PROVENANCE_SUFFIX}"))]
+    candidates += [prediction.parent / f"{case_id}{PROVENANCE_SUFFIX}"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def review_of(prediction: Path, case_id: str) -> dict[str, tuple[float, bool]] | None:
+    """Per structure the run's (confidence, review flag), from its provenance; None when it recorded none."""
+    path = provenance_of(prediction, case_id)
+    if path is None:
+        return None
+    try:
+        structures = json.loads(path.read_text()).get("structures") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    found = {name: (float(e["confidence"]), bool(e["review"])) for name, e in structures.items()
+             if isinstance(e, dict) and "confidence" in e and "review" in e}
+    return found or None

@@ -66,15 +66,15 @@ class Patient:
             return words
         return parts(a) == parts(b)
 
-    def differences(self, other: "Patient") -> str:
-        """The identifying attributes that both carry and that differ, with both values ('' when none differs)."""
+    def differences(self, other: "Patient", values: bool = True) -> str:
+        """The identifying attributes that both carry and that differ, with both values unless ``values`` is
+        False (for logs that must hold no patient data); '' when none differs."""
         differ = []
-        if self.id and other.id and self.id != other.id:
-            differ.append(f"PatientID {self.id!r} vs {other.id!r}")
-        if self.name and other.name and not self._same_name(self.name, other.name):
-            differ.append(f"PatientName {self.name!r} vs {other.name!r}")
-        if self.birth_date and other.birth_date and self.birth_date != other.birth_date:
-            differ.append(f"PatientBirthDate {self.birth_date!r} vs {other.birth_date!r}")
+        for keyword, a, b, same in (("PatientID", self.id, other.id, str.__eq__),
+                                    ("PatientName", self.name, other.name, self._same_name),
+                                    ("PatientBirthDate", self.birth_date, other.birth_date, str.__eq__)):
+            if a and b and not same(a, b):
+                differ.append(f"{keyword} {a!r} vs {b!r}" if values else f"{keyword} differs")
         return "; ".join(differ)
 
 

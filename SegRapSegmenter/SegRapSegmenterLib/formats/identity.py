@@ -65,11 +65,13 @@ IMAGE_FILES = "image files (NIfTI, NRRD or MetaImage), which carry no patient id
 
 
 def check_pair(ct: InputIdentity | None, contrast: InputIdentity | None, *, ct_path: str | None,
-               contrast_path: str | None, register: bool, no_identity: str = IMAGE_FILES) -> tuple[dict, list[str]]:
+               contrast_path: str | None, register: bool, no_identity: str = IMAGE_FILES,
+               patient_values: bool = True) -> tuple[dict, list[str]]:
     """The identity record of the inputs and the warnings it raises; InputError for two patients.
 
     ``ct``/``contrast`` are None for an input without identity (``no_identity`` says why: by default an
-    image file); a path of None means that input was not given.
+    image file); a path of None means that input was not given. ``patient_values`` False keeps the
+    differing values out of the error (the node, whose errors reach its audit log).
     """
     record: dict = {"ct": ct.record() if ct else ({"kind": "file"} if ct_path else None),
                     "contrast_ct": contrast.record() if contrast else ({"kind": "file"} if contrast_path else None)}
@@ -82,7 +84,7 @@ def check_pair(ct: InputIdentity | None, contrast: InputIdentity | None, *, ct_p
     if len(given) < 2:
         record["patient"] = "one input: nothing to compare"
         return record, warnings
-    differ = ct.patient.differences(contrast.patient)
+    differ = ct.patient.differences(contrast.patient, values=patient_values)
     if differ:
         raise InputError(f"The contrast CT {contrast_path} and the CT {ct_path} belong to two patients ({differ}). "
                          f"Nothing was contoured: one patient's tumour volumes must not go into another's structure "
