@@ -459,10 +459,11 @@ def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging:
 
 
 def output_names(case_id: str) -> dict[str, str]:
-    """Every name a run of ``case_id`` may write into its output folder, by output key (the provenance last)."""
-    return {"segmentation": f"{case_id}.seg.nrrd", "nifti": f"{case_id}_structures",
-            "challenge_oar": f"{case_id}_oar_4d.mha", "challenge_gtv": f"{case_id}_gtv_4d.mha",
-            "rtstruct": f"{case_id}_RTSTRUCT.dcm", "provenance": f"{case_id}.provenance.json"}
+    """Every name a run of ``case_id`` may write into its output folder, by output key (the provenance last);
+    ``segrap evaluate`` reads the same names (``formats.maskfiles``)."""
+    from .formats.maskfiles import segment_output_names
+
+    return segment_output_names(case_id)
 
 
 def _output_record(key: str, path: Path) -> dict:

@@ -255,6 +255,11 @@ def acquire_case_lock(out_dir: str | Path, case_id: str, staging: str | Path) ->
 def release_case_lock(lock: CaseLock, succeeded: bool) -> None:
     """Remove the lock file and let the lock go; after a failure, also the output folders the run made, if empty."""
     if os.name == "nt":
+        import msvcrt
+
+        with contextlib.suppress(OSError):  # the C runtime asks for an unlock before the close
+            os.lseek(lock.fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(lock.fd, msvcrt.LK_UNLCK, 1)
         os.close(lock.fd)  # Windows cannot remove an open file
         with contextlib.suppress(OSError):
             lock.path.unlink()

@@ -185,3 +185,17 @@ def test_the_readme_node_configuration_loads(tmp_path):
     config = load_config(tmp_path / "node.toml", spool=tmp_path / "spool")
     assert config.destinations[0] == Destination("TPS", "10.0.0.5", 104) and config.allow_ae == ("CT_SIM", "PACS")
     assert config.selection.min_slices == 10 and config.delivery.attempts == 8
+
+
+def test_the_full_node_configuration_in_docs_loads(tmp_path):
+    """docs/node.md holds every setting (the README only a minimal file); it must load as it is written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "node.md").read_text(encoding="utf-8")
+    block = re.search(r"```toml\n(# node.toml.*?)```", text, re.S)
+    assert block, "docs/node.md: no node.toml example"
+    (tmp_path / "node.toml").write_text(block.group(1))
+    config = load_config(tmp_path / "node.toml", spool=tmp_path / "spool")
+    assert [str(d) for d in config.destinations] == ["TPS@10.0.0.5:104", "PACS@10.0.0.7:104"]
+    assert config.device == "cuda" and config.delivery.first_delay_s == 10 and config.selection.min_slices == 10

@@ -71,3 +71,11 @@ def test_a_dicom_run_is_named_after_its_study_and_the_phantoms_truth_matches(tmp
 
 def test_the_study_case_id_is_the_nodes():
     assert study_case_id("1.2.826.0.1.3680043.8.498.1") == case_id_for("1.2.826.0.1.3680043.8.498.1")
+
+
+def test_a_case_file_beside_a_segment_output_set_is_read_too(segment_run, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(segment_run["out"], mixed)
+    shutil.copy(segment_run["out"] / "segrap_0000.seg.nrrd", mixed / "other.seg.nrrd")  # no provenance: a plain file
+    result = evaluate.evaluate(mixed, _release(segment_run))
+    assert result.cases == ["segrap_0000"] and result.prediction_only == ["other"]  # said, not dropped

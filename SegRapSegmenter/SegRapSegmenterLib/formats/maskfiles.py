@@ -453,6 +453,13 @@ def open_file(case_id: str, path: Path, task: str | None = None) -> CaseSource:
 PROVENANCE_SUFFIX = ".provenance.json"
 
 
+def segment_output_names(case_id: str) -> dict[str, str]:
+    """Every name a ``segrap segment`` run of ``case_id`` may write into its output folder, by output key."""
+    return {"segmentation": f"{case_id}.seg.nrrd", "nifti": f"{case_id}_structures",
+            "challenge_oar": f"{case_id}_oar_4d.mha", "challenge_gtv": f"{case_id}_gtv_4d.mha",
+            "rtstruct": f"{case_id}_RTSTRUCT.dcm", "provenance": f"{case_id}{PROVENANCE_SUFFIX}"}
+
+
 def segment_outputs(folder: Path) -> dict[str, CaseEntry]:
     """The cases ``segrap segment`` wrote into ``folder``: one per ``<case>.provenance.json``, read from its
     ``<case>.seg.nrrd`` (else its ``--nifti`` folder); the other files of the set hold the same structures."""
@@ -520,13 +527,13 @@ def find_cases(root: str | Path) -> dict[str, CaseEntry]:
         if entry is None:
             raise InputError(f"{root}: not a case file (.seg.nrrd, .nii.gz, .nii, .nrrd or .mha).")
         return {entry.case_id: entry}
-    outputs = segment_outputs(root)  # `segrap segment`'s output folder of one case
-    if outputs:
-        return outputs
-    if _structure_files(root):
+    found: dict[str, CaseEntry] = segment_outputs(root)  # `segrap segment`'s output folder
+    in_sets = {name for case_id in found for name in segment_output_names(case_id).values()}
+    if not found and _structure_files(root):
         return {root.name: CaseEntry(root.name, root, "structures")}
-    found: dict[str, CaseEntry] = {}
     for child in sorted(root.iterdir()):
+        if child.name in in_sets:  # the other files of a set hold the structures its .seg.nrrd holds
+            continue
         children = segment_outputs(child) if child.is_dir() and not child.name.startswith(".") else {}
         entry = _case_of(child) if not children else None  # a cohort's case folder holds one segment output set
         for entry in list(children.values()) + ([entry] if entry is not None else []):
