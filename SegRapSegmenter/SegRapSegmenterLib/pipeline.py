@@ -35,6 +35,7 @@ from .inference.body import THRESHOLD_HU as BODY_THRESHOLD_HU
 from .inference.body import body_box_of_image
 from .inference.bundles import Bundle, resolve_bundle, sha256_file, verify_bundle
 from .inference.certainty import expected_dice
+from .inference.statistics import load_statistics, volume_range
 from .inference.devices import pick_device
 from .inference.predictor import InferenceOptions, TaskPredictor, describe_device
 # the request and its checks live with the runner, which the CLI's process imports without numpy;
@@ -322,6 +323,7 @@ def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging:
     for task in tasks:
         bundle.task(task)
     verification = verify_bundle(bundle, quick=True)
+    statistics = load_statistics(bundle)  # the training set's volumes, for the review's plausibility check
     timings["verify_bundle"] = time.perf_counter() - t0
 
     progress("read", 0.02, "reading the images")
@@ -425,7 +427,7 @@ def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging:
                     f"outside the largest component): check the contour")
     reviews = {name: review_structure(voxels=entry["voxels"], flags=entry["flags"], certainty=certainty.get(name),
                                       removed_fraction=cleanup.removed.get(name, 0.0), volume_ml=entry["volume_ml"],
-                                      volume_range_ml=None)
+                                      volume_range_ml=volume_range(statistics, name))
                for name, entry in structures.items()}
     for name, entry in structures.items():
         entry.update(reviews[name].record())
@@ -445,7 +447,10 @@ def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging:
                            "changes": cleanup.steps},
         "structures": structures, "review": {"summary": review_line, "flagged": [n for n, r in reviews.items()
                                                                                  if r.review],
-                                             "method": "docs/quality.md", "certainty_measured": sorted(certainty)},
+                                             "method": "docs/quality.md", "certainty_measured": sorted(certainty),
+                                             "plausibility": (f"volumes against the bundle's training statistics "
+                                                              f"({statistics.get('cases')} cases)") if statistics
+                                             else "not checked: the bundle carries no training statistics"},
         "warnings": warnings, "timings_s": {},
         "empty_structures": {"names": [n for n in masks if not masks.crop(n)[1].any()],
                              "handling": "kept: an empty segment (tag SegRap.Empty) in the .seg.nrrd, a ROI without "

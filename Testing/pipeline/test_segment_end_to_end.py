@@ -135,6 +135,8 @@ def test_every_structure_has_a_confidence_a_review_flag_and_its_segment_tags(seg
         assert entry["review"] == bool(entry["review_reasons"]), name
     # the network's certainty was measured for every structure of both tasks (the frugal path)
     assert prov["review"]["certainty_measured"] == sorted(S.STRUCTURE_NAMES)
+    # the demo bundle carries its training set's volumes: the plausibility check ran
+    assert prov["review"]["plausibility"] == "volumes against the bundle's training statistics (48 cases)"
     assert prov["review"]["flagged"] == [n for n, e in prov["structures"].items() if e["review"]]
     assert done["review"] == prov["review"]["summary"] and done["flagged"] == prov["review"]["flagged"]
     # Slicer reads the flag from the segment tags (slicerio splits them the way Slicer's storage node does)
