@@ -66,3 +66,21 @@ def test_reoriented_box_holds_the_same_voxels(orientation):
     expected = sitk.GetArrayFromImage(moved).astype(bool)
     got = reoriented_box(box, case.ct, sitk.DICOMOrient(case.ct, orientation))
     np.testing.assert_array_equal(got.as_mask(expected.shape), expected)
+
+
+def test_what_lies_outside_the_body_is_measured_against_its_tight_box(small_case):
+    from SegRapSegmenterLib.inference.body import body_of_image
+
+    body = body_of_image(small_case.ct)
+    assert body.box == body_box_of_image(small_case.ct)
+    assert all(b <= t for b, t in zip(body.box.start, body.tight.start))
+    assert all(t <= b for b, t in zip(body.box.stop, body.tight.stop))
+    masks = small_case.oar_masks()
+    for name in masks:  # the truth of every structure, air-filled ones too, lies inside
+        assert body.outside_fraction(*masks.crop(name)) < 0.05, name
+    corner = np.ones((4, 4, 4), bool)  # a cube of air in the image's corner, far from the patient
+    assert body.outside_fraction((slice(0, 4), slice(0, 4), slice(0, 4)), corner) == 1.0
+    half = np.ones((1, 1, 4), bool)  # two voxels in the box, two beyond its right edge
+    x0 = body.tight.stop[2] - 2
+    z, y = body.tight.start[0], body.tight.start[1]
+    assert body.outside_fraction((slice(z, z + 1), slice(y, y + 1), slice(x0, x0 + 4)), half) == 0.5

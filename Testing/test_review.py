@@ -65,3 +65,9 @@ def test_segment_tags_hold_the_flag_confidence_and_reasons_without_the_tag_separ
 def test_a_little_uncertainty_and_a_little_clean_up_together_are_a_reason():
     review = _review(certainty=0.93, removed_fraction=0.08)
     assert review.review and review.reasons == ["low confidence (expected Dice 0.93, 8% removed by post-processing)"]
+
+
+def test_a_contour_mostly_outside_the_body_is_a_reason():
+    review = _review(outside_fraction=0.8)
+    assert review.reasons == ["80% outside the body"] and review.confidence <= 0.2
+    assert _review(outside_fraction=0.3).review is False

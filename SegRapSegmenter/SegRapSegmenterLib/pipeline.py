@@ -25,14 +25,15 @@ from scipy import ndimage
 from . import __version__
 from .anatomy import structures as S
 from .anatomy.qa import structure_report
-from .anatomy.review import REMOVED_REVIEW_ABOVE, review_structure, review_tags, summary_line
+from .anatomy.review import (OUTSIDE_REVIEW_ABOVE, REMOVED_REVIEW_ABOVE, review_structure, review_tags,
+                             summary_line)
 from .arrays import CroppedMasks, uint8_image
 from .console import StageEstimate
 from .errors import DicomError, InputError, OutputError
 from .formats.identity import check_pair, identity_of_folder
 from .formats.imaging import VolumeSource, check_volume_header, contrast_on_ct_grid, read_volume
 from .inference.body import THRESHOLD_HU as BODY_THRESHOLD_HU
-from .inference.body import body_box_of_image
+from .inference.body import body_of_image
 from .inference.bundles import Bundle, resolve_bundle, sha256_file, verify_bundle
 from .inference.certainty import expected_dice
 from .inference.statistics import load_statistics, volume_range
@@ -345,7 +346,8 @@ def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging:
                                tile_step_size=req.tile_step_size, threads=req.threads, low_memory=req.low_memory)
     # the body is found once, on the CT (the contrast CT is put on its grid), and both tasks skip the rest
     t0 = time.perf_counter()
-    box = body_box_of_image(reference)
+    body = body_of_image(reference)  # its box limits both tasks; its tight box tells a contour outside the patient
+    box = body.box
     if not box.found:
         warning(f"No patient body found in {req.ct or req.contrast_ct} (nothing above {BODY_THRESHOLD_HU:.0f} HU "
                 f"after the opening): the whole image is processed.")
@@ -425,9 +427,15 @@ def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging:
             removed_ml = structures[name]["volume_ml"] * fraction / (1.0 - fraction)
             warning(f"{name}: post-processing removed {fraction:.0%} of the predicted voxels ({removed_ml:.1f} ml "
                     f"outside the largest component): check the contour")
+    outside = {name: body.outside_fraction(*masks.crop(name)) for name in structures}
+    for name, fraction in outside.items():
+        if fraction > OUTSIDE_REVIEW_ABOVE:
+            warning(f"{name}: {fraction:.0%} of the contour lies outside the patient's body: check the contour and "
+                    f"the image")
     reviews = {name: review_structure(voxels=entry["voxels"], flags=entry["flags"], certainty=certainty.get(name),
                                       removed_fraction=cleanup.removed.get(name, 0.0), volume_ml=entry["volume_ml"],
-                                      volume_range_ml=volume_range(statistics, name))
+                                      volume_range_ml=volume_range(statistics, name),
+                                      outside_fraction=outside[name])
                for name, entry in structures.items()}
     for name, entry in structures.items():
         entry.update(reviews[name].record())

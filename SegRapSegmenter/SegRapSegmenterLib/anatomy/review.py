@@ -7,6 +7,7 @@ One combination of the signals a run has (docs/quality.md says how it was measur
 - post-processing: the share of the predicted voxels that the clean-up removed (a second component the
   network drew); above ``REMOVED_REVIEW_ABOVE`` it is a reason, and it scales the confidence down;
 - the QA flags of ``qa``: an empty structure (confidence 0), left/right partners in the wrong order;
+- the body: a contour mostly outside the patient (``inference.body``);
 - plausibility against the training set, where the bundle carries its statistics: a volume outside the
   range seen in training (widened by ``VOLUME_MARGIN``).
 The confidence is the certainty, times the share kept by post-processing, capped by the hard flags;
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 CERTAINTY_REVIEW_BELOW = 0.90  # chosen on bench_quality (docs/quality.md): sensitivity vs false flags
 REMOVED_REVIEW_ABOVE = 0.10
 VOLUME_MARGIN = 1.5  # a volume below min / 1.5 or above max * 1.5 of the training set is implausible
-LATERALITY_CAP, IMPLAUSIBLE_CAP = 0.25, 0.4
+OUTSIDE_REVIEW_ABOVE = 0.5  # share of a contour outside the patient's body (air, the couch)
+LATERALITY_CAP, IMPLAUSIBLE_CAP, OUTSIDE_CAP = 0.25, 0.4, 0.2
 
 
 @dataclass
@@ -36,11 +38,14 @@ class Review:
 
 
 def review_structure(*, voxels: int, flags: list[str], certainty: float | None, removed_fraction: float,
-                     volume_ml: float, volume_range_ml: tuple[float, float] | None) -> Review:
+                     volume_ml: float, volume_range_ml: tuple[float, float] | None,
+                     outside_fraction: float = 0.0) -> Review:
     """The review of one structure from its signals (see the module docstring)."""
     if voxels == 0:
         return Review(0.0, True, ["empty"])
     reasons = []
+    if outside_fraction > OUTSIDE_REVIEW_ABOVE:
+        reasons.append(f"{outside_fraction:.0%} outside the body")
     confidence = 1.0 if certainty is None else float(certainty)
     if certainty is not None and certainty < CERTAINTY_REVIEW_BELOW:
         reasons.append(f"low network certainty (expected Dice {certainty:.2f})")
@@ -50,6 +55,8 @@ def review_structure(*, voxels: int, flags: list[str], certainty: float | None, 
     if not reasons and confidence < CERTAINTY_REVIEW_BELOW:  # each a little off, together enough to look
         reasons.append(f"low confidence (expected Dice {certainty:.2f}, {removed_fraction:.0%} removed by "
                        f"post-processing)")
+    if outside_fraction > OUTSIDE_REVIEW_ABOVE:
+        confidence = min(confidence, OUTSIDE_CAP)
     if "laterality" in flags:
         reasons.append("left/right order")
         confidence = min(confidence, LATERALITY_CAP)
