@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -62,3 +65,27 @@ def test_two_connections_claim_two_different_rows_with_skip_locked(postgres_url)
     with psycopg.connect(postgres_url) as check:
         rows = check.execute("SELECT id, state FROM jobs ORDER BY id").fetchall()
     assert rows == [(one[0], "running"), (two[0], "running"), (3, "queued")]
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_without_postgresql_the_peer_skips_with_the_reason_or_fails_when_required(tmp_path, required):
+    """A machine without PostgreSQL: the fixture's own session, in a pytest of its own, with no server found."""
+    (tmp_path / "test_inner.py").write_text(
+        "import postgres_peer\n"
+        "from postgres_peer import postgres_server  # noqa: F401\n"
+        "postgres_peer.postgres_bin_dir = lambda: None  # as on a machine without the package\n"
+        "def test_uses_the_peer(postgres_server):\n"
+        "    raise AssertionError('ran without a server')\n")
+    env = {k: v for k, v in os.environ.items() if k != "SEGRAP_REQUIRE_PEERS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    if required:
+        env["SEGRAP_REQUIRE_PEERS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--rootdir",
+                           str(tmp_path), str(tmp_path / "test_inner.py")], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "PostgreSQL is not installed" in out and "package postgresql" in out
+    if required:
+        assert proc.returncode == 1 and "1 error" in out and "SEGRAP_REQUIRE_PEERS=1 makes its absence a failure" in out
+    else:
+        assert proc.returncode == 0 and "1 skipped" in out

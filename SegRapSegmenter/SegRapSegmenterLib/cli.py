@@ -244,7 +244,7 @@ KUBERNETES_INDEX_VARIABLE = "JOB_COMPLETION_INDEX"
 
 @dataclass(frozen=True)
 class CohortPart:
-    """The K-th of N parts of a cohort (K from 1): every N-th case from the K-th; ``source`` says where K and N came from."""
+    """The K-th of N parts of a cohort (K from 1), and where K and N came from (said on stderr)."""
 
     k: int
     n: int
@@ -276,7 +276,8 @@ def _slurm_part(environ: Mapping[str, str], count: int | None, why: str) -> Coho
                          f"place in its array is unknown; give --part K/N (K = the task's place, from 1).")
     task, first, last, total = (_env_int(environ, name, why) for name in SLURM_ARRAY_VARIABLES)
     step = _env_int(environ, "SLURM_ARRAY_TASK_STEP", why) if "SLURM_ARRAY_TASK_STEP" in environ else 1
-    if total < 1 or step < 1 or first + step * (total - 1) != last or not first <= task <= last or (task - first) % step:
+    evenly_spaced = total >= 1 and step >= 1 and first + step * (total - 1) == last
+    if not evenly_spaced or not first <= task <= last or (task - first) % step:
         raise InputError(f"--part {why}: the Slurm array (task {task}, indexes {first}..{last}, step {step}, {total} "
                          f"tasks) is not one evenly spaced range such as --array=0-7 or --array=1-15:2, so its tasks "
                          f"cannot be numbered; submit the whole range again (finished cases are skipped) or give "
@@ -304,7 +305,7 @@ def _kubernetes_part(environ: Mapping[str, str], count: int | None, why: str) ->
 
 
 def cohort_part(text: str, environ: Mapping[str, str] | None = None) -> CohortPart:
-    """Read --part: K/N (K from 1), or auto / auto/N from a Slurm array task's or a Kubernetes Indexed Job's variables."""
+    """Read --part: K/N (K from 1), or auto and auto/N from a Slurm array task's or a Kubernetes pod's variables."""
     from .errors import InputError
 
     environ = os.environ if environ is None else environ

@@ -4,10 +4,12 @@ it cannot number; the example sbatch script and Job manifest in docs/cluster/ ar
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,7 +89,8 @@ def test_explicit_k_of_n_ignores_the_schedulers_variables():
 @pytest.mark.parametrize("text, environ, says", [
     ("auto", {}, "neither SLURM_ARRAY_TASK_ID"),
     ("auto", {"SLURM_JOB_ID": "12"}, "Slurm job 12, but not an array task"),
-    ("auto", {"SLURM_ARRAY_TASK_ID": "3"}, "SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_MAX, SLURM_ARRAY_TASK_COUNT is not, so"),
+    ("auto", {"SLURM_ARRAY_TASK_ID": "3"},
+     "SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_MAX, SLURM_ARRAY_TASK_COUNT is not, so"),
     ("auto", _slurm(3, 0, 7, 8) | {"SLURM_ARRAY_TASK_ID": "three"}, "SLURM_ARRAY_TASK_ID='three' is not a whole"),
     ("auto", _slurm(3, 1, 7, 4), "not one evenly spaced range"),  # --array=1,3,5,7 without a step
     ("auto", _slurm(9, 0, 7, 8), "not one evenly spaced range"),  # a task outside its own array
@@ -195,3 +198,42 @@ def test_the_job_manifest_is_an_indexed_job_whose_completions_match_its_part():
     assert any(input_dir.startswith(m) for m in mounts) and any(out.startswith(m) for m in mounts)
     # and the pod's part numbering works with what the Job gives the pod
     assert cli.cohort_part(f"auto/{completions}", {"JOB_COMPLETION_INDEX": str(completions - 1)}).k == completions
+
+
+def _done_cohort(root: Path, count: int) -> tuple[Path, Path]:
+    """A cohort whose every case is finished in the output folder: running it only chooses and skips cases."""
+    cohort = _cohort(root / "cohort", count)
+    for i in range(1, count + 1):
+        (root / "contours" / f"segrap_{i:04d}").mkdir(parents=True)
+        (root / "contours" / f"segrap_{i:04d}" / f"segrap_{i:04d}.provenance.json").write_text("{}")
+    return cohort, root / "contours"
+
+
+def test_the_sbatch_example_run_as_an_array_task_takes_that_tasks_part(tmp_path):
+    cohort, out = _done_cohort(tmp_path, 5)
+    segrap = Path(sys.executable).with_name("segrap")
+    assert segrap.is_file(), f"the segrap command beside {sys.executable}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "JOB_COMPLETION_INDEX"}
+    env |= _slurm(5, 4, 5, 2) | {"SLURM_CPUS_PER_TASK": "2", "CUDA_VISIBLE_DEVICES": "0", "COHORT": str(cohort),
+                                  "OUT": str(out), "SEGRAP": str(segrap), "BUNDLE": "demo"}
+    proc = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "part 2/2 (Slurm array task 5 of 4..5): 2 of the cohort's 5 cases" in proc.stderr
+    skipped = re.findall(r"(segrap_\d+): already done, skipped", proc.stderr)
+    assert skipped == ["segrap_0002", "segrap_0004"]
+
+
+def test_the_job_manifests_command_runs_as_a_pod_with_its_completion_index(tmp_path, monkeypatch, capsys):
+    yaml = pytest.importorskip("yaml", reason="PyYAML reads the manifest (not a dependency of segrap)")
+    (container,) = yaml.safe_load(JOB.read_text())["spec"]["template"]["spec"]["containers"]
+    cohort, out = _done_cohort(tmp_path / "shared", 5)
+    arguments = [a.replace("/shared/cohort", str(cohort)).replace("/shared/contours", str(out))
+                 for a in _segrap_arguments(container["command"] + container["args"])]
+    arguments[arguments.index("--bundle") + 1] = "demo"
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    assert cli.main(arguments) == cli.EXIT_OK
+    err = capsys.readouterr().err
+    assert "part 1/8 (Kubernetes completion index 0 of 0..7): 1 of the cohort's 5 cases" in err
+    assert re.findall(r"(segrap_\d+): already done, skipped", err) == ["segrap_0001"]
