@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -119,8 +122,10 @@ def _add_segment(sub) -> None:
     src.add_argument("--contrast-ct", help="contrast-enhanced CT (same formats); needed for the GTVs")
     src.add_argument("--input-dir", type=Path, help="a cohort: one case per subfolder (SegRap layout: "
                      "image.nii.gz and image_contrast.nii.gz); finished cases are skipped")
-    src.add_argument("--part", default="1/1", help="K/N: process every N-th case starting with the K-th "
-                     "(for cluster array jobs; default 1/1)")
+    src.add_argument("--part", default="1/1", help="K/N: process every N-th case starting with the K-th, K counted "
+                     "from 1 (default 1/1); auto: K and N from a Slurm array task's SLURM_ARRAY_TASK_* variables; "
+                     "auto/N: K from a Kubernetes Indexed Job's JOB_COMPLETION_INDEX (0-based), N its completions "
+                     "(docs/cluster.md)")
     src.add_argument("--ct-series", help="SeriesInstanceUID of the CT when a DICOM folder holds several")
     src.add_argument("--contrast-series", help="SeriesInstanceUID of the contrast CT in its DICOM folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -232,17 +237,114 @@ def _run_worker(request, args, label: str, note: str | None = None) -> int:
     return exit_code_of_kind(final.get("kind"))
 
 
-def _cohort_cases(input_dir: Path, part: str) -> list[tuple[str, Path | None, Path | None]]:
-    """(case id, CT, contrast CT) for each case folder of a cohort, the K-th of every N."""
+SLURM_ARRAY_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
+                         "SLURM_ARRAY_TASK_COUNT")
+KUBERNETES_INDEX_VARIABLE = "JOB_COMPLETION_INDEX"
+
+
+@dataclass(frozen=True)
+class CohortPart:
+    """The K-th of N parts of a cohort (K from 1), and where K and N came from (said on stderr)."""
+
+    k: int
+    n: int
+    source: str = "--part"
+
+    def of(self, cases: list) -> list:
+        """This part's cases: the K-th, the (K+N)-th, ... so that N parts never overlap and together hold every case."""
+        return cases[self.k - 1::self.n]
+
+
+def _env_int(environ: Mapping[str, str], name: str, why: str) -> int:
+    """An integer environment variable of the scheduler, or an InputError naming it and its value."""
+    from .errors import InputError
+
+    text = environ.get(name)
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise InputError(f"--part {why}: the environment variable {name}={text!r} is not a whole number.") from None
+
+
+def _slurm_part(environ: Mapping[str, str], count: int | None, why: str) -> CohortPart:
+    """K/N of a Slurm array task: its place in the array's evenly spaced indexes (which may start at any number)."""
+    from .errors import InputError
+
+    missing = [name for name in SLURM_ARRAY_VARIABLES if name not in environ]
+    if missing:
+        raise InputError(f"--part {why}: SLURM_ARRAY_TASK_ID is set but {', '.join(missing)} is not, so the task's "
+                         f"place in its array is unknown; give --part K/N (K = the task's place, from 1).")
+    task, first, last, total = (_env_int(environ, name, why) for name in SLURM_ARRAY_VARIABLES)
+    step = _env_int(environ, "SLURM_ARRAY_TASK_STEP", why) if "SLURM_ARRAY_TASK_STEP" in environ else 1
+    evenly_spaced = total >= 1 and step >= 1 and first + step * (total - 1) == last
+    if not evenly_spaced or not first <= task <= last or (task - first) % step:
+        raise InputError(f"--part {why}: the Slurm array (task {task}, indexes {first}..{last}, step {step}, {total} "
+                         f"tasks) is not one evenly spaced range such as --array=0-7 or --array=1-15:2, so its tasks "
+                         f"cannot be numbered; submit the whole range again (finished cases are skipped) or give "
+                         f"--part K/N.")
+    part = CohortPart((task - first) // step + 1, total,
+                      f"Slurm array task {task} of {first}..{last}" + (f" step {step}" if step != 1 else ""))
+    if count is not None and count != total:
+        raise InputError(f"--part {why}: the Slurm array has {total} tasks (SLURM_ARRAY_TASK_COUNT), not {count}; "
+                         f"make --array and --part agree, or give --part auto.")
+    return part
+
+
+def _kubernetes_part(environ: Mapping[str, str], count: int | None, why: str) -> CohortPart:
+    """K/N of a Kubernetes Indexed Job's pod: its 0-based completion index plus one, of the N completions given."""
+    from .errors import InputError
+
+    if count is None:
+        raise InputError(f"--part {why}: a Kubernetes pod is told its {KUBERNETES_INDEX_VARIABLE} but not how many "
+                         f"completions its Job has; give --part auto/N with N = the Job's spec.completions.")
+    index = _env_int(environ, KUBERNETES_INDEX_VARIABLE, why)
+    if not 0 <= index < count:
+        raise InputError(f"--part {why}: {KUBERNETES_INDEX_VARIABLE}={index} is outside 0..{count - 1}; the Job's "
+                         f"spec.completions and the N of --part auto/N differ.")
+    return CohortPart(index + 1, count, f"Kubernetes completion index {index} of 0..{count - 1}")
+
+
+def cohort_part(text: str, environ: Mapping[str, str] | None = None) -> CohortPart:
+    """Read --part: K/N (K from 1), or auto and auto/N from a Slurm array task's or a Kubernetes pod's variables."""
+    from .errors import InputError
+
+    environ = os.environ if environ is None else environ
+    head, _, tail = text.partition("/")
+    if head != "auto":
+        try:
+            k, n = int(head), int(tail)
+            if not 1 <= k <= n:
+                raise ValueError
+        except ValueError:
+            raise InputError(f"--part must be K/N with 1 <= K <= N, auto or auto/N, got {text!r}.") from None
+        return CohortPart(k, n)
+    count = None
+    if tail:
+        try:
+            count = int(tail)
+            if count < 1:
+                raise ValueError
+        except ValueError:
+            raise InputError(f"--part {text}: N must be a whole number of at least 1.") from None
+    slurm, kubernetes = "SLURM_ARRAY_TASK_ID" in environ, KUBERNETES_INDEX_VARIABLE in environ
+    if slurm and kubernetes:
+        raise InputError(f"--part {text}: both SLURM_ARRAY_TASK_ID and {KUBERNETES_INDEX_VARIABLE} are set, so which "
+                         f"scheduler numbers this task is unclear; unset one, or give --part K/N.")
+    if slurm:
+        return _slurm_part(environ, count, text)
+    if kubernetes:
+        return _kubernetes_part(environ, count, text)
+    job = f" (this is Slurm job {environ['SLURM_JOB_ID']}, but not an array task)" if "SLURM_JOB_ID" in environ else ""
+    raise InputError(f"--part {text}: neither SLURM_ARRAY_TASK_ID (a Slurm array task, sbatch --array) nor "
+                     f"{KUBERNETES_INDEX_VARIABLE} (a Kubernetes Indexed Job) is set{job}; run it under one of them, "
+                     f"or give --part K/N.")
+
+
+def _cohort_folders(input_dir: Path) -> list[tuple[str, Path | None, Path | None]]:
+    """(case id, CT, contrast CT) for every case folder of a cohort, in name order (the order parts are cut from)."""
     from .errors import InputError
     from .formats.imaging import IMAGE_SUFFIXES
 
-    try:
-        k, n = (int(v) for v in part.split("/"))
-        if not 1 <= k <= n:
-            raise ValueError
-    except ValueError:
-        raise InputError(f"--part must be K/N with 1 <= K <= N, got {part!r}.") from None
     if not input_dir.is_dir():
         raise InputError(f"--input-dir {input_dir}: not a folder.")
     cases = []
@@ -259,7 +361,13 @@ def _cohort_cases(input_dir: Path, part: str) -> list[tuple[str, Path | None, Pa
         cases.append((folder.name, ct, contrast))
     if not cases:
         raise InputError(f"--input-dir {input_dir}: no case folders with image.nii.gz / image_contrast.nii.gz.")
-    return cases[k - 1::n]
+    return cases
+
+
+def _cohort_cases(input_dir: Path, part: str, environ: Mapping[str, str] | None = None
+                  ) -> list[tuple[str, Path | None, Path | None]]:
+    """(case id, CT, contrast CT) for each case folder of a cohort, the K-th of every N."""
+    return cohort_part(part, environ).of(_cohort_folders(input_dir))
 
 
 def _cmd_segment(args) -> int:
@@ -277,7 +385,12 @@ def _cmd_segment(args) -> int:
     if args.ct or args.contrast_ct or args.case_id:
         raise InputError("--input-dir processes a cohort: leave out --ct, --contrast-ct and --case-id.")
     failures = []
-    cases = _cohort_cases(args.input_dir, args.part)
+    part = cohort_part(args.part)
+    cohort = _cohort_folders(args.input_dir)
+    cases = part.of(cohort)
+    if part.n > 1:
+        print(f"part {part.k}/{part.n} ({part.source}): {len(cases)} of the cohort's {len(cohort)} cases"
+              + ("; nothing to do, the cohort has fewer cases than parts" if not cases else ""), file=sys.stderr)
     for number, (case_id, ct, contrast) in enumerate(cases, start=1):
         try:
             check_case_id(case_id, f"--input-dir case folder {args.input_dir / case_id}:")
@@ -606,8 +719,6 @@ def _add_train(sub) -> None:
 
 
 def _train_convert(args) -> int:
-    import os
-
     from .errors import InputError
     from .training.convert import convert_release
     from .training.convert_dicom import convert_dicom
