@@ -9,7 +9,7 @@ One combination of the signals a run has (docs/quality.md says how it was measur
 - the QA flags of ``qa``: an empty structure (confidence 0), left/right partners in the wrong order;
 - the body: a contour mostly outside the patient (``inference.body``);
 - plausibility against the training set, where the bundle carries its statistics: a volume outside the
-  range seen in training (widened by ``VOLUME_MARGIN``).
+  range seen in training (widened by ``VOLUME_MARGIN``), which scales the confidence by how far outside.
 The confidence is the certainty, times the share kept by post-processing, capped by the hard flags;
 a structure is flagged for review when any reason holds.
 """
@@ -22,7 +22,7 @@ CERTAINTY_REVIEW_BELOW = 0.90  # chosen on bench_quality (docs/quality.md): sens
 REMOVED_REVIEW_ABOVE = 0.10
 VOLUME_MARGIN = 1.5  # a volume below min / 1.5 or above max * 1.5 of the training set is implausible
 OUTSIDE_REVIEW_ABOVE = 0.5  # share of a contour outside the patient's body (air, the couch)
-LATERALITY_CAP, IMPLAUSIBLE_CAP, OUTSIDE_CAP = 0.25, 0.4, 0.2
+LATERALITY_CAP, OUTSIDE_CAP = 0.25, 0.2
 
 
 @dataclass
@@ -66,7 +66,8 @@ def review_structure(*, voxels: int, flags: list[str], certainty: float | None, 
             middle = (low + high) / 2
             reasons.append(f"volume {volume_ml / middle:.1f}x the training set's typical ({volume_ml:.1f} ml; "
                            f"training {low:.1f}-{high:.1f} ml)")
-            confidence = min(confidence, IMPLAUSIBLE_CAP)
+            # scaled by how far outside the range (at most 1 / VOLUME_MARGIN), so that ranking is kept
+            confidence *= volume_ml / low if volume_ml < low else high / volume_ml
     return Review(max(0.0, min(1.0, confidence)), bool(reasons), reasons)
 
 
