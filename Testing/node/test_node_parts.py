@@ -185,3 +185,67 @@ def test_the_readme_node_configuration_loads(tmp_path):
     config = load_config(tmp_path / "node.toml", spool=tmp_path / "spool")
     assert config.destinations[0] == Destination("TPS", "10.0.0.5", 104) and config.allow_ae == ("CT_SIM", "PACS")
     assert config.selection.min_slices == 10 and config.delivery.attempts == 8
+
+
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+def _ct_only_scp(ae_title: str = "NORT"):
+    """A pynetdicom Storage SCP that accepts CT Image Storage and C-ECHO but not RT Structure Set Storage."""
+    from pynetdicom import AE, evt
+
+    ae = AE(ae_title=ae_title)
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2")
+    ae.add_supported_context("1.2.840.10008.1.1")
+    return ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+
+
+def _rtstruct_like(phantom, tmp_path):
+    """A file of the RT Structure Set Storage SOP class (a CT header relabelled: only the class matters here)."""
+    ds = pydicom.dcmread(sorted(phantom.ct_dir.glob("*.dcm"))[0], stop_before_pixels=True)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality = "RTSTRUCT"
+    path = tmp_path / "rtstruct.dcm"
+    save_file(ds, path)
+    return path
+
+
+def test_a_peer_that_does_not_accept_rtstruct_storage_is_a_permanent_refusal_naming_the_sop_class(
+        tmp_path, phantom_studies):
+    from SegRapSegmenterLib.errors import DicomRefusedError
+
+    server = _ct_only_scp()
+    try:
+        dest = Destination("NORT", "127.0.0.1", server.server_address[1])
+        with pytest.raises(DicomRefusedError, match="does not accept RT Structure Set Storage"):
+            send_files([_rtstruct_like(phantom_studies[0], tmp_path)], dest)
+    finally:
+        server.shutdown()
+
+
+def test_a_job_that_raises_anything_unexpected_is_failed_and_the_worker_slot_goes_on(tmp_path):
+    import threading
+
+    from node_peers import wait_until
+    from SegRapSegmenterLib.node.service import Node
+
+    config = load_config(None, spool=tmp_path / "spool", port=0, device="cpu", bundle="demo", workers=1)
+    node = Node(config)
+    for study in ("1.7.1", "1.7.2"):  # queued without a plain CT series: the job cannot build its request
+        node.spool.store(_instance(study, study + ".1", study + ".1.1"), b"x")
+        assert node.spool.queue(study, None, None, ("oar",), "broken on purpose")
+    loop = threading.Thread(target=node._worker_loop, args=(node.runners[0],), daemon=True)
+    loop.start()
+    try:
+        wait_until(lambda: all(node.spool.job(s)["state"] == "failed" for s in ("1.7.1", "1.7.2")), 30,
+                   "both broken jobs to be failed")
+    finally:
+        node.stop()
+        loop.join(10)
+    assert not loop.is_alive()
+    for study in ("1.7.1", "1.7.2"):
+        assert node.spool.job(study)["reason"].startswith("internal error: TypeError")
+    crashes = [e for e in read_events(node.spool.audit_path) if e["event"] == "internal_error"]
+    assert [e["study_uid"] for e in crashes] == ["1.7.1", "1.7.2"]
+    node.spool.close()

@@ -94,3 +94,36 @@ timeout_s = 5
     assert status.returncode == 0, status.stderr
     assert f"sent     {study.study_uid}" in status.stdout
     assert f"-> TPS@127.0.0.1:{tps_port}: sent after" in status.stdout
+
+
+def test_a_destination_refusing_rtstruct_storage_fails_that_study_fast_and_the_next_study_is_contoured(
+        tmp_path, phantom_studies, node_factory):
+    from pynetdicom import AE, evt
+
+    dcmtk("storescu")
+    ae = AE(ae_title="NORT")  # a peer that stores CT images but not RT Structure Sets
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2")
+    ae.add_supported_context("1.2.840.10008.1.1")
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0)])
+    try:
+        spool, port = tmp_path / "spool", free_port()
+        node_factory(spool, port, "--destination", f"NORT@127.0.0.1:{server.server_address[1]}", "--settle", "1",
+                     "--tasks", "oar")
+        first, second = phantom_studies
+        assert storescu(first.ct_dir, port).returncode == 0
+        wait_until(lambda: audit_events(spool, "failed"), 240, "the first study to fail its delivery", interval=1)
+        assert storescu(second.ct_dir, port).returncode == 0
+        wait_until(lambda: len(audit_events(spool, "failed")) == 2, 240, "the second study to be contoured too",
+                   interval=1)
+    finally:
+        server.shutdown()
+    assert {e["study_uid"] for e in audit_events(spool, "job_finished")} == {first.study_uid, second.study_uid}
+    refused = audit_events(spool, "delivery_failed")
+    assert len(refused) == 2 and all(e["permanent"] and e["attempt"] == 1 for e in refused)
+    assert all("does not accept RT Structure Set Storage" in e["error"] for e in refused)
+    assert not audit_events(spool, "delivery_retry")
+    with sqlite3.connect(f"file:{spool / 'node.sqlite'}?mode=ro", uri=True) as db:
+        states = db.execute("SELECT state, reason FROM jobs").fetchall()
+        deliveries = db.execute("SELECT state FROM deliveries").fetchall()
+    assert [s for s, _ in states] == ["failed", "failed"] and all("refused for good" in r for _, r in states)
+    assert [d for (d,) in deliveries] == ["failed", "failed"]

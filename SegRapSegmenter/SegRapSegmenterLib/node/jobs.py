@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pydicom
 
-from ..errors import DicomNetworkError, SegRapError, WorkerError
+from ..errors import DicomNetworkError, DicomRefusedError, SegRapError, WorkerError
 from ..runner import SegmentRequest, WorkerRun
 from .audit import AuditLog
 from .config import NodeConfig
@@ -126,8 +126,17 @@ class JobRunner:
                     raise Requeued()
                 try:
                     send_files([rtstruct], dest, self.config.ae_title, timeout=delivery.timeout_s)
+                except DicomRefusedError as exc:  # retrying cannot help: this destination fails at once
+                    attempts = self.spool.delivery_attempt(study, str(dest), str(exc), give_up=True)
+                    self.audit.write("delivery_failed", study_uid=study, destination=str(dest), attempt=attempts,
+                                     permanent=True, error=str(exc))
+                    reason = f"delivery to {dest} refused for good: {exc}"
+                    self.spool.fail(study, reason)
+                    self.audit.write("failed", study_uid=study, kind="delivery", reason=reason)
+                    return False
                 except (DicomNetworkError, OSError) as exc:
-                    attempts = self.spool.delivery_attempt(study, str(dest), str(exc))
+                    last = self.spool.delivery_attempts(study, str(dest)) + 1 >= delivery.attempts
+                    attempts = self.spool.delivery_attempt(study, str(dest), str(exc), give_up=last)
                     self.audit.write("delivery_retry" if attempts < delivery.attempts else "delivery_failed",
                                      study_uid=study, destination=str(dest), attempt=attempts, error=str(exc))
                     if attempts >= delivery.attempts:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ..errors import DicomNetworkError, InputError
+from ..errors import DicomNetworkError, DicomRefusedError, InputError
 from .address import Destination, check_ae_title
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,22 @@ def _contexts(files: Sequence[_File]) -> list[tuple[str, list[str]]]:
     return [(VERIFICATION, list(_BASE_SYNTAXES))] + list(by_class.items())
 
 
+def _sop_class_name(uid: str) -> str:
+    from pynetdicom.sop_class import uid_to_sop_class
+
+    return getattr(uid_to_sop_class(uid), "name", "") or uid
+
+
+def _check_accepted(assoc, files: Sequence[_File], dest: Destination) -> None:
+    """DicomRefusedError when the peer accepted no presentation context for one of the files' SOP classes."""
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    refused = sorted({f.sop_class for f in files} - accepted)
+    if refused:
+        names = ", ".join(f"{_sop_class_name(uid)} ({uid})" for uid in refused)
+        raise DicomRefusedError(f"{dest}: the peer does not accept {names}: it refused that presentation context. "
+                                f"Configure the peer to store this SOP class, or send elsewhere.")
+
+
 def send_files(paths: Iterable[str | Path], dest: Destination, calling_ae: str = "SEGRAP",
                timeout: float = 30.0) -> SendReport:
     """C-ECHO, then C-STORE every DICOM file of ``paths`` in one association; stops at the first refused store."""
@@ -174,9 +190,13 @@ def send_files(paths: Iterable[str | Path], dest: Destination, calling_ae: str =
         status = assoc.send_c_echo()
         if not status or int(status.Status) != 0:
             raise DicomNetworkError(f"{dest}: the association was accepted but C-ECHO failed.")
+        _check_accepted(assoc, files, dest)
         for f in files:
             ds = pydicom.dcmread(f.path)
-            status = assoc.send_c_store(ds)
+            try:
+                status = assoc.send_c_store(ds)
+            except ValueError as exc:  # pynetdicom: no accepted context can carry this data set
+                raise DicomRefusedError(f"{dest}: {f.path} cannot be sent in this association ({exc}).") from exc
             code = int(getattr(status, "Status", -1)) if status else -1
             if code < 0:
                 raise DicomNetworkError(f"{dest}: no answer to the C-STORE of {f.path} (timeout or aborted "

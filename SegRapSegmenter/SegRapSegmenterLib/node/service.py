@@ -12,12 +12,13 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 
 import psutil
 
-from ..errors import InputError
+from ..errors import EXIT_ERROR, InputError
 from .audit import AuditLog
 from .config import NodeConfig
 from .jobs import JobRunner
@@ -85,6 +86,7 @@ class Node:
         self.runners = [JobRunner(config, self.spool, self.audit, self.stop_event, env, slot)
                         for slot, env in enumerate(worker_slots(config))]
         self.port = config.port
+        self._fatal: str | None = None
 
     def _on_study(self, study_uid: str, state: str) -> None:
         if state in ("late", "reopened"):
@@ -128,18 +130,50 @@ class Node:
                 self._wake.set()
 
     def _worker_loop(self, runner: JobRunner) -> None:
+        """Take queued jobs until stopped; a job that raises anything unexpected is failed, and the loop goes on."""
         while not self.stop_event.is_set():
-            job = self.spool.claim()
-            if job is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            if int(job["attempts"]) > MAX_RUNS and not job["rtstruct"]:
-                reason = f"the worker did not finish in {MAX_RUNS} runs"
-                self.spool.fail(job["study_uid"], reason)
-                self.audit.write("failed", study_uid=job["study_uid"], reason=reason)
-                continue
-            runner.process(job)
+            job = None
+            try:
+                job = self.spool.claim()
+                if job is None:
+                    self._wake.wait(1.0)
+                    self._wake.clear()
+                    continue
+                if int(job["attempts"]) > MAX_RUNS and not job["rtstruct"]:
+                    reason = f"the worker did not finish in {MAX_RUNS} runs"
+                    self.spool.fail(job["study_uid"], reason)
+                    self.audit.write("failed", study_uid=job["study_uid"], reason=reason)
+                    continue
+                runner.process(job)
+            except Exception as exc:  # noqa: BLE001 - one broken job must not stop the contouring of the others
+                self._job_crashed(job, exc)
+
+    def _job_crashed(self, job, exc: Exception) -> None:
+        """Log and audit an unexpected error of the loop; the job it was running (if any) is failed with it."""
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        log.exception("worker slot: %s", reason)
+        study = job["study_uid"] if job is not None else None
+        self.audit.write("internal_error", study_uid=study, kind=type(exc).__name__, error=str(exc))
+        if study is not None:
+            try:
+                self.spool.fail(study, reason)
+                self.audit.write("failed", study_uid=study, kind=type(exc).__name__, reason=reason)
+            except Exception:  # noqa: BLE001 - the database itself failing: the next claim finds the job again
+                log.exception("cannot mark %s failed", study)
+        self.stop_event.wait(1.0)  # a fault that repeats (e.g. the database) does not spin
+
+    def _guarded(self, name: str, loop, *args) -> None:
+        """Run a loop of the node; if it ends other than by ``stop``, the node stops and exits non-zero."""
+        try:
+            loop(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported, then the whole node stops
+            self._fatal = f"{name} died: {type(exc).__name__}: {exc}"
+            log.exception(self._fatal)
+        else:
+            if not self.stop_event.is_set():
+                self._fatal = f"{name} ended while the node was running"
+        if self._fatal:
+            self.stop()
 
     def _claim_spool(self) -> None:
         """Refuse to share the spool with another running node (its pid is in ``node.pid``)."""
@@ -154,7 +188,7 @@ class Node:
         pid_file.write_text(str(os.getpid()))
 
     def run(self) -> int:
-        """Serve until stopped; returns 0."""
+        """Serve until stopped; returns 0, or 1 when a loop of the node died (the node never runs half-alive)."""
         self._claim_spool()
         self._recover()
         try:
@@ -166,8 +200,8 @@ class Node:
                          destinations=[str(d) for d in self.config.destinations],
                          allow_ae=list(self.config.allow_ae) or None, settle_s=self.config.settle_s,
                          workers=len(self.runners), pid=os.getpid())
-        threads = [threading.Thread(target=self._worker_loop, args=(r,), name=f"segrap-worker-{r.slot}", daemon=True)
-                   for r in self.runners]
+        threads = [threading.Thread(target=self._guarded, args=(f"worker slot {r.slot}", self._worker_loop, r),
+                                    name=f"segrap-worker-{r.slot}", daemon=True) for r in self.runners]
         for t in threads:
             t.start()
         try:
@@ -176,13 +210,17 @@ class Node:
                 self.stop_event.wait(min(1.0, max(0.2, self.config.settle_s / 4)))
         finally:
             self.scp.stop()
-            self.audit.write("stopping", reason="signal")
+            self.audit.write("stopping", reason=self._fatal or "signal")
             for r in self.runners:
                 r.cancel()
             for t in threads:
                 t.join(timeout=60)
-            self.audit.write("stopped")
+            self.audit.write("stopped", exit_code=EXIT_ERROR if self._fatal else None)
             self.spool.close()
+        if self._fatal:
+            print(f"segrap serve: {self._fatal}; the node stopped (see the audit log and the lines above).",
+                  file=sys.stderr)
+            return EXIT_ERROR
         return 0
 
 

@@ -249,8 +249,8 @@ class Spool:
         rows = self._query("SELECT destination FROM deliveries WHERE study_uid=? AND state='sent'", (study_uid,))
         return {r["destination"] for r in rows}
 
-    def delivery_attempt(self, study_uid: str, destination: str, error: str | None) -> int:
-        """Record one attempt (``error`` None: it was stored); returns the attempts so far."""
+    def delivery_attempt(self, study_uid: str, destination: str, error: str | None, give_up: bool = False) -> int:
+        """Record one attempt (``error`` None: it was stored; ``give_up``: failed for good); returns the attempts."""
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO deliveries (study_uid, destination, state) VALUES (?,?,'pending')",
                        (study_uid, destination))
@@ -258,8 +258,8 @@ class Spool:
                 db.execute("UPDATE deliveries SET state='sent', attempts=attempts+1, sent_at=?, last_error=NULL "
                            "WHERE study_uid=? AND destination=?", (time.time(), study_uid, destination))
             else:
-                db.execute("UPDATE deliveries SET attempts=attempts+1, last_error=? WHERE study_uid=? AND "
-                           "destination=?", (error, study_uid, destination))
+                db.execute("UPDATE deliveries SET attempts=attempts+1, last_error=?, state=? WHERE study_uid=? AND "
+                           "destination=?", (error, "failed" if give_up else "pending", study_uid, destination))
             row = db.execute("SELECT attempts FROM deliveries WHERE study_uid=? AND destination=?",
                              (study_uid, destination)).fetchone()
             return int(row["attempts"])
