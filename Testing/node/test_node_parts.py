@@ -249,3 +249,40 @@ def test_a_job_that_raises_anything_unexpected_is_failed_and_the_worker_slot_goe
     crashes = [e for e in read_events(node.spool.audit_path) if e["event"] == "internal_error"]
     assert [e["study_uid"] for e in crashes] == ["1.7.1", "1.7.2"]
     node.spool.close()
+
+
+def test_a_permanent_association_rejection_or_refusal_status_is_refused_for_good_and_an_outage_is_not(
+        tmp_path, phantom_studies):
+    from pynetdicom import AE, evt
+    from SegRapSegmenterLib.errors import DicomRefusedError
+
+    first = sorted(phantom_studies[0].ct_dir.glob("*.dcm"))[0]
+    statuses = {"1": 0xA900, "2": 0xA700}
+    ae = AE(ae_title="PICKY")
+    ae.require_called_aet = True  # rejected (permanent): called AE title not recognised
+    ae.maximum_associations = 1  # a second association at once: rejected (transient): local limit exceeded
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2")
+    ae.add_supported_context("1.2.840.10008.1.1")
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, lambda event: statuses[event.assoc.requestor.ae_title[-1]])])
+    port = server.server_address[1]
+    try:
+        with pytest.raises(DicomRefusedError, match="Called AE title not recognised"):
+            send_files([first], Destination("SOMEONE", "127.0.0.1", port))
+        with pytest.raises(DicomRefusedError, match="0xA900"):
+            send_files([first], Destination("PICKY", "127.0.0.1", port), "SENDER1")
+        with pytest.raises(DicomNetworkError, match="0xA700") as transient:
+            send_files([first], Destination("PICKY", "127.0.0.1", port), "SENDER2")
+        assert not isinstance(transient.value, DicomRefusedError)
+        holder = AE(ae_title="HOLDER")
+        holder.add_requested_context("1.2.840.10008.1.1")
+        held = holder.associate("127.0.0.1", port, ae_title="PICKY")
+        assert held.is_established
+        try:
+            with pytest.raises(DicomNetworkError, match="Local limit exceeded") as busy:
+                send_files([first], Destination("PICKY", "127.0.0.1", port), "SENDER1")
+            assert not isinstance(busy.value, DicomRefusedError)
+        finally:
+            held.release()
+    finally:
+        server.shutdown()

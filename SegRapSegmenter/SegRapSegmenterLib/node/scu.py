@@ -2,6 +2,8 @@
 
 Every failure is a DicomNetworkError naming the peer and what went wrong: no connection, an
 association the peer rejected (with its reason), or a store the peer refused (with its status).
+Failures that a retry cannot cure (a permanent association rejection, a SOP class the peer does not
+accept, a refusal status such as 0x0122 or 0xA9xx) are its subclass DicomRefusedError.
 """
 
 from __future__ import annotations
@@ -132,8 +134,11 @@ def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str,
         raise DicomNetworkError(f"{dest}: no DICOM connection ({unreachable[-1]}). Check the host, the port and "
                                 f"that the peer is running.")
     if assoc.is_rejected:
-        raise DicomNetworkError(f"{dest}: the association was rejected ({detail or 'no reason given'}). Check that "
-                                f"the peer knows the calling AE title {calling_ae!r} and is called {dest.ae_title!r}.")
+        # A-ASSOCIATE-RJ result 1 is "rejected (permanent)": the same request would be rejected again
+        permanent = getattr(getattr(assoc.acceptor, "primitive", None), "result", None) == 0x01
+        raise (DicomRefusedError if permanent else DicomNetworkError)(
+            f"{dest}: the association was rejected ({detail or 'no reason given'}). Check that the peer knows the "
+            f"calling AE title {calling_ae!r} and is called {dest.ae_title!r}.")
     if assoc.is_aborted:
         raise DicomNetworkError(f"{dest}: the peer aborted the association (no presentation context accepted, or it "
                                 f"does not accept these SOP classes).")
@@ -162,6 +167,16 @@ def _contexts(files: Sequence[_File]) -> list[tuple[str, list[str]]]:
     if len(by_class) > 127:
         raise InputError(f"{len(by_class)} different SOP classes: one association holds at most 127; send fewer.")
     return [(VERIFICATION, list(_BASE_SYNTAXES))] + list(by_class.items())
+
+
+def refused_for_good(status: int) -> bool:
+    """A C-STORE failure status that resending the same file cannot cure (PS3.4 B.2.3 and C.4.2.1.4).
+
+    0x0122 SOP class not supported, 0x0124 not authorised, 0xA9xx data set does not match the SOP
+    class, 0xCxxx cannot understand. The others (0xA7xx out of resources, 0x0110 processing failure,
+    ...) may pass on a later attempt and are retried.
+    """
+    return status in (0x0122, 0x0124) or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
 
 
 def _sop_class_name(uid: str) -> str:
@@ -203,7 +218,7 @@ def send_files(paths: Iterable[str | Path], dest: Destination, calling_ae: str =
                                         f"association); {len(report.sent)} of {len(files)} files were stored.")
             comment = str(status.get("ErrorComment", "") or "")
             if code != 0 and not 0xB000 <= code <= 0xBFFF and code != 0x0107 and code != 0x0116:
-                raise DicomNetworkError(f"{dest}: the peer refused {f.path} (SOP instance {f.sop_instance}) with "
+                raise (DicomRefusedError if refused_for_good(code) else DicomNetworkError)(f"{dest}: the peer refused {f.path} (SOP instance {f.sop_instance}) with "
                                         f"status 0x{code:04X}{': ' + comment if comment else ''}; "
                                         f"{len(report.sent)} of {len(files)} files were stored before it.")
             if code != 0:
