@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pydicom
 import pytest
-from node_peers import free_port
+from node_peers import free_port, wait_until
 from pydicom.uid import generate_uid
 from SegRapSegmenterLib.errors import DicomNetworkError, InputError
 from SegRapSegmenterLib.formats.pydicom_compat import save_file
@@ -227,7 +227,6 @@ def test_a_peer_that_does_not_accept_rtstruct_storage_is_a_permanent_refusal_nam
 def test_a_job_that_raises_anything_unexpected_is_failed_and_the_worker_slot_goes_on(tmp_path):
     import threading
 
-    from node_peers import wait_until
     from SegRapSegmenterLib.node.service import Node
 
     config = load_config(None, spool=tmp_path / "spool", port=0, device="cpu", bundle="demo", workers=1)
@@ -266,14 +265,21 @@ def test_a_permanent_association_rejection_or_refusal_status_is_refused_for_good
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
         (evt.EVT_C_STORE, lambda event: statuses[event.assoc.requestor.ae_title[-1]])])
     port = server.server_address[1]
+
+    def idle() -> None:  # the server's one association slot is free again
+        wait_until(lambda: not server.active_associations, 10, "the previous association to end", interval=0.05)
+
     try:
         with pytest.raises(DicomRefusedError, match="Called AE title not recognised"):
             send_files([first], Destination("SOMEONE", "127.0.0.1", port))
+        idle()
         with pytest.raises(DicomRefusedError, match="0xA900"):
             send_files([first], Destination("PICKY", "127.0.0.1", port), "SENDER1")
+        idle()
         with pytest.raises(DicomNetworkError, match="0xA700") as transient:
             send_files([first], Destination("PICKY", "127.0.0.1", port), "SENDER2")
         assert not isinstance(transient.value, DicomRefusedError)
+        idle()
         holder = AE(ae_title="HOLDER")
         holder.add_requested_context("1.2.840.10008.1.1")
         held = holder.associate("127.0.0.1", port, ae_title="PICKY")
