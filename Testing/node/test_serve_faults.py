@@ -79,7 +79,8 @@ timeout_s = 5
     rtstruct = pydicom.dcmread(tps.files()[0])
     assert str(rtstruct.StudyInstanceUID) == study.study_uid
     assert str(rtstruct.SOPInstanceUID) == _job(spool)["rtstruct_uid"]
-    assert [e["attempt"] for e in audit_events(spool, "job_started")] == [1, 2, 2]  # the requeued run is not counted
+    # neither the run the node's kill interrupted nor the one SIGTERM requeued is counted: restarts use up no runs
+    assert [e["attempt"] for e in audit_events(spool, "job_started")] == [1, 1, 1]
 
     # killed again after the delivery, then restarted: nothing is sent a second time
     node.kill()
@@ -127,3 +128,56 @@ def test_a_destination_refusing_rtstruct_storage_fails_that_study_fast_and_the_n
         deliveries = db.execute("SELECT state FROM deliveries").fetchall()
     assert [s for s, _ in states] == ["failed", "failed"] and all("refused for good" in r for _, r in states)
     assert [d for (d,) in deliveries] == ["failed", "failed"]
+
+
+def test_a_worker_killed_by_the_os_is_run_again_up_to_three_runs(tmp_path, phantom_studies, node_factory,
+                                                                   storescp_factory):
+    import os
+    import signal
+
+    dcmtk("storescu")
+    first, second = phantom_studies
+    tps = storescp_factory(tmp_path / "tps", free_port())
+    launcher = tmp_path / "slow-python"  # 3 s before the worker's Python starts: time to kill it, as the OOM killer
+    launcher.write_text(f"#!/bin/sh\nsleep 3\nexec '{sys.executable}' \"$@\"\n")
+    launcher.chmod(0o755)
+    spool, port = tmp_path / "spool", free_port()
+    node_factory(spool, port, "--destination", tps.destination, "--settle", "1", "--tasks", "oar",
+                 "--python", str(launcher))
+
+    def kill_next_worker(study_uid: str, seen: set) -> None:
+        def new_worker():
+            pid = _job_of(spool, study_uid).get("worker_pid")
+            return pid if pid and pid not in seen else None
+
+        pid = wait_until(new_worker, 120, "the next worker to start", interval=0.1)
+        seen.add(pid)
+        os.kill(pid, signal.SIGKILL)
+
+    # killed once: the study runs again and is delivered
+    assert storescu(first.ct_dir, port).returncode == 0
+    seen: set = set()
+    kill_next_worker(first.study_uid, seen)
+    wait_until(lambda: audit_events(spool, "finished"), 240, "the rerun to be delivered", interval=1)
+    [retry] = audit_events(spool, "job_retry")
+    assert retry["attempt"] == 1 and "killed by SIGKILL" in retry["reason"]
+    assert [e["attempt"] for e in audit_events(spool, "job_started")] == [1, 2]
+    assert len(tps.files()) == 1
+
+    # killed in every run: failed after the third, with the reason
+    assert storescu(second.ct_dir, port).returncode == 0
+    wait_until(lambda: _job_of(spool, second.study_uid).get("state") == "running", 60, "the second job to start")
+    for _ in range(3):
+        kill_next_worker(second.study_uid, seen)
+    wait_until(lambda: audit_events(spool, "failed"), 120, "the second study to fail", interval=1)
+    job = _job_of(spool, second.study_uid)
+    assert job["state"] == "failed" and job["attempts"] == 3
+    assert job["reason"].startswith("the worker died in 3 runs (last: the worker killed by SIGKILL")
+    assert len(audit_events(spool, "job_retry")) == 3 and len(tps.files()) == 1
+
+
+def _job_of(spool, study_uid: str) -> dict:
+    with sqlite3.connect(f"file:{spool / 'node.sqlite'}?mode=ro", uri=True) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM jobs WHERE study_uid=?", (study_uid,)).fetchone()
+    return dict(row) if row else {}

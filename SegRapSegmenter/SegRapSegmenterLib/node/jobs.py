@@ -16,15 +16,22 @@ from pathlib import Path
 import pydicom
 
 from ..errors import DicomNetworkError, DicomRefusedError, SegRapError, WorkerError
-from ..runner import SegmentRequest, WorkerRun
+from ..runner import SegmentRequest, WorkerRun, describe_exit
 from .audit import AuditLog
 from .config import NodeConfig
 from .scu import send_files
 from .spool import Spool
 
 
+MAX_RUNS = 3  # a study whose worker died this many times is failed, not retried forever
+
+
 class Requeued(Exception):
     """The job was stopped by a node shutdown and goes back to the queue."""
+
+
+class WorkerDied(Exception):
+    """The worker ended without a final event (killed by the OS, e.g. out of memory): worth another run."""
 
 
 def build_request(config: NodeConfig, job, out_dir: Path, spool: Spool) -> SegmentRequest:
@@ -73,6 +80,15 @@ class JobRunner:
         except Requeued:
             self.spool.requeue(study)
             self.audit.write("job_requeued", study_uid=study, reason="node stopping")
+        except WorkerDied as exc:
+            runs = int(job["attempts"])
+            if runs < MAX_RUNS:
+                self.spool.retry(study)
+                self.audit.write("job_retry", study_uid=study, attempt=runs, reason=str(exc))
+            else:
+                reason = f"the worker died in {runs} runs (last: {exc})"
+                self.spool.fail(study, reason)
+                self.audit.write("failed", study_uid=study, kind="WorkerError", reason=reason)
         except SegRapError as exc:
             self.spool.fail(study, str(exc))
             self.audit.write("failed", study_uid=study, kind=type(exc).__name__, reason=str(exc))
@@ -96,10 +112,13 @@ class JobRunner:
         self.spool.set_worker_pid(study, run.process.pid)
         try:
             outcome = run.wait()
-        except WorkerError as exc:
+        except WorkerError as exc:  # no final event: the worker was killed or crashed
             if self.stop.is_set():
                 raise Requeued() from exc
-            raise
+            code = run.process.returncode if run.process is not None else None
+            # the reason names how it ended, never the log tail (it may hold header values)
+            raise WorkerDied(f"the worker {describe_exit(code) if code is not None else 'died'} "
+                             f"before finishing") from exc
         finally:
             with self._lock:
                 self._run = None

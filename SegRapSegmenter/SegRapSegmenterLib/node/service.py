@@ -21,14 +21,12 @@ import psutil
 from ..errors import EXIT_ERROR, InputError
 from .audit import AuditLog
 from .config import NodeConfig
-from .jobs import JobRunner
+from .jobs import MAX_RUNS, JobRunner
 from .scp import StorageScp
 from .selection import select
 from .spool import Spool
 
 log = logging.getLogger(__name__)
-
-MAX_RUNS = 3  # a study whose worker died this many times is failed, not retried forever
 
 
 def visible_gpus() -> list[str]:

@@ -231,16 +231,25 @@ class Spool:
                        "WHERE study_uid=? AND state='running'",
                        (study_uid,))
 
+    def retry(self, study_uid: str) -> None:
+        """running -> queued after a run that died; the run counts (``attempts`` is kept)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state='queued', queued_at=?, worker_pid=NULL WHERE study_uid=? "
+                       "AND state='running'", (time.time(), study_uid))
+
     def finish(self, study_uid: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE jobs SET state='sent', finished_at=?, worker_pid=NULL, reason=NULL WHERE study_uid=?",
                        (time.time(), study_uid))
 
     def recover(self) -> list[sqlite3.Row]:
-        """Jobs a stopped or killed node left running, back in the queue (returned as they were)."""
+        """Jobs a stopped or killed node left running, back in the queue (returned as they were).
+
+        The interrupted run is not counted: a node restart must not use up a healthy job's runs.
+        """
         with self._tx() as db:
             rows = db.execute("SELECT * FROM jobs WHERE state='running'").fetchall()
-            db.execute("UPDATE jobs SET state='queued' WHERE state='running'")
+            db.execute("UPDATE jobs SET state='queued', attempts=MAX(attempts-1, 0) WHERE state='running'")
             return rows
 
     # ---------------------------------------------------------------- deliveries
