@@ -686,6 +686,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--config", type=Path, help="TOML file with the same settings (see the README)")
     p.add_argument("--status", action="store_true", help="print the queue of the node whose --spool is given, "
                    "and exit")
+    p.add_argument("--rerun", metavar="STUDY_UID", help="contour this sent or failed study of --spool again (the "
+                   "new RTSTRUCT replaces the earlier one at the destinations), and exit")
+    p.add_argument("--redeliver", metavar="STUDY_UID", help="send this study's RTSTRUCT (the same file) to every "
+                   "destination again, and exit")
     p.add_argument("--ae-title", help="the node's AE title (default SEGRAP)")
     p.add_argument("--host", help="address to listen on (default 0.0.0.0; 127.0.0.1 for this machine only)")
     p.add_argument("--port", type=int, help="port to listen on (default 11112)")
@@ -711,8 +715,13 @@ def _cmd_serve(args) -> int:
 
     from .errors import InputError
     from .node.config import load_config
-    from .node.service import Node, status_text
+    from .node.service import Node, requeue_study, status_text
 
+    if args.rerun or args.redeliver:
+        if args.spool is None or (args.rerun and args.redeliver):
+            raise InputError("--rerun or --redeliver STUDY_UID (one of them) needs --spool DIR (the node's spool).")
+        print(requeue_study(args.spool, args.rerun or args.redeliver, redeliver=bool(args.redeliver)))
+        return EXIT_OK
     if args.status:
         if args.spool is None:
             raise InputError("--status needs --spool DIR (the node's spool folder).")

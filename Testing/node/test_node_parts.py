@@ -93,8 +93,32 @@ def test_the_spool_queue_goes_received_queued_running_sent_and_survives_a_restar
     assert spool.delivery_attempt("1.2.3", "TPS@h:104", None) == 2
     assert spool.delivered("1.2.3") == {"TPS@h:104"}
     spool.finish("1.2.3")
-    assert spool.store(_instance("1.2.3", "1.2.3.4", "1.2.3.4.9"), b"late") == "late"
+    # an image sent again changes nothing; a new image reopens the study for a run whose RTSTRUCT replaces this one
+    assert spool.store(_instance("1.2.3", "1.2.3.4", "1.2.3.4.2"), b"again") == "late"
     assert spool.job("1.2.3")["state"] == "sent" and spool.job("1.2.3")["late_instances"] == 1
+    assert spool.store(_instance("1.2.3", "1.2.3.4", "1.2.3.4.9"), b"new", now=200.0) == "reopened"
+    job = spool.job("1.2.3")
+    assert (job["state"], job["rtstruct_uid"], job["previous_rtstruct_uid"], job["attempts"]) == \
+        ("received", None, "9.9", 0)
+    assert spool.delivered("1.2.3") == set()  # the destination holds the replaced RTSTRUCT only
+    spool.close()
+
+
+def test_the_settle_clock_restarts_at_node_start_and_rerun_redeliver_need_a_finished_study(tmp_path):
+    spool = Spool(tmp_path)
+    spool.store(_instance("1.6", "1.6.1", "1.6.1.1"), b"x", now=100.0)
+    assert spool.settled(30, now=1000.0) == ["1.6"]  # 900 s "quiet", but the node was down for them
+    assert spool.restart_settle_clocks(now=1000.0) == 1
+    assert spool.settled(30, now=1020.0) == [] and spool.settled(30, now=1031.0) == ["1.6"]
+    with pytest.raises(InputError, match="is received"):
+        spool.rerun("1.6")
+    with pytest.raises(InputError, match="no such study"):
+        spool.redeliver("9.9.9")
+    spool.fail("1.6", "no usable CT")
+    with pytest.raises(InputError, match="no RTSTRUCT"):
+        spool.redeliver("1.6")
+    spool.rerun("1.6")
+    assert spool.job("1.6")["state"] == "received" and spool.job("1.6")["reason"] is None
     spool.close()
 
 

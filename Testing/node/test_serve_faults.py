@@ -181,3 +181,81 @@ def _job_of(spool, study_uid: str) -> dict:
         db.row_factory = sqlite3.Row
         row = db.execute("SELECT * FROM jobs WHERE study_uid=?", (study_uid,)).fetchone()
     return dict(row) if row else {}
+
+
+def _referenced_images(path) -> set[str]:
+    rtstruct = pydicom.dcmread(path)
+    series = rtstruct.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    return {str(item.ReferencedSOPInstanceUID) for item in series.ContourImageSequence}
+
+
+def _ct_files(phantom) -> list:
+    return sorted(phantom.ct_dir.glob("*.dcm"))
+
+
+def _uids(files) -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+
+
+def test_a_study_cut_by_a_node_kill_waits_a_full_settle_after_the_restart_for_the_resend(
+        tmp_path, phantom_studies, node_factory, storescp_factory):
+    dcmtk("storescu")
+    study = phantom_studies[0]
+    files = _ct_files(study)
+    tps = storescp_factory(tmp_path / "tps", free_port())
+    spool, port = tmp_path / "spool", free_port()
+    args = ("--destination", tps.destination, "--settle", "8", "--tasks", "oar")
+    node = node_factory(spool, port, *args)
+    assert storescu(files[:24], port).returncode == 0  # the transfer is cut here by the node's crash
+    node.kill()
+    time.sleep(10)  # down longer than the settle time
+    node_factory(spool, port, *args)
+    assert storescu(files, port).returncode == 0  # the scanner sends the whole series again
+    wait_until(lambda: audit_events(spool, "finished"), 240, "the study to be delivered", interval=1)
+    assert audit_events(spool, "settle_restarted")[0]["studies"] == 1
+    assert len(audit_events(spool, "job_started")) == 1 and len(tps.files()) == 1
+    assert _referenced_images(tps.files()[0]) == _uids(files)  # every slice, not the 24 before the crash
+
+
+def test_new_images_reopen_a_delivered_study_and_rerun_and_redeliver_requeue_it(
+        tmp_path, phantom_studies, node_factory, storescp_factory):
+    dcmtk("storescu")
+    study = phantom_studies[1]
+    files = _ct_files(study)
+    tps = storescp_factory(tmp_path / "tps", free_port())
+    spool, port = tmp_path / "spool", free_port()
+    node_factory(spool, port, "--destination", tps.destination, "--settle", "1", "--tasks", "oar")
+
+    def delivered(count: int, files_there: int | None = None) -> list:
+        wait_until(lambda: len(audit_events(spool, "finished")) == count, 240, f"delivery {count}", interval=1)
+        wait_until(lambda: len(tps.files()) == (files_there or count), 30, f"file {count} at the destination")
+        return sorted(tps.files(), key=lambda p: p.stat().st_mtime)
+
+    assert storescu(files[:24], port).returncode == 0
+    [first] = delivered(1)
+    assert _referenced_images(first) == _uids(files[:24])
+
+    # the rest of the series arrives after the delivery: the study is contoured again, the new RTSTRUCT replaces
+    assert storescu(files, port).returncode == 0
+    second = delivered(2)[-1]
+    first_uid, second_uid = (str(pydicom.dcmread(p).SOPInstanceUID) for p in (first, second))
+    assert _referenced_images(second) == _uids(files) and second_uid != first_uid
+    assert audit_events(spool, "sent")[-1]["replaces"] == first_uid
+    assert audit_events(spool, "study_reopened")
+
+    def serve(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "SegRapSegmenterLib.cli", "serve", *flags, "--spool",
+                               str(spool)], capture_output=True, text=True, timeout=60)
+
+    redeliver = serve("--redeliver", study.study_uid)
+    assert redeliver.returncode == 0, redeliver.stderr
+    delivered(3, files_there=2)  # storescp names its files by SOP instance UID: the same file, stored over itself
+    assert audit_events(spool, "sent")[-1]["rtstruct_uid"] == second_uid
+    rerun = serve("--rerun", study.study_uid)
+    assert rerun.returncode == 0, rerun.stderr
+    fourth = delivered(4, files_there=3)[-1]
+    assert str(pydicom.dcmread(fourth).SOPInstanceUID) not in (first_uid, second_uid)
+    assert _referenced_images(fourth) == _uids(files)
+    assert len(audit_events(spool, "job_started")) == 3  # first, reopened, rerun; the redelivery ran nothing
+    unknown = serve("--rerun", "1.2.3.4.5")
+    assert unknown.returncode == 3 and "no such study" in unknown.stderr

@@ -73,6 +73,10 @@ class JobRunner:
             rtstruct = job["rtstruct"]
             if not rtstruct or not Path(rtstruct).is_file():
                 rtstruct = self._segment(job)
+                if self.spool.reopen_if_changed(study):  # images came in while it ran: contour them all again
+                    self.audit.write("study_reopened", study_uid=study, reason="new images arrived during the run")
+                    return
+                job = self.spool.job(study)
             if self._deliver(job, Path(rtstruct)):
                 self.spool.finish(study)
                 self.audit.write("finished", study_uid=study, state="sent",
@@ -138,6 +142,7 @@ class JobRunner:
         """Send to every destination not yet holding it; True when all do, False (job failed) when one gave up."""
         study = job["study_uid"]
         delivery = self.config.delivery
+        uid = job["rtstruct_uid"] or _uid_of(rtstruct)
         pending = [d for d in self.config.destinations if str(d) not in self.spool.delivered(study)]
         while pending:
             for dest in list(pending):
@@ -146,7 +151,8 @@ class JobRunner:
                 try:
                     send_files([rtstruct], dest, self.config.ae_title, timeout=delivery.timeout_s)
                 except DicomRefusedError as exc:  # retrying cannot help: this destination fails at once
-                    attempts = self.spool.delivery_attempt(study, str(dest), str(exc), give_up=True)
+                    attempts = self.spool.delivery_attempt(study, str(dest), str(exc), give_up=True,
+                                                           rtstruct_uid=uid)
                     self.audit.write("delivery_failed", study_uid=study, destination=str(dest), attempt=attempts,
                                      permanent=True, error=str(exc))
                     reason = f"delivery to {dest} refused for good: {exc}"
@@ -155,7 +161,8 @@ class JobRunner:
                     return False
                 except (DicomNetworkError, OSError) as exc:
                     last = self.spool.delivery_attempts(study, str(dest)) + 1 >= delivery.attempts
-                    attempts = self.spool.delivery_attempt(study, str(dest), str(exc), give_up=last)
+                    attempts = self.spool.delivery_attempt(study, str(dest), str(exc), give_up=last,
+                                                           rtstruct_uid=uid)
                     self.audit.write("delivery_retry" if attempts < delivery.attempts else "delivery_failed",
                                      study_uid=study, destination=str(dest), attempt=attempts, error=str(exc))
                     if attempts >= delivery.attempts:
@@ -164,10 +171,10 @@ class JobRunner:
                         self.audit.write("failed", study_uid=study, reason=reason)
                         return False
                     continue
-                attempts = self.spool.delivery_attempt(study, str(dest), None)
+                attempts = self.spool.delivery_attempt(study, str(dest), None, rtstruct_uid=uid)
                 pending.remove(dest)
-                self.audit.write("sent", study_uid=study, destination=str(dest), rtstruct_uid=job["rtstruct_uid"]
-                                 or _uid_of(rtstruct), attempt=attempts,
+                self.audit.write("sent", study_uid=study, destination=str(dest), rtstruct_uid=uid, attempt=attempts,
+                                 replaces=job["previous_rtstruct_uid"],
                                  received_to_sent_s=round(time.time() - float(job["first_received"]), 1))
             if pending:
                 failures = max(self.spool.delivery_attempts(study, str(d)) for d in pending)

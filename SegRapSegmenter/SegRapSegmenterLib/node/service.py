@@ -99,6 +99,9 @@ class Node:
 
     def _recover(self) -> None:
         removed = self.spool.clear_incoming()
+        restarted = self.spool.restart_settle_clocks()
+        if restarted:  # a study cut by the downtime gets a full settle time for its sender to resend
+            self.audit.write("settle_restarted", studies=restarted, settle_s=self.config.settle_s)
         for job in self.spool.recover():
             killed = _stop_orphan(job["worker_pid"])
             self.audit.write("job_recovered", study_uid=job["study_uid"], attempt=int(job["attempts"]),
@@ -220,6 +223,27 @@ class Node:
                   file=sys.stderr)
             return EXIT_ERROR
         return 0
+
+
+def requeue_study(spool_dir, study_uid: str, redeliver: bool) -> str:
+    """``--rerun`` / ``--redeliver``: change one finished study in the spool's queue; a running node picks it up."""
+    from pathlib import Path
+
+    if not (Path(spool_dir) / "node.sqlite").is_file():
+        raise InputError(f"--spool {spool_dir}: no node database there (node.sqlite); give the spool of a node.")
+    spool = Spool(spool_dir)
+    try:
+        audit = AuditLog(spool.audit_path)
+        if redeliver:
+            uid = spool.redeliver(study_uid)
+            audit.write("redeliver_requested", study_uid=study_uid, rtstruct_uid=uid)
+            return f"{study_uid}: queued to send its RTSTRUCT {uid} (the same file) to every destination again"
+        spool.rerun(study_uid)
+        audit.write("rerun_requested", study_uid=study_uid)
+        return (f"{study_uid}: will be contoured again after the settle time; the new RTSTRUCT (a new SOP instance "
+                f"UID) goes to every destination")
+    finally:
+        spool.close()
 
 
 def status_text(spool_dir) -> str:

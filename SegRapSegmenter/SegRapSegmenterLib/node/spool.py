@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import InputError, OutputError
 from .selection import SeriesSummary
 
 STATES = ("received", "queued", "running", "sent", "failed")
@@ -36,11 +36,16 @@ CREATE TABLE IF NOT EXISTS jobs (
   study_uid TEXT PRIMARY KEY, case_id TEXT NOT NULL, state TEXT NOT NULL, calling_ae TEXT,
   first_received REAL, last_received REAL, queued_at REAL, started_at REAL, finished_at REAL,
   plain_series TEXT, contrast_series TEXT, tasks TEXT, notes TEXT, attempts INTEGER DEFAULT 0,
-  worker_pid INTEGER, rtstruct TEXT, rtstruct_uid TEXT, reason TEXT, late_instances INTEGER DEFAULT 0);
+  worker_pid INTEGER, rtstruct TEXT, rtstruct_uid TEXT, reason TEXT, late_instances INTEGER DEFAULT 0,
+  previous_rtstruct_uid TEXT);
 CREATE TABLE IF NOT EXISTS deliveries (
   study_uid TEXT NOT NULL, destination TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER DEFAULT 0,
-  sent_at REAL, last_error TEXT, PRIMARY KEY (study_uid, destination));
+  sent_at REAL, last_error TEXT, rtstruct_uid TEXT, PRIMARY KEY (study_uid, destination));
 """
+# columns added since the first release, with the statement that fills them in an older spool's database
+_ADDED = (("jobs", "previous_rtstruct_uid", "TEXT", None),
+          ("deliveries", "rtstruct_uid", "TEXT", "UPDATE deliveries SET rtstruct_uid=(SELECT j.rtstruct_uid FROM jobs j "
+                                                 "WHERE j.study_uid=deliveries.study_uid)"))
 
 
 def is_uid(text: str) -> bool:
@@ -90,6 +95,17 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a killed process loses no commit
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns an older node's database lacks (the data it holds stays as it is)."""
+        for table, column, kind, fill in _ADDED:
+            have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                with self._tx() as db:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                    if fill:
+                        db.execute(fill)
 
     def close(self) -> None:
         with self._lock:
@@ -142,6 +158,8 @@ class Spool:
             raise
         now = time.time() if now is None else now
         with self._tx() as db:
+            known = db.execute("SELECT 1 FROM instances WHERE sop_uid=? AND study_uid=?",
+                               (inst.sop_uid, inst.study_uid)).fetchone() is not None
             db.execute("INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?)",
                        (inst.sop_uid, inst.study_uid, inst.series_uid, inst.sop_class, inst.modality,
                         inst.series_description, ",".join(inst.contrast_tags), inst.calling_ae, now, str(target)))
@@ -155,6 +173,9 @@ class Spool:
                 db.execute("UPDATE jobs SET state='received', last_received=? WHERE study_uid=?",
                            (now, inst.study_uid))
                 return "received"
+            if not known and row["state"] != "running":  # a new image for a contoured study: contour it again
+                self._reopen(db, inst.study_uid, now)
+                return "reopened"
             if row["state"] == "failed":  # a study sent again after a failure gets a fresh start
                 # the stored RTSTRUCT is kept when a destination already holds it: one structure set per study
                 db.execute("UPDATE jobs SET state='received', last_received=?, attempts=0, reason=NULL, "
@@ -164,8 +185,61 @@ class Spool:
                            "WHERE study_uid=?", (now, inst.study_uid))
                 db.execute("DELETE FROM deliveries WHERE study_uid=? AND state!='sent'", (inst.study_uid,))
                 return "reopened"
+            # a running job notices new images when its run ends (reopen_if_changed); a resent image changes nothing
             db.execute("UPDATE jobs SET late_instances=late_instances+1 WHERE study_uid=?", (inst.study_uid,))
             return "late"
+
+    @staticmethod
+    def _reopen(db: sqlite3.Connection, study_uid: str, now: float) -> None:
+        """Back to ``received`` for a new run: the next RTSTRUCT (a new SOP instance UID) replaces the earlier one."""
+        db.execute("UPDATE jobs SET state='received', last_received=?, attempts=0, reason=NULL, worker_pid=NULL, "
+                   "previous_rtstruct_uid=COALESCE((SELECT d.rtstruct_uid FROM deliveries d WHERE "
+                   "d.study_uid=jobs.study_uid AND d.state='sent' ORDER BY d.sent_at DESC LIMIT 1), "
+                   "previous_rtstruct_uid), rtstruct=NULL, rtstruct_uid=NULL WHERE study_uid=?", (now, study_uid))
+        db.execute("DELETE FROM deliveries WHERE study_uid=? AND state!='sent'", (study_uid,))
+
+    def reopen_if_changed(self, study_uid: str) -> bool:
+        """After a run: when new images arrived while it ran, the study goes back to ``received`` (True)."""
+        with self._tx() as db:
+            row = db.execute("SELECT MAX(i.received_at) AS last, j.started_at FROM instances i JOIN jobs j "
+                             "USING (study_uid) WHERE study_uid=?", (study_uid,)).fetchone()
+            if row is None or row["last"] is None or row["started_at"] is None or row["last"] <= row["started_at"]:
+                return False
+            self._reopen(db, study_uid, time.time())
+            return True
+
+    def restart_settle_clocks(self, now: float | None = None) -> int:
+        """At start-up: the studies still receiving wait a full ``settle`` again (the downtime is not quiet)."""
+        with self._tx() as db:
+            return db.execute("UPDATE jobs SET last_received=? WHERE state='received' AND last_received<?",
+                              (time.time() if now is None else now,) * 2).rowcount
+
+    def rerun(self, study_uid: str) -> None:
+        """``--rerun``: contour the study again; the new RTSTRUCT replaces the earlier one at every destination."""
+        with self._tx() as db:
+            self._require_finished(db, study_uid, "--rerun")
+            self._reopen(db, study_uid, time.time())
+
+    def redeliver(self, study_uid: str) -> str:
+        """``--redeliver``: send the study's RTSTRUCT (the same file, same UID) to every destination again."""
+        with self._tx() as db:
+            row = self._require_finished(db, study_uid, "--redeliver")
+            if not row["rtstruct"] or not Path(row["rtstruct"]).is_file():
+                raise InputError(f"--redeliver {study_uid}: this study has no RTSTRUCT in the spool; use --rerun.")
+            db.execute("DELETE FROM deliveries WHERE study_uid=?", (study_uid,))
+            db.execute("UPDATE jobs SET state='queued', queued_at=?, reason=NULL, attempts=0 WHERE study_uid=?",
+                       (time.time(), study_uid))
+            return str(row["rtstruct_uid"])
+
+    @staticmethod
+    def _require_finished(db: sqlite3.Connection, study_uid: str, flag: str) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM jobs WHERE study_uid=?", (study_uid,)).fetchone()
+        if row is None:
+            raise InputError(f"{flag} {study_uid}: no such study in this spool (see --status).")
+        if row["state"] not in ("sent", "failed"):
+            raise InputError(f"{flag} {study_uid}: the study is {row['state']}; it will be contoured and sent "
+                             f"anyway. Use {flag} on a study that is sent or failed.")
+        return row
 
     def settled(self, settle_s: float, now: float | None = None) -> list[str]:
         """Studies in ``received`` with no instance for ``settle_s`` seconds."""
@@ -255,14 +329,27 @@ class Spool:
     # ---------------------------------------------------------------- deliveries
 
     def delivered(self, study_uid: str) -> set[str]:
-        rows = self._query("SELECT destination FROM deliveries WHERE study_uid=? AND state='sent'", (study_uid,))
+        """The destinations holding the study's current RTSTRUCT (not an earlier one a rerun replaced)."""
+        rows = self._query("SELECT d.destination FROM deliveries d JOIN jobs j USING (study_uid) WHERE "
+                           "d.study_uid=? AND d.state='sent' AND d.rtstruct_uid IS j.rtstruct_uid", (study_uid,))
         return {r["destination"] for r in rows}
 
-    def delivery_attempt(self, study_uid: str, destination: str, error: str | None, give_up: bool = False) -> int:
-        """Record one attempt (``error`` None: it was stored; ``give_up``: failed for good); returns the attempts."""
+    def delivery_attempt(self, study_uid: str, destination: str, error: str | None, give_up: bool = False,
+                         rtstruct_uid: str | None = None) -> int:
+        """Record one attempt (``error`` None: it was stored; ``give_up``: failed for good); returns the attempts.
+
+        ``rtstruct_uid``: the RTSTRUCT sent (default the job's current one); an attempt with another
+        RTSTRUCT than the row's (a rerun's) starts the row afresh.
+        """
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO deliveries (study_uid, destination, state) VALUES (?,?,'pending')",
-                       (study_uid, destination))
+            if rtstruct_uid is None:
+                job = db.execute("SELECT rtstruct_uid FROM jobs WHERE study_uid=?", (study_uid,)).fetchone()
+                rtstruct_uid = job["rtstruct_uid"] if job else None
+            db.execute("INSERT OR IGNORE INTO deliveries (study_uid, destination, state, rtstruct_uid) "
+                       "VALUES (?,?,'pending',?)", (study_uid, destination, rtstruct_uid))
+            db.execute("UPDATE deliveries SET state='pending', attempts=0, last_error=NULL, rtstruct_uid=? WHERE "
+                       "study_uid=? AND destination=? AND rtstruct_uid IS NOT ?",
+                       (rtstruct_uid, study_uid, destination, rtstruct_uid))
             if error is None:
                 db.execute("UPDATE deliveries SET state='sent', attempts=attempts+1, sent_at=?, last_error=NULL "
                            "WHERE study_uid=? AND destination=?", (time.time(), study_uid, destination))
