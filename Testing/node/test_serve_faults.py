@@ -126,7 +126,7 @@ def test_a_destination_refusing_rtstruct_storage_fails_that_study_fast_and_the_n
     with sqlite3.connect(f"file:{spool / 'node.sqlite'}?mode=ro", uri=True) as db:
         states = db.execute("SELECT state, reason FROM jobs").fetchall()
         deliveries = db.execute("SELECT state FROM deliveries").fetchall()
-    assert [s for s, _ in states] == ["failed", "failed"] and all("refused for good" in r for _, r in states)
+    assert [s for s, _ in states] == ["failed", "failed"] and all("does not accept RT Structure Set Storage" in r for _, r in states)
     assert [d for (d,) in deliveries] == ["failed", "failed"]
 
 
@@ -259,3 +259,27 @@ def test_new_images_reopen_a_delivered_study_and_rerun_and_redeliver_requeue_it(
     assert len(audit_events(spool, "job_started")) == 3  # first, reopened, rerun; the redelivery ran nothing
     unknown = serve("--rerun", "1.2.3.4.5")
     assert unknown.returncode == 3 and "no such study" in unknown.stderr
+
+
+def test_a_destination_that_is_down_delays_only_its_own_deliveries_not_contouring_or_other_destinations(
+        tmp_path, phantom_studies, node_factory, storescp_factory):
+    dcmtk("storescu")
+    first, second = phantom_studies
+    up = storescp_factory(tmp_path / "up", free_port(), "UP")
+    down_port = free_port()  # nothing listens there until the end
+    config = tmp_path / "node.toml"
+    config.write_text(f'destinations = ["{up.destination}", "DOWN@127.0.0.1:{down_port}"]\n'
+                      "[delivery]\nattempts = 500\nfirst_delay_s = 0.5\nmax_delay_s = 1.0\ntimeout_s = 3\n")
+    spool, port = tmp_path / "spool", free_port()
+    node_factory(spool, port, "--config", str(config), "--settle", "1", "--tasks", "oar")
+    assert storescu(first.ct_dir, port).returncode == 0
+    wait_until(lambda: audit_events(spool, "delivery_retry"), 240, "the first retry to DOWN", interval=1)
+    assert storescu(second.ct_dir, port).returncode == 0
+    # both studies contoured and at UP while DOWN is still down
+    wait_until(lambda: len(up.files()) == 2, 240, "both RTSTRUCTs at the destination that is up", interval=1)
+    assert {e["study_uid"] for e in audit_events(spool, "job_finished")} == {first.study_uid, second.study_uid}
+    assert not audit_events(spool, "finished")
+    down = storescp_factory(tmp_path / "down", down_port, "DOWN")
+    wait_until(lambda: len(audit_events(spool, "finished")) == 2, 60, "both studies delivered to DOWN too")
+    assert len(down.files()) == 2 and len(up.files()) == 2
+    assert {e["destination"] for e in audit_events(spool, "sent")} == {up.destination, down.destination}

@@ -1,8 +1,8 @@
-"""One study's job: contour it in the CLI's worker process, then deliver its RTSTRUCT to every destination.
+"""One study's job: contour it in the CLI's worker process, then hand its RTSTRUCT to the couriers (``delivery``).
 
-The RTSTRUCT is made once per study and kept in the spool; every delivery (and every redelivery
+The RTSTRUCT is made once per run and kept in the spool; every delivery (and every redelivery
 after a restart) sends that same file, so a destination never receives two structure sets for one
-study. Deliveries are recorded per destination the moment a destination confirms the store.
+run. Deliveries are recorded per destination the moment a destination confirms the store.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pydicom
 
-from ..errors import DicomNetworkError, DicomRefusedError, SegRapError, WorkerError
+from ..errors import SegRapError, WorkerError
 from ..runner import SegmentRequest, WorkerRun, describe_exit
 from .audit import AuditLog
 from .config import NodeConfig
-from .scu import send_files
 from .spool import Spool
 
 
@@ -53,8 +52,9 @@ class JobRunner:
     """Runs claimed jobs for one worker slot (one GPU); ``cancel`` stops the running one for a requeue."""
 
     def __init__(self, config: NodeConfig, spool: Spool, audit: AuditLog, stop: threading.Event,
-                 env: dict[str, str] | None = None, slot: int = 0):
+                 env: dict[str, str] | None = None, slot: int = 0, on_contoured=lambda: None):
         self.config, self.spool, self.audit, self.stop = config, spool, audit, stop
+        self.on_contoured = on_contoured  # wakes the couriers
         self.env, self.slot = env, slot
         self._run: WorkerRun | None = None
         self._lock = threading.Lock()
@@ -67,7 +67,8 @@ class JobRunner:
             run.cancel()
 
     def process(self, job) -> None:
-        """Contour (unless this study's RTSTRUCT exists) and deliver; leaves the job sent, failed or queued."""
+        """Contour (unless this study's RTSTRUCT exists) and hand it to the couriers; leaves it delivering, failed
+        or queued."""
         study = job["study_uid"]
         try:
             rtstruct = job["rtstruct"]
@@ -76,11 +77,12 @@ class JobRunner:
                 if self.spool.reopen_if_changed(study):  # images came in while it ran: contour them all again
                     self.audit.write("study_reopened", study_uid=study, reason="new images arrived during the run")
                     return
-                job = self.spool.job(study)
-            if self._deliver(job, Path(rtstruct)):
-                self.spool.finish(study)
-                self.audit.write("finished", study_uid=study, state="sent",
+            self.spool.to_delivery(study)  # the couriers send it; this slot takes the next study
+            if not self.config.destinations:
+                self.spool.conclude_delivery(study, [])
+                self.audit.write("finished", study_uid=study, state="sent", destinations=0,
                                  received_to_sent_s=round(time.time() - float(job["first_received"]), 1))
+            self.on_contoured()
         except Requeued:
             self.spool.requeue(study)
             self.audit.write("job_requeued", study_uid=study, reason="node stopping")
@@ -137,51 +139,3 @@ class JobRunner:
         self.audit.write("job_finished", study_uid=study, rtstruct_uid=uid, seconds=round(time.time() - started, 1),
                          warnings=len(outcome.warnings))
         return path
-
-    def _deliver(self, job, rtstruct: Path) -> bool:
-        """Send to every destination not yet holding it; True when all do, False (job failed) when one gave up."""
-        study = job["study_uid"]
-        delivery = self.config.delivery
-        uid = job["rtstruct_uid"] or _uid_of(rtstruct)
-        pending = [d for d in self.config.destinations if str(d) not in self.spool.delivered(study)]
-        while pending:
-            for dest in list(pending):
-                if self.stop.is_set():
-                    raise Requeued()
-                try:
-                    send_files([rtstruct], dest, self.config.ae_title, timeout=delivery.timeout_s)
-                except DicomRefusedError as exc:  # retrying cannot help: this destination fails at once
-                    attempts = self.spool.delivery_attempt(study, str(dest), str(exc), give_up=True,
-                                                           rtstruct_uid=uid)
-                    self.audit.write("delivery_failed", study_uid=study, destination=str(dest), attempt=attempts,
-                                     permanent=True, error=str(exc))
-                    reason = f"delivery to {dest} refused for good: {exc}"
-                    self.spool.fail(study, reason)
-                    self.audit.write("failed", study_uid=study, kind="delivery", reason=reason)
-                    return False
-                except (DicomNetworkError, OSError) as exc:
-                    last = self.spool.delivery_attempts(study, str(dest)) + 1 >= delivery.attempts
-                    attempts = self.spool.delivery_attempt(study, str(dest), str(exc), give_up=last,
-                                                           rtstruct_uid=uid)
-                    self.audit.write("delivery_retry" if attempts < delivery.attempts else "delivery_failed",
-                                     study_uid=study, destination=str(dest), attempt=attempts, error=str(exc))
-                    if attempts >= delivery.attempts:
-                        reason = f"{dest}: not delivered after {attempts} attempts ({exc})"
-                        self.spool.fail(study, reason)
-                        self.audit.write("failed", study_uid=study, reason=reason)
-                        return False
-                    continue
-                attempts = self.spool.delivery_attempt(study, str(dest), None, rtstruct_uid=uid)
-                pending.remove(dest)
-                self.audit.write("sent", study_uid=study, destination=str(dest), rtstruct_uid=uid, attempt=attempts,
-                                 replaces=job["previous_rtstruct_uid"],
-                                 received_to_sent_s=round(time.time() - float(job["first_received"]), 1))
-            if pending:
-                failures = max(self.spool.delivery_attempts(study, str(d)) for d in pending)
-                if self.stop.wait(delivery.delay(failures)):
-                    raise Requeued()
-        return True
-
-
-def _uid_of(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)

@@ -1,8 +1,8 @@
-"""``segrap serve``: the SCP, the completion rule, the queue and the workers, run until SIGTERM.
+"""``segrap serve``: the SCP, the completion rule, the queue, the workers and the couriers, run until SIGTERM.
 
 A study is complete when none of its instances arrived for ``settle`` seconds; it is then queued
 with the series the selection rule picked (or failed, when it has no usable CT). One worker slot per
-GPU takes queued jobs one at a time. At start-up, jobs a killed node left running go back to the
+GPU takes queued jobs one at a time; one courier thread per destination sends the RTSTRUCTs. At start-up, jobs a killed node left running go back to the
 queue (their orphaned worker processes are stopped first), so every study is finished after a crash.
 """
 
@@ -21,6 +21,7 @@ import psutil
 from ..errors import EXIT_ERROR, InputError
 from .audit import AuditLog
 from .config import NodeConfig
+from .delivery import Courier
 from .jobs import MAX_RUNS, JobRunner
 from .scp import StorageScp
 from .selection import select
@@ -81,7 +82,8 @@ class Node:
         self._wake = threading.Event()
         self.scp = StorageScp(config.ae_title, config.host, config.port, self.spool, self.audit,
                               config.allow_ae, on_study=self._on_study)
-        self.runners = [JobRunner(config, self.spool, self.audit, self.stop_event, env, slot)
+        self.couriers = [Courier(config, self.spool, self.audit, dest, self.stop_event) for dest in config.destinations]
+        self.runners = [JobRunner(config, self.spool, self.audit, self.stop_event, env, slot, self._wake_couriers)
                         for slot, env in enumerate(worker_slots(config))]
         self.port = config.port
         self._fatal: str | None = None
@@ -90,10 +92,15 @@ class Node:
         if state in ("late", "reopened"):
             self.audit.write("late_instance" if state == "late" else "study_reopened", study_uid=study_uid)
 
+    def _wake_couriers(self) -> None:
+        for courier in self.couriers:
+            courier.wake.set()
+
     def stop(self, *_args) -> None:
         """Stop accepting, stop the running jobs (requeued) and let ``run`` return."""
         self.stop_event.set()
         self._wake.set()
+        self._wake_couriers()
 
     # ------------------------------------------------------------------ the loops
 
@@ -203,6 +210,8 @@ class Node:
                          workers=len(self.runners), pid=os.getpid())
         threads = [threading.Thread(target=self._guarded, args=(f"worker slot {r.slot}", self._worker_loop, r),
                                     name=f"segrap-worker-{r.slot}", daemon=True) for r in self.runners]
+        threads += [threading.Thread(target=self._guarded, args=(f"courier to {c.dest}", c.run),
+                                     name=f"segrap-courier-{c.dest}", daemon=True) for c in self.couriers]
         for t in threads:
             t.start()
         try:

@@ -3,7 +3,7 @@
 Layout: ``DIR/studies/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` (UIDs are checked to be UIDs,
 so they are safe names), ``DIR/incoming/`` for files being written, ``DIR/jobs/<case id>/`` for the
 runs' outputs, ``DIR/node.sqlite`` and ``DIR/audit.jsonl``. The database has one row per received
-instance, one job per study (the queue: received -> queued -> running -> sent | failed) and one
+instance, one job per study (the queue: received -> queued -> running -> delivering -> sent | failed) and one
 delivery row per study and destination, so a restart knows what was sent where.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import InputError, OutputError
 from .selection import SeriesSummary
 
-STATES = ("received", "queued", "running", "sent", "failed")
+STATES = ("received", "queued", "running", "delivering", "sent", "failed")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 _SCHEMA = """
@@ -40,12 +40,13 @@ CREATE TABLE IF NOT EXISTS jobs (
   previous_rtstruct_uid TEXT);
 CREATE TABLE IF NOT EXISTS deliveries (
   study_uid TEXT NOT NULL, destination TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER DEFAULT 0,
-  sent_at REAL, last_error TEXT, rtstruct_uid TEXT, PRIMARY KEY (study_uid, destination));
+  sent_at REAL, last_error TEXT, rtstruct_uid TEXT, retry_at REAL, PRIMARY KEY (study_uid, destination));
 """
 # columns added since the first release, with the statement that fills them in an older spool's database
 _ADDED = (("jobs", "previous_rtstruct_uid", "TEXT", None),
           ("deliveries", "rtstruct_uid", "TEXT", "UPDATE deliveries SET rtstruct_uid=(SELECT j.rtstruct_uid FROM jobs j "
-                                                 "WHERE j.study_uid=deliveries.study_uid)"))
+                                                 "WHERE j.study_uid=deliveries.study_uid)"),
+          ("deliveries", "retry_at", "REAL", None))
 
 
 def is_uid(text: str) -> bool:
@@ -227,8 +228,7 @@ class Spool:
             if not row["rtstruct"] or not Path(row["rtstruct"]).is_file():
                 raise InputError(f"--redeliver {study_uid}: this study has no RTSTRUCT in the spool; use --rerun.")
             db.execute("DELETE FROM deliveries WHERE study_uid=?", (study_uid,))
-            db.execute("UPDATE jobs SET state='queued', queued_at=?, reason=NULL, attempts=0 WHERE study_uid=?",
-                       (time.time(), study_uid))
+            db.execute("UPDATE jobs SET state='delivering', reason=NULL WHERE study_uid=?", (study_uid,))
             return str(row["rtstruct_uid"])
 
     @staticmethod
@@ -334,8 +334,45 @@ class Spool:
                            "d.study_uid=? AND d.state='sent' AND d.rtstruct_uid IS j.rtstruct_uid", (study_uid,))
         return {r["destination"] for r in rows}
 
+    def to_delivery(self, study_uid: str) -> None:
+        """running (or queued with its RTSTRUCT) -> delivering: the couriers take it from here."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state='delivering', worker_pid=NULL WHERE study_uid=? AND state IN "
+                       "('running', 'queued')", (study_uid,))
+
+    def next_delivery(self, destination: str, now: float | None = None) -> sqlite3.Row | None:
+        """The oldest delivering study that ``destination`` does not hold, has not given up on, and may try now."""
+        rows = self._query(
+            "SELECT j.* FROM jobs j LEFT JOIN deliveries d ON d.study_uid=j.study_uid AND d.destination=? "
+            "WHERE j.state='delivering' AND (d.study_uid IS NULL OR d.rtstruct_uid IS NOT j.rtstruct_uid OR "
+            "(d.state='pending' AND COALESCE(d.retry_at, 0)<=?)) ORDER BY j.first_received LIMIT 1",
+            (destination, time.time() if now is None else now))
+        return rows[0] if rows else None
+
+    def conclude_delivery(self, study_uid: str, destinations: list[str]) -> tuple[str, str | None] | None:
+        """delivering -> sent (every destination holds the RTSTRUCT) or failed (the rest gave up); None: not yet."""
+        with self._tx() as db:
+            job = db.execute("SELECT rtstruct_uid FROM jobs WHERE study_uid=? AND state='delivering'",
+                             (study_uid,)).fetchone()
+            if job is None:
+                return None
+            rows = {r["destination"]: r for r in db.execute(
+                "SELECT * FROM deliveries WHERE study_uid=? AND rtstruct_uid IS ?", (study_uid, job["rtstruct_uid"]))}
+            states = {d: rows[d]["state"] if d in rows else "pending" for d in destinations}
+            if "pending" in states.values():
+                return None
+            failed = [d for d, state in states.items() if state == "failed"]
+            if not failed:
+                db.execute("UPDATE jobs SET state='sent', finished_at=?, reason=NULL WHERE study_uid=?",
+                           (time.time(), study_uid))
+                return "sent", None
+            reason = "; ".join(f"not delivered to {d} ({rows[d]['last_error']})" for d in failed)
+            db.execute("UPDATE jobs SET state='failed', finished_at=?, reason=? WHERE study_uid=?",
+                       (time.time(), reason, study_uid))
+            return "failed", reason
+
     def delivery_attempt(self, study_uid: str, destination: str, error: str | None, give_up: bool = False,
-                         rtstruct_uid: str | None = None) -> int:
+                         rtstruct_uid: str | None = None, retry_at: float | None = None) -> int:
         """Record one attempt (``error`` None: it was stored; ``give_up``: failed for good); returns the attempts.
 
         ``rtstruct_uid``: the RTSTRUCT sent (default the job's current one); an attempt with another
@@ -354,15 +391,17 @@ class Spool:
                 db.execute("UPDATE deliveries SET state='sent', attempts=attempts+1, sent_at=?, last_error=NULL "
                            "WHERE study_uid=? AND destination=?", (time.time(), study_uid, destination))
             else:
-                db.execute("UPDATE deliveries SET attempts=attempts+1, last_error=?, state=? WHERE study_uid=? AND "
-                           "destination=?", (error, "failed" if give_up else "pending", study_uid, destination))
+                db.execute("UPDATE deliveries SET attempts=attempts+1, last_error=?, state=?, retry_at=? WHERE "
+                           "study_uid=? AND destination=?",
+                           (error, "failed" if give_up else "pending", retry_at, study_uid, destination))
             row = db.execute("SELECT attempts FROM deliveries WHERE study_uid=? AND destination=?",
                              (study_uid, destination)).fetchone()
             return int(row["attempts"])
 
-    def delivery_attempts(self, study_uid: str, destination: str) -> int:
-        rows = self._query("SELECT attempts FROM deliveries WHERE study_uid=? AND destination=?",
-                           (study_uid, destination))
+    def delivery_attempts(self, study_uid: str, destination: str, rtstruct_uid: str | None = None) -> int:
+        """Attempts so far to send ``rtstruct_uid`` (default: any RTSTRUCT) to ``destination``."""
+        rows = self._query("SELECT attempts FROM deliveries WHERE study_uid=? AND destination=? AND "
+                           "(? IS NULL OR rtstruct_uid IS ?)", (study_uid, destination, rtstruct_uid, rtstruct_uid))
         return int(rows[0]["attempts"]) if rows else 0
 
     def deliveries(self, study_uid: str | None = None) -> list[sqlite3.Row]:
