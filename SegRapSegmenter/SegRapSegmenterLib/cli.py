@@ -707,6 +707,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--workers", type=int, help="jobs run at once (default one per GPU, one without GPUs)")
     p.add_argument("--threads", type=int, help="CPU threads of each worker")
     p.add_argument("--python", help="Python executable for the worker (default: this one)")
+    p.add_argument("--min-free-mb", type=float, help="refuse C-STOREs with 0xA700 (out of resources) while the "
+                   "spool's disk has less free space than this (default 1024)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -730,7 +732,8 @@ def _cmd_serve(args) -> int:
     config = load_config(args.config, spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port,
                          destinations=args.destination, allow_ae=args.allow_ae, settle=args.settle,
                          bundle=args.bundle, device=args.device, tasks=args.tasks, contour_holes=args.contour_holes,
-                         workers=args.workers, threads=args.threads, python=args.python)
+                         workers=args.workers, threads=args.threads, python=args.python,
+                         min_free_mb=args.min_free_mb)
     node = Node(config, echo=lambda line: print(line, file=sys.stderr, flush=True))
     signal.signal(signal.SIGTERM, node.stop)
     signal.signal(signal.SIGINT, node.stop)

@@ -316,3 +316,32 @@ def test_a_permanent_association_rejection_or_refusal_status_is_refused_for_good
             held.release()
     finally:
         server.shutdown()
+
+
+def test_a_full_spool_database_or_disk_refuses_with_out_of_resources_and_the_scp_keeps_serving(
+        tmp_path, phantom_studies):
+    spool = Spool(tmp_path / "spool")
+    server = StorageScp("SEGRAP", "127.0.0.1", 0, spool, AuditLog(spool.audit_path), min_free_mb=0)
+    server.start()
+    files = sorted(phantom_studies[0].ct_dir.glob("*.dcm"))
+    dest = Destination("SEGRAP", "127.0.0.1", server.port)
+    try:
+        # SQLite's page limit makes this connection answer "database or disk is full", as a full disk does
+        pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+        spool._db.execute(f"PRAGMA max_page_count={pages}")
+        with pytest.raises(DicomNetworkError, match="0xA700: spool database: database or disk is full"):
+            for path in files:  # a page or two may still be free: the first that needs a new one is refused
+                send_files([path], dest)
+        spool._db.execute("PRAGMA max_page_count=1073741823")
+        assert len(send_files([files[-1]], dest).sent) == 1  # the same SCP, still serving
+
+        server.min_free_mb = spool.free_mb() + 1e6  # the watermark: more free space than the disk has
+        with pytest.raises(DicomNetworkError, match="0xA700: spool disk low"):
+            send_files([files[-2]], dest)
+    finally:
+        server.stop()
+    reasons = [e["reason"] for e in read_events(spool.audit_path) if e["event"] == "instance_refused"]
+    assert any("database or disk is full" in r for r in reasons) and any("below" in r for r in reasons)
+    assert str(pydicom.dcmread(files[-2], stop_before_pixels=True).SOPInstanceUID) not in \
+        {p.stem for p in (spool.root / "studies").rglob("*.dcm")}
+    spool.close()

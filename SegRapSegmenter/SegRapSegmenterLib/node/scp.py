@@ -3,13 +3,15 @@
 Only CT Image Storage is stored. Every other storage SOP class is negotiated, so the sender gets a
 C-STORE status rather than a failed association, and refused with 0x0122 (SOP class not supported).
 A CT instance that cannot be decoded is refused with 0xC210 (cannot understand); one that lacks the
-UIDs, geometry or pixel data of a CT image with 0xA900 (data set does not match SOP class). Calling AE
-titles not on the allow-list are rejected at association (reason: calling AE title not recognised).
+UIDs, geometry or pixel data of a CT image with 0xA900 (data set does not match SOP class); one the spool
+cannot take (free space below the watermark, a full disk or database) with 0xA700 (out of resources).
+Calling AE titles not on the allow-list are rejected at association (reason: calling AE title not recognised).
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 
@@ -63,8 +65,10 @@ class StorageScp:
     """The listening side of the node: ``start`` (non-blocking) and ``stop``."""
 
     def __init__(self, ae_title: str, host: str, port: int, spool: Spool, audit: AuditLog,
-                 allow_ae: tuple[str, ...] = (), on_study: Callable[[str, str], None] | None = None):
+                 allow_ae: tuple[str, ...] = (), on_study: Callable[[str, str], None] | None = None,
+                 min_free_mb: float = 0.0):
         self.ae_title, self.host, self.port = ae_title, host, port
+        self.min_free_mb = min_free_mb
         self.spool, self.audit, self.allow_ae = spool, audit, allow_ae
         self.on_study = on_study or (lambda study_uid, state: None)
         self._server = None
@@ -112,6 +116,10 @@ class StorageScp:
             name = getattr(uid_to_sop_class(sop_class), "name", "") or sop_class
             return self._refuse(event, SOP_CLASS_NOT_SUPPORTED, f"{name} not accepted: CT images only",
                                 sop_class, sop_uid)
+        free = self.spool.free_mb()
+        if free < self.min_free_mb:  # keep room for the database, the audit log and the running jobs
+            return self._refuse(event, OUT_OF_RESOURCES, f"spool disk low: {free:.0f} MB free, below "
+                                f"{self.min_free_mb:.0f} MB", sop_class, sop_uid)
         syntax = str(event.context.transfer_syntax)
         try:
             ds = event.dataset
@@ -131,6 +139,9 @@ class StorageScp:
         except OSError as exc:
             log.error("cannot store %s: %s", sop_uid, exc)
             return self._refuse(event, OUT_OF_RESOURCES, f"spool not writable ({exc.strerror})", sop_class, sop_uid)
+        except sqlite3.Error as exc:  # e.g. "database or disk is full"
+            log.error("cannot record %s: %s", sop_uid, exc)
+            return self._refuse(event, OUT_OF_RESOURCES, f"spool database: {exc}", sop_class, sop_uid)
         self._count(event, "stored")
         self.on_study(inst.study_uid, state)
         return _status(0x0000)

@@ -81,7 +81,7 @@ class Node:
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self.scp = StorageScp(config.ae_title, config.host, config.port, self.spool, self.audit,
-                              config.allow_ae, on_study=self._on_study)
+                              config.allow_ae, on_study=self._on_study, min_free_mb=config.min_free_mb)
         self.couriers = [Courier(config, self.spool, self.audit, dest, self.stop_event) for dest in config.destinations]
         self.runners = [JobRunner(config, self.spool, self.audit, self.stop_event, env, slot, self._wake_couriers)
                         for slot, env in enumerate(worker_slots(config))]
@@ -216,7 +216,10 @@ class Node:
             t.start()
         try:
             while not self.stop_event.is_set():
-                self._complete_settled()
+                try:
+                    self._complete_settled()
+                except Exception as exc:  # noqa: BLE001 - e.g. a full disk: audited, retried at the next cycle
+                    self._job_crashed(None, exc)
                 self.stop_event.wait(min(1.0, max(0.2, self.config.settle_s / 4)))
         finally:
             self.scp.stop()

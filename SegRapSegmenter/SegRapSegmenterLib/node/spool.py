@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import sqlite3
 import tempfile
 import threading
@@ -120,7 +121,10 @@ class Spool:
                 yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:  # SQLite may have rolled back itself (e.g. disk full): keep the first error
+                    pass
                 raise
 
     def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
@@ -128,6 +132,10 @@ class Spool:
             return self._db.execute(sql, args).fetchall()
 
     # ---------------------------------------------------------------- receiving
+
+    def free_mb(self) -> float:
+        """Free space on the spool's disk, in MB (for the watermark below which C-STOREs are refused)."""
+        return shutil.disk_usage(self.root).free / 1e6
 
     def clear_incoming(self) -> int:
         """Remove files a killed node left half-written; returns how many."""
