@@ -345,3 +345,58 @@ def test_a_full_spool_database_or_disk_refuses_with_out_of_resources_and_the_scp
     assert str(pydicom.dcmread(files[-2], stop_before_pixels=True).SOPInstanceUID) not in \
         {p.stem for p in (spool.root / "studies").rglob("*.dcm")}
     spool.close()
+
+
+def test_connections_trickling_an_association_request_are_dropped_and_do_not_lock_senders_out(
+        tmp_path, phantom_studies):
+    import socket
+    import threading
+    import time
+
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+
+    spool = Spool(tmp_path / "spool")
+    server = StorageScp("SEGRAP", "127.0.0.1", 0, spool, AuditLog(spool.audit_path), negotiation_s=3)
+    server.start()
+    request = A_ASSOCIATE_RQ()
+    request.calling_ae_title, request.called_ae_title = "SLOW", "SEGRAP"
+    data = request.encode()  # a real A-ASSOCIATE-RQ, sent one byte a second
+    stop = threading.Event()
+    cut: list[bool] = []
+
+    def trickle() -> None:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            for i in range(len(data)):
+                if stop.wait(1.0):
+                    return
+                try:
+                    s.sendall(data[i:i + 1])
+                except OSError:  # the node closed the connection
+                    cut.append(True)
+                    return
+
+    slow = [threading.Thread(target=trickle, daemon=True) for _ in range(20)]  # more than the 16 slots
+    for t in slow:
+        t.start()
+    try:
+        time.sleep(1.5)  # every slot is taken now
+        dest = Destination("SEGRAP", "127.0.0.1", server.port)
+        started = time.monotonic()
+        wait_until(lambda: _echoes(dest), 20, "a C-ECHO to get through", interval=0.5)
+        assert time.monotonic() - started < 15  # within the 3 s deadline and a few retries, not the trickle's 60+ s
+        send_files([sorted(phantom_studies[0].ct_dir.glob("*.dcm"))[0]], dest)
+        wait_until(lambda: len(cut) == 20, 20, "every trickling connection to be closed by the node")
+    finally:
+        stop.set()
+        server.stop()
+    dropped = [e for e in read_events(spool.audit_path) if e["event"] == "association_dropped"]
+    assert len(dropped) == 20 and all("within 3 s" in e["reason"] for e in dropped)
+    spool.close()
+
+
+def _echoes(dest) -> bool:
+    try:
+        echo(dest, "CT1", timeout=5)
+    except DicomNetworkError:
+        return False
+    return True

@@ -11,6 +11,7 @@ Calling AE titles not on the allow-list are rejected at association (reason: cal
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from .spool import Instance, Spool, is_uid
 log = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+NEGOTIATION_S = 10.0  # a connection must complete its association request within this (slow senders hold slots)
+IDLE_S = 60.0
 SOP_CLASS_NOT_SUPPORTED, OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0122, 0xA700, 0xA900, 0xC210
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"  # decoded by pydicom itself, as the pipeline reads it
 # implicit and explicit VR little endian, RLE; not deflate, whose few MB can inflate to GBs in memory
@@ -66,9 +69,9 @@ class StorageScp:
 
     def __init__(self, ae_title: str, host: str, port: int, spool: Spool, audit: AuditLog,
                  allow_ae: tuple[str, ...] = (), on_study: Callable[[str, str], None] | None = None,
-                 min_free_mb: float = 0.0):
+                 min_free_mb: float = 0.0, negotiation_s: float = NEGOTIATION_S):
         self.ae_title, self.host, self.port = ae_title, host, port
-        self.min_free_mb = min_free_mb
+        self.min_free_mb, self.negotiation_s = min_free_mb, negotiation_s
         self.spool, self.audit, self.allow_ae = spool, audit, allow_ae
         self.on_study = on_study or (lambda study_uid, state: None)
         self._server = None
@@ -85,6 +88,33 @@ class StorageScp:
         with self._lock:
             counts = self._counts.setdefault(id(event.assoc), {"stored": 0, "refused": 0})
             counts[key] += 1
+
+    def _on_connection(self, event) -> None:
+        """Start the negotiation deadline of a new connection (it holds an association slot until it ends)."""
+        assoc = event.assoc
+        timer = threading.Timer(self.negotiation_s, self._drop_if_not_negotiated, (assoc, assoc.dul.socket.socket))
+        timer.daemon = True
+        timer.start()
+
+    def _drop_if_not_negotiated(self, assoc, sock: socket.socket) -> None:
+        """Close a connection that has not completed its A-ASSOCIATE negotiation within ``negotiation_s``.
+
+        pynetdicom reads a PDU to its end before it looks at any timer, and bounds only each recv by
+        the network timeout: a peer sending one byte now and then would hold its slot for ever.
+        Shutting the socket down ends that read, and the association with it.
+        """
+        if assoc.is_established or assoc.is_rejected or assoc.is_aborted or assoc.is_released:
+            return
+        try:
+            address = "{}:{}".format(*sock.getpeername()[:2])
+        except OSError:
+            address = "?"
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return  # already closed
+        self.audit.write("association_dropped", address=address,
+                         reason=f"no complete association request within {self.negotiation_s:g} s")
 
     def _on_established(self, event) -> None:
         self.audit.write("association", **self._peer(event), called_ae=self.ae_title)
@@ -155,12 +185,16 @@ class StorageScp:
 
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = 16
+        ae.acse_timeout = self.negotiation_s  # ARTIM: between the connection and the A-ASSOCIATE-RQ
+        ae.network_timeout = IDLE_S  # an established association idle this long is aborted
+        ae.dimse_timeout = IDLE_S
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_SYNTAXES))
         ae.add_supported_context(Verification)
         if self.allow_ae:
             ae.require_calling_aet = list(self.allow_ae)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+        handlers = [(evt.EVT_CONN_OPEN, self._on_connection), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed)]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
