@@ -709,6 +709,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--python", help="Python executable for the worker (default: this one)")
     p.add_argument("--min-free-mb", type=float, help="refuse C-STOREs with 0xA700 (out of resources) while the "
                    "spool's disk has less free space than this (default 1024)")
+    p.add_argument("--max-instance-mb", type=float, help="refuse a data set larger than this with 0xA700 "
+                   "(default 64); an association sending over twice as much for one data set is closed")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -733,7 +735,7 @@ def _cmd_serve(args) -> int:
                          destinations=args.destination, allow_ae=args.allow_ae, settle=args.settle,
                          bundle=args.bundle, device=args.device, tasks=args.tasks, contour_holes=args.contour_holes,
                          workers=args.workers, threads=args.threads, python=args.python,
-                         min_free_mb=args.min_free_mb)
+                         min_free_mb=args.min_free_mb, max_instance_mb=args.max_instance_mb)
     node = Node(config, echo=lambda line: print(line, file=sys.stderr, flush=True))
     signal.signal(signal.SIGTERM, node.stop)
     signal.signal(signal.SIGINT, node.stop)

@@ -400,3 +400,39 @@ def _echoes(dest) -> bool:
     except DicomNetworkError:
         return False
     return True
+
+
+def _ct_of_size(phantom, tmp_path, megabytes: float):
+    """A valid CT image whose pixel data makes it about ``megabytes`` MB (square, 16-bit)."""
+    import numpy as np
+
+    ds = pydicom.dcmread(sorted(phantom.ct_dir.glob("*.dcm"))[0])
+    side = int((megabytes * 1e6 / 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    ds.PixelData = np.zeros((side, side), dtype=np.uint16).tobytes()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = tmp_path / f"ct-{megabytes:g}mb.dcm"
+    save_file(ds, path)
+    return path
+
+
+def test_a_data_set_over_the_cap_is_refused_and_one_far_over_it_ends_its_association(tmp_path, phantom_studies):
+    spool = Spool(tmp_path / "spool")
+    server = StorageScp("SEGRAP", "127.0.0.1", 0, spool, AuditLog(spool.audit_path), max_instance_mb=1)
+    server.start()
+    dest = Destination("SEGRAP", "127.0.0.1", server.port)
+    phantom = phantom_studies[0]
+    try:
+        with pytest.raises(DicomNetworkError, match="0xA700: data set of 2 MB, over the node's cap of 1 MB"):
+            send_files([_ct_of_size(phantom, tmp_path, 1.5)], dest)
+        with pytest.raises(DicomNetworkError, match="no answer to the C-STORE"):
+            send_files([_ct_of_size(phantom, tmp_path, 8)], dest)
+        small = _ct_of_size(phantom, tmp_path, 0.5)
+        assert len(send_files([small], dest).sent) == 1  # still serving, and a data set under the cap is stored
+    finally:
+        server.stop()
+    events = read_events(spool.audit_path)
+    assert [e["reason"] for e in events if e["event"] == "association_dropped"] == \
+        ["over 2 MB for one data set (the cap is 1 MB)"]
+    assert len(list((spool.root / "studies").rglob("*.dcm"))) == 1
+    spool.close()

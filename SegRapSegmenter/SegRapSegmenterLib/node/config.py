@@ -54,6 +54,7 @@ class NodeConfig:
     delivery: Delivery = field(default_factory=Delivery)
     selection: SelectionRule = field(default_factory=SelectionRule)
     min_free_mb: float = 1024.0  # C-STOREs are refused (0xA700) below this much free space on the spool's disk
+    max_instance_mb: float = 64.0  # a larger data set is refused (0xA700); one far larger ends its association
 
 
 def _read_toml(path: Path) -> dict:
@@ -123,10 +124,13 @@ def _checked(values: dict) -> NodeConfig:
         v["settle_s"] = float(v.get("settle_s", 30.0))
         v["workers"] = None if v.get("workers") is None else int(v["workers"])
         v["min_free_mb"] = float(v.get("min_free_mb", 1024.0))
+        v["max_instance_mb"] = float(v.get("max_instance_mb", 64.0))
     except (TypeError, ValueError) as exc:
-        raise InputError(f"port, settle, workers and min_free_mb must be numbers ({exc}).") from None
+        raise InputError(f"port, settle, workers, min_free_mb and max_instance_mb must be numbers ({exc}).") from None
     if v["min_free_mb"] < 0:
         raise InputError(f"--min-free-mb {v['min_free_mb']}: megabytes, 0 or more.")
+    if v["max_instance_mb"] <= 0:
+        raise InputError(f"--max-instance-mb {v['max_instance_mb']}: megabytes, more than 0.")
     if not 0 <= v["port"] < 65536:
         raise InputError(f"--port {v['port']}: choose a port from 1 to 65535 (0: any free port).")
     if v["settle_s"] < 0:

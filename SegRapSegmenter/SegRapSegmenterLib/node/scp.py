@@ -15,7 +15,9 @@ import socket
 import sqlite3
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from .audit import AuditLog
@@ -58,10 +60,20 @@ def check_ct(ds: Dataset, affected_uid: str, transfer_syntax: str) -> str | None
     if transfer_syntax in _UNCOMPRESSED:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         want = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * int(ds.get("SamplesPerPixel", 1) or 1)
-        have = len(ds.PixelData)
+        have = _value_length(ds, 0x7FE00010)
         if have < want * frames:
             return f"pixel data of {have} bytes, {want * frames} expected (truncated)"
     return None
+
+
+def _value_length(ds: Dataset, tag: int) -> int:
+    """The length of an element's value without reading a deferred value into memory (pydicom 3; 2.4 reads it)."""
+    try:
+        elem = ds.get_item(tag, keep_deferred=True)
+    except TypeError:  # pydicom 2.4 has no keep_deferred
+        elem = ds.get_item(tag)
+    value = getattr(elem, "value", None)
+    return int(elem.length) if value is None else len(value)
 
 
 class StorageScp:
@@ -69,9 +81,10 @@ class StorageScp:
 
     def __init__(self, ae_title: str, host: str, port: int, spool: Spool, audit: AuditLog,
                  allow_ae: tuple[str, ...] = (), on_study: Callable[[str, str], None] | None = None,
-                 min_free_mb: float = 0.0, negotiation_s: float = NEGOTIATION_S):
+                 min_free_mb: float = 0.0, negotiation_s: float = NEGOTIATION_S, max_instance_mb: float = 64.0):
         self.ae_title, self.host, self.port = ae_title, host, port
-        self.min_free_mb, self.negotiation_s = min_free_mb, negotiation_s
+        self.min_free_mb, self.negotiation_s, self.max_instance_mb = min_free_mb, negotiation_s, max_instance_mb
+        self._receiving: dict[int, int] = {}  # bytes received per association since its last C-STORE
         self.spool, self.audit, self.allow_ae = spool, audit, allow_ae
         self.on_study = on_study or (lambda study_uid, state: None)
         self._server = None
@@ -116,6 +129,22 @@ class StorageScp:
         self.audit.write("association_dropped", address=address,
                          reason=f"no complete association request within {self.negotiation_s:g} s")
 
+    def _on_data(self, event) -> None:
+        """Count a PDU's bytes; an association sending far more than the cap for one data set is closed."""
+        key = id(event.assoc)
+        with self._lock:
+            received = self._receiving[key] = self._receiving.get(key, 0) + len(event.data)
+        if received > 2 * self.max_instance_mb * 1e6 + 1e6:
+            with self._lock:
+                self._receiving[key] = -(1 << 62)  # drop once
+            try:
+                event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+            except (AttributeError, OSError):
+                return
+            self.audit.write("association_dropped", **self._peer(event),
+                             reason=f"over {2 * self.max_instance_mb:g} MB for one data set (the cap is "
+                             f"{self.max_instance_mb:g} MB)")
+
     def _on_established(self, event) -> None:
         self.audit.write("association", **self._peer(event), called_ae=self.ae_title)
 
@@ -125,6 +154,7 @@ class StorageScp:
     def _on_closed(self, event) -> None:
         with self._lock:
             counts = self._counts.pop(id(event.assoc), {"stored": 0, "refused": 0})
+            self._receiving.pop(id(event.assoc), None)
         self.audit.write("association_closed", **self._peer(event), how=event.event.name, **counts)
 
     def _on_echo(self, event) -> int:
@@ -146,14 +176,20 @@ class StorageScp:
             name = getattr(uid_to_sop_class(sop_class), "name", "") or sop_class
             return self._refuse(event, SOP_CLASS_NOT_SUPPORTED, f"{name} not accepted: CT images only",
                                 sop_class, sop_uid)
+        with self._lock:
+            self._receiving[id(event.assoc)] = 0
+        path = Path(event.dataset_path)  # the data set is received into a file, never whole in memory
+        size_mb = path.stat().st_size / 1e6
+        if size_mb > self.max_instance_mb:
+            return self._refuse(event, OUT_OF_RESOURCES, f"data set of {size_mb:.0f} MB, over the node's cap of "
+                                f"{self.max_instance_mb:g} MB", sop_class, sop_uid)
         free = self.spool.free_mb()
         if free < self.min_free_mb:  # keep room for the database, the audit log and the running jobs
             return self._refuse(event, OUT_OF_RESOURCES, f"spool disk low: {free:.0f} MB free, below "
                                 f"{self.min_free_mb:.0f} MB", sop_class, sop_uid)
         syntax = str(event.context.transfer_syntax)
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            ds = dcmread(path, defer_size=4096)  # large values stay on disk until they are used
             reason = check_ct(ds, sop_uid, syntax)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged data
             return self._refuse(event, CANNOT_UNDERSTAND, f"data set cannot be decoded ({type(exc).__name__})",
@@ -165,7 +201,7 @@ class StorageScp:
                         str(ds.get("Modality", "") or "").upper(), str(ds.get("SeriesDescription", "") or ""),
                         tags, event.assoc.requestor.ae_title)
         try:
-            state = self.spool.store(inst, event.encoded_dataset())
+            state = self.spool.store(inst, path)
         except OSError as exc:
             log.error("cannot store %s: %s", sop_uid, exc)
             return self._refuse(event, OUT_OF_RESOURCES, f"spool not writable ({exc.strerror})", sop_class, sop_uid)
@@ -180,8 +216,10 @@ class StorageScp:
 
     def start(self) -> int:
         """Listen (in background threads); returns the port (useful with port 0)."""
-        from pynetdicom import AE, StoragePresentationContexts, evt
+        from pynetdicom import AE, StoragePresentationContexts, _config, evt
         from pynetdicom.sop_class import Verification
+
+        _config.STORE_RECV_CHUNKED_DATASET = True  # C-STORE data sets go to a temporary file, not memory
 
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = 16
@@ -193,7 +231,8 @@ class StorageScp:
         ae.add_supported_context(Verification)
         if self.allow_ae:
             ae.require_calling_aet = list(self.allow_ae)
-        handlers = [(evt.EVT_CONN_OPEN, self._on_connection), (evt.EVT_C_STORE, self._on_store),
+        handlers = [(evt.EVT_CONN_OPEN, self._on_connection), (evt.EVT_DATA_RECV, self._on_data),
+                    (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed)]

@@ -81,7 +81,8 @@ class Node:
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self.scp = StorageScp(config.ae_title, config.host, config.port, self.spool, self.audit,
-                              config.allow_ae, on_study=self._on_study, min_free_mb=config.min_free_mb)
+                              config.allow_ae, on_study=self._on_study, min_free_mb=config.min_free_mb,
+                              max_instance_mb=config.max_instance_mb)
         self.couriers = [Courier(config, self.spool, self.audit, dest, self.stop_event) for dest in config.destinations]
         self.runners = [JobRunner(config, self.spool, self.audit, self.stop_event, env, slot, self._wake_couriers)
                         for slot, env in enumerate(worker_slots(config))]

@@ -148,8 +148,8 @@ class Spool:
     def instance_path(self, inst: Instance) -> Path:
         return self.root / "studies" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
 
-    def store(self, inst: Instance, data: bytes, now: float | None = None) -> str:
-        """Write the file atomically, record it; returns the study's job state after it ("late" after a run)."""
+    def store(self, inst: Instance, data: bytes | Path, now: float | None = None) -> str:
+        """Write the file (bytes, or copied from a file) atomically, record it; returns the study's job state."""
         for uid in (inst.study_uid, inst.series_uid, inst.sop_uid):
             if not is_uid(uid):
                 raise ValueError(f"not a valid UID: {uid!r}")
@@ -158,7 +158,11 @@ class Spool:
         fd, tmp = tempfile.mkstemp(prefix=".recv-", suffix=".dcm", dir=self.root / "incoming")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                if isinstance(data, Path):
+                    with open(data, "rb") as source:
+                        shutil.copyfileobj(source, f, 1 << 20)
+                else:
+                    f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
