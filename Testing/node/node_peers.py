@@ -179,10 +179,14 @@ class StoreScp:
         return f"{self.ae_title}@127.0.0.1:{self.port}"
 
 
-def storescu(folder_or_files, port: int, calling_ae: str = "SCANNER", called_ae: str = "SEGRAP"):
-    """Send with DCMTK's storescu (folders recursively); returns the completed process."""
+def storescu(folder_or_files, port: int, calling_ae: str = "SCANNER", called_ae: str = "SEGRAP",
+             options: tuple[str, ...] = ()):
+    """Send with DCMTK's storescu (folders recursively); returns the completed process.
+
+    ``options``: more storescu options, e.g. ``("-R",)`` to propose each file's own (compressed) transfer syntax.
+    """
     items = [str(p) for p in (folder_or_files if isinstance(folder_or_files, (list, tuple)) else [folder_or_files])]
-    return subprocess.run([dcmtk("storescu"), "-v", "-aet", calling_ae, "-aec", called_ae, "+sd", "+r", "127.0.0.1",
-                           str(port), *items], capture_output=True, text=True, timeout=120)
+    return subprocess.run([dcmtk("storescu"), "-v", "-aet", calling_ae, "-aec", called_ae, "+sd", "+r", *options,
+                           "127.0.0.1", str(port), *items], capture_output=True, text=True, timeout=120)
 
 

@@ -33,7 +33,19 @@ SOP_CLASS_NOT_SUPPORTED, OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"  # decoded by pydicom itself, as the pipeline reads it
 # implicit and explicit VR little endian, RLE; not deflate, whose few MB can inflate to GBs in memory
 ACCEPTED_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", RLE_LOSSLESS)
+# JPEG lossless (process 14, and its first-order prediction), JPEG-LS lossless and near-lossless, JPEG 2000
+# lossless and lossy: the pipeline decodes them through pydicom's plugins (python-gdcm), so they are accepted
+# where this Python has a plugin for them (a node without one refuses them at negotiation, not after a run)
+COMPRESSED_SYNTAXES = ("1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.80",
+                       "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
 _UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
+
+
+def accepted_syntaxes() -> list[str]:
+    """The transfer syntaxes the SCP accepts for storage: the uncompressed ones, RLE, and the decodable compressed."""
+    from ..formats.pydicom_compat import decoder_problem
+
+    return [*ACCEPTED_SYNTAXES, *(uid for uid in COMPRESSED_SYNTAXES if decoder_problem(uid) is None)]
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -226,8 +238,9 @@ class StorageScp:
         ae.acse_timeout = self.negotiation_s  # ARTIM: between the connection and the A-ASSOCIATE-RQ
         ae.network_timeout = IDLE_S  # an established association idle this long is aborted
         ae.dimse_timeout = IDLE_S
+        syntaxes = accepted_syntaxes()
         for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_SYNTAXES))
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         if self.allow_ae:
             ae.require_calling_aet = list(self.allow_ae)
