@@ -663,14 +663,23 @@ def _add_send(sub) -> None:
     p.add_argument("--to", required=True, metavar="AE@HOST:PORT", help="the destination, e.g. TPS@10.0.0.5:104")
     p.add_argument("--calling-ae", default="SEGRAP", help="our AE title (default SEGRAP)")
     p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")
+    _add_tls(p, "the peer")
     p.set_defaults(func=_cmd_send)
+
+
+def _add_tls(p, peer: str) -> None:
+    p.add_argument("--tls-cert", metavar="FILE", help="our certificate (PEM); with --tls-key and --tls-ca: mutual TLS")
+    p.add_argument("--tls-key", metavar="FILE", help="our private key (PEM, unencrypted)")
+    p.add_argument("--tls-ca", metavar="FILE", help=f"CA certificate(s) (PEM) that {peer} must be signed by")
 
 
 def _cmd_send(args) -> int:
     from .node.address import parse_destination
     from .node.scu import send_files
+    from .node.tls import tls_files
 
-    report = send_files(args.paths, parse_destination(args.to), args.calling_ae, timeout=args.timeout)
+    report = send_files(args.paths, parse_destination(args.to), args.calling_ae, timeout=args.timeout,
+                        tls=tls_files(args.tls_cert, args.tls_key, args.tls_ca))
     for warning in report.warnings:
         print(f"segrap send: warning: {warning}", file=sys.stderr)
     print(f"sent {len(report.sent)} file(s) to {report.destination}")
@@ -711,6 +720,7 @@ def _add_serve(sub) -> None:
                    "spool's disk has less free space than this (default 1024)")
     p.add_argument("--max-instance-mb", type=float, help="refuse a data set larger than this with 0xA700 "
                    "(default 64); an association sending over twice as much for one data set is closed")
+    _add_tls(p, "every calling peer (scanner, PACS)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -735,7 +745,8 @@ def _cmd_serve(args) -> int:
                          destinations=args.destination, allow_ae=args.allow_ae, settle=args.settle,
                          bundle=args.bundle, device=args.device, tasks=args.tasks, contour_holes=args.contour_holes,
                          workers=args.workers, threads=args.threads, python=args.python,
-                         min_free_mb=args.min_free_mb, max_instance_mb=args.max_instance_mb)
+                         min_free_mb=args.min_free_mb, max_instance_mb=args.max_instance_mb,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
     node = Node(config, echo=lambda line: print(line, file=sys.stderr, flush=True))
     signal.signal(signal.SIGTERM, node.stop)
     signal.signal(signal.SIGINT, node.stop)

@@ -190,3 +190,23 @@ def storescu(folder_or_files, port: int, calling_ae: str = "SCANNER", called_ae:
                            "127.0.0.1", str(port), *items], capture_output=True, text=True, timeout=120)
 
 
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A test CA, the node's and a client's certificates signed by it, and a rogue self-signed one (openssl)."""
+    openssl = require("openssl")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60, cwd=folder)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=SegRap test CA")
+    for name in ("node", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
+            f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            f"{name}.crt", "-days", "2")
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.crt", "-days", "2",
+        "-subj", "/CN=rogue")
+    return {p.stem + p.suffix.replace(".", "_"): p for p in folder.iterdir() if p.suffix in (".crt", ".key")}

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import InputError
 from .address import Destination, check_ae_title, parse_destination
 from .selection import SelectionRule
+from .tls import TlsFiles, tls_files
 
 TASKS = ("oar", "gtv")
 CONTOUR_HOLES = ("keyhole", "xor")
@@ -55,6 +56,14 @@ class NodeConfig:
     selection: SelectionRule = field(default_factory=SelectionRule)
     min_free_mb: float = 1024.0  # C-STOREs are refused (0xA700) below this much free space on the spool's disk
     max_instance_mb: float = 64.0  # a larger data set is refused (0xA700); one far larger ends its association
+    tls_cert: Path | None = None  # with tls_key and tls_ca: the SCP accepts only mutual-TLS peers signed by the CA
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The TLS files of the SCP (None: plain TCP)."""
+        return tls_files(self.tls_cert, self.tls_key, self.tls_ca)
 
 
 def _read_toml(path: Path) -> dict:
@@ -129,6 +138,8 @@ def _checked(values: dict) -> NodeConfig:
         raise InputError(f"port, settle, workers, min_free_mb and max_instance_mb must be numbers ({exc}).") from None
     if v["min_free_mb"] < 0:
         raise InputError(f"--min-free-mb {v['min_free_mb']}: megabytes, 0 or more.")
+    tls = tls_files(v.get("tls_cert"), v.get("tls_key"), v.get("tls_ca"))
+    v["tls_cert"], v["tls_key"], v["tls_ca"] = (tls.cert, tls.key, tls.ca) if tls else (None, None, None)
     if v["max_instance_mb"] <= 0:
         raise InputError(f"--max-instance-mb {v['max_instance_mb']}: megabytes, more than 0.")
     if not 0 <= v["port"] < 65536:

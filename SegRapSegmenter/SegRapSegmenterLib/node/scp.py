@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from .audit import AuditLog
 from .selection import CONTRAST_TAGS
 from .spool import Instance, Spool, is_uid
+from .tls import TlsFiles, server_context
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,10 @@ class StorageScp:
 
     def __init__(self, ae_title: str, host: str, port: int, spool: Spool, audit: AuditLog,
                  allow_ae: tuple[str, ...] = (), on_study: Callable[[str, str], None] | None = None,
-                 min_free_mb: float = 0.0, negotiation_s: float = NEGOTIATION_S, max_instance_mb: float = 64.0):
+                 min_free_mb: float = 0.0, negotiation_s: float = NEGOTIATION_S, max_instance_mb: float = 64.0,
+                 tls: TlsFiles | None = None):
         self.ae_title, self.host, self.port = ae_title, host, port
+        self.tls = tls
         self.min_free_mb, self.negotiation_s, self.max_instance_mb = min_free_mb, negotiation_s, max_instance_mb
         self._receiving: dict[int, int] = {}  # bytes received per association since its last C-STORE
         self.spool, self.audit, self.allow_ae = spool, audit, allow_ae
@@ -249,7 +252,8 @@ class StorageScp:
                     (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed)]
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
+                                       ssl_context=server_context(self.tls) if self.tls else None)
         self.port = self._server.server_address[1]
         return self.port
 

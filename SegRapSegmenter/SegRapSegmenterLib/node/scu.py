@@ -20,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from ..errors import DicomNetworkError, DicomRefusedError, InputError
 from .address import Destination, check_ae_title
+from .tls import TlsFiles, client_context
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ def _pynetdicom_ae():
     return AE
 
 
-def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str, Sequence[str]]], timeout: float):
+def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str, Sequence[str]]], timeout: float,
+               tls: TlsFiles | None = None):
     AE = _pynetdicom_ae()
 
     ae = AE(ae_title=check_ae_title(calling_ae, "Calling AE title"))
@@ -125,7 +127,8 @@ def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str,
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, list(syntaxes))
     with _captured() as errors:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                             tls_args=(client_context(tls), None) if tls else None)
     if assoc.is_established:
         return assoc
     detail = "; ".join(line for line in errors.lines if line.startswith(("Result", "Reason")))
@@ -146,9 +149,9 @@ def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str,
                             f"Check the host, the port and that the peer is running.")
 
 
-def echo(dest: Destination, calling_ae: str = "SEGRAP", timeout: float = 30.0) -> None:
+def echo(dest: Destination, calling_ae: str = "SEGRAP", timeout: float = 30.0, tls: TlsFiles | None = None) -> None:
     """C-ECHO the peer; DicomNetworkError when it cannot be reached or does not answer with success."""
-    assoc = _associate(dest, calling_ae, [(VERIFICATION, _BASE_SYNTAXES)], timeout)
+    assoc = _associate(dest, calling_ae, [(VERIFICATION, _BASE_SYNTAXES)], timeout, tls)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -196,11 +199,12 @@ def _check_accepted(assoc, files: Sequence[_File], dest: Destination) -> None:
 
 
 def send_files(paths: Iterable[str | Path], dest: Destination, calling_ae: str = "SEGRAP",
-               timeout: float = 30.0) -> SendReport:
-    """C-ECHO, then C-STORE every DICOM file of ``paths`` in one association; stops at the first refused store."""
+               timeout: float = 30.0, tls: TlsFiles | None = None) -> SendReport:
+    """C-ECHO, then C-STORE every DICOM file of ``paths`` in one association (mutual TLS with ``tls``); stops at
+    the first refused store."""
     files = collect_files(list(paths))
     report = SendReport(dest)
-    assoc = _associate(dest, calling_ae, _contexts(files), timeout)
+    assoc = _associate(dest, calling_ae, _contexts(files), timeout, tls)
     try:
         status = assoc.send_c_echo()
         if not status or int(status.Status) != 0:

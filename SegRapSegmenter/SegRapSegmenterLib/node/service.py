@@ -82,7 +82,7 @@ class Node:
         self._wake = threading.Event()
         self.scp = StorageScp(config.ae_title, config.host, config.port, self.spool, self.audit,
                               config.allow_ae, on_study=self._on_study, min_free_mb=config.min_free_mb,
-                              max_instance_mb=config.max_instance_mb)
+                              max_instance_mb=config.max_instance_mb, tls=config.tls)
         self.couriers = [Courier(config, self.spool, self.audit, dest, self.stop_event) for dest in config.destinations]
         self.runners = [JobRunner(config, self.spool, self.audit, self.stop_event, env, slot, self._wake_couriers)
                         for slot, env in enumerate(worker_slots(config))]
@@ -206,6 +206,7 @@ class Node:
             raise InputError(f"--port {self.config.port}: cannot listen on {self.config.host} ({exc.strerror}); "
                              f"is another program using the port?") from exc
         self.audit.write("started", ae_title=self.config.ae_title, host=self.config.host, port=self.port,
+                         tls="mutual" if self.config.tls else None,
                          destinations=[str(d) for d in self.config.destinations],
                          allow_ae=list(self.config.allow_ae) or None, settle_s=self.config.settle_s,
                          workers=len(self.runners), pid=os.getpid())
