@@ -700,7 +700,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--redeliver", metavar="STUDY_UID", help="send this study's RTSTRUCT (the same file) to every "
                    "destination again, and exit")
     p.add_argument("--ae-title", help="the node's AE title (default SEGRAP)")
-    p.add_argument("--host", help="address to listen on (default 0.0.0.0; 127.0.0.1 for this machine only)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only; the "
+                   "address the scanners and PACS reach, or 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, help="port to listen on (default 11112)")
     p.add_argument("--spool", type=Path, help="folder for received images, the database, outputs and the audit log")
     p.add_argument("--destination", action="append", default=[], metavar="AE@HOST:PORT",

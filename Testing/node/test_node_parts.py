@@ -37,6 +37,7 @@ def test_flags_win_over_the_config_file_and_a_misspelt_setting_is_an_error(tmp_p
     path.write_text('ae_titel = "X"\n')
     with pytest.raises(InputError, match="ae_titel"):
         load_config(path, spool=tmp_path)
+    assert load_config(None, spool=tmp_path).host == "127.0.0.1"  # listening beyond this machine is a choice
     with pytest.raises(InputError, match="--spool"):
         load_config(None)
     with pytest.raises(InputError, match="--tasks"):

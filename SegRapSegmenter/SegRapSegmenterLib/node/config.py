@@ -40,7 +40,7 @@ class NodeConfig:
 
     spool: Path
     ae_title: str = "SEGRAP"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only unless --host names the address the scanners reach
     port: int = 11112
     destinations: tuple[Destination, ...] = ()
     allow_ae: tuple[str, ...] = ()  # empty: any calling AE title
