@@ -437,3 +437,23 @@ def test_a_data_set_over_the_cap_is_refused_and_one_far_over_it_ends_its_associa
         ["over 2 MB for one data set (the cap is 1 MB)"]
     assert len(list((spool.root / "studies").rglob("*.dcm"))) == 1
     spool.close()
+
+
+def test_what_holds_patient_data_is_readable_by_the_node_user_only(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)  # a permissive umask: the spool sets its own modes
+    try:
+        spool = Spool(tmp_path / "spool")
+        spool.store(_instance("1.8", "1.8.1", "1.8.1.1"), b"x")
+        AuditLog(spool.audit_path).write("started")
+    finally:
+        os.umask(old)
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    root = spool.root
+    assert {mode(p) for p in (root, root / "studies", root / "incoming", root / "jobs")} == {0o700}
+    assert mode(root / "studies" / "1.8") == 0o700 and mode(root / "studies" / "1.8" / "1.8.1") == 0o700
+    assert mode(root / "studies" / "1.8" / "1.8.1" / "1.8.1.1.dcm") == 0o600
+    assert mode(spool.db_path) == 0o600 and mode(spool.audit_path) == 0o600
+    spool.close()

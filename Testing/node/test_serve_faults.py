@@ -128,6 +128,10 @@ def test_a_destination_refusing_rtstruct_storage_fails_that_study_fast_and_the_n
         deliveries = db.execute("SELECT state FROM deliveries").fetchall()
     assert [s for s, _ in states] == ["failed", "failed"] and all("does not accept RT Structure Set Storage" in r for _, r in states)
     assert [d for (d,) in deliveries] == ["failed", "failed"]
+    # the node's umask: the RTSTRUCTs and everything else the workers wrote are the node user's only
+    written = [p for p in (spool / "jobs").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".dcm" for p in written)
+    assert {p.stat().st_mode & 0o077 for p in written} == {0}
 
 
 def test_a_worker_killed_by_the_os_is_run_again_up_to_three_runs(tmp_path, phantom_studies, node_factory,

@@ -26,7 +26,8 @@ class AuditLog:
         line = json.dumps(record, default=str)
         with self._lock:
             try:
-                with open(self.path, "a", encoding="utf-8") as f:
+                with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a",
+                          encoding="utf-8") as f:
                     f.write(line + "\n")
                     f.flush()
                     os.fsync(f.fileno())

@@ -76,6 +76,7 @@ class Node:
     def __init__(self, config: NodeConfig, echo=None):
         self.config = config
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per C-STORE otherwise
+        os.umask(0o077)  # what the node and its workers write (images, RTSTRUCTs, logs) is the node user's only
         self.spool = Spool(config.spool)
         self.audit = AuditLog(self.spool.audit_path, echo=echo)
         self.stop_event = threading.Event()

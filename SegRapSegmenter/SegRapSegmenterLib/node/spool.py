@@ -86,11 +86,15 @@ class Spool:
         self.root = Path(root)
         try:
             for sub in ("incoming", "studies", "jobs"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
+                (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            for folder in (self.root, *(self.root / sub for sub in ("incoming", "studies", "jobs"))):
+                os.chmod(folder, 0o700)  # patient images: the node's user only
         except OSError as exc:
             raise OutputError(f"Spool folder {self.root}: cannot be created ({exc.strerror}).") from exc
         self.db_path = self.root / "node.sqlite"
         self.audit_path = self.root / "audit.jsonl"
+        os.close(os.open(self.db_path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite gives its WAL the same mode
+        os.chmod(self.db_path, 0o600)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
@@ -154,7 +158,8 @@ class Spool:
             if not is_uid(uid):
                 raise ValueError(f"not a valid UID: {uid!r}")
         target = self.instance_path(inst)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        for folder in (target.parent.parent, target.parent):  # the study's and the series' folders, 0700
+            folder.mkdir(mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".recv-", suffix=".dcm", dir=self.root / "incoming")
         try:
             with os.fdopen(fd, "wb") as f:
