@@ -57,6 +57,10 @@ def test_the_contrast_ct_is_found_by_its_agent_tag_or_its_description_and_plain_
     custom = select([_series("1.1", "serie A"), _series("1.2", "serie B")],
                     SelectionRule(contrast_patterns=(r"serie b",)))
     assert custom.contrast == "1.2"
+    # the notes go to the audit log and stderr: they name the pattern, never the description (it may hold PHI)
+    named = select([_series("1.1", "Doe^John plain"), _series("1.2", "Doe^John C+")], rule)
+    assert any("matches '\\\\bc\\\\+'" in n for n in named.notes), named.notes
+    assert not any("Doe" in n for n in named.notes)
 
 
 def test_a_plain_ct_alone_gets_the_oars_and_a_study_without_usable_ct_gets_nothing():
