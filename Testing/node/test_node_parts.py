@@ -461,3 +461,24 @@ def test_what_holds_patient_data_is_readable_by_the_node_user_only(tmp_path):
     assert mode(root / "studies" / "1.8" / "1.8.1" / "1.8.1.1.dcm") == 0o600
     assert mode(spool.db_path) == 0o600 and mode(spool.audit_path) == 0o600
     spool.close()
+
+
+def test_a_node_loop_that_ends_or_dies_while_the_node_runs_stops_the_node_with_exit_1(tmp_path):
+    from SegRapSegmenterLib.node.service import Node
+
+    node = Node(load_config(None, spool=tmp_path / "spool", port=0, device="cpu", bundle="demo", workers=1))
+
+    def dies() -> None:
+        raise RuntimeError("the loop's own bug")
+
+    node._guarded("worker slot 0", dies)
+    assert node.stop_event.is_set() and node._fatal == "worker slot 0 died: RuntimeError: the loop's own bug"
+    assert node.run() == 1  # run() with the stop already set: it stops at once and says why
+    events = read_events(node.spool.audit_path)
+    assert events[-2]["event"] == "stopping" and events[-2]["reason"].startswith("worker slot 0 died")
+    assert events[-1] == {**events[-1], "event": "stopped", "exit_code": 1}
+
+    calm = Node(load_config(None, spool=tmp_path / "spool2", port=0, device="cpu", bundle="demo", workers=1))
+    calm._guarded("courier to TPS", lambda: None)  # a loop that returns while the node runs is as fatal
+    assert calm._fatal == "courier to TPS ended while the node was running" and calm.stop_event.is_set()
+    calm.spool.close()
