@@ -92,7 +92,8 @@ class NodeProcess:
         self.spool, self.port, self.args, self.log_path = spool, port, args, log
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0) -> "NodeProcess":
+    def start(self, timeout: float = 90.0, ready_tls=None) -> "NodeProcess":
+        """Start and wait for the node's C-ECHO answer (over mutual TLS with ``ready_tls``, a TlsFiles)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self._log = open(self.log_path, "a")
@@ -110,7 +111,7 @@ class NodeProcess:
             if self.process.poll() is not None:
                 pytest.fail(f"segrap serve exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
             try:
-                echo(Destination("SEGRAP", "127.0.0.1", self.port), calling, timeout=5)
+                echo(Destination("SEGRAP", "127.0.0.1", self.port), calling, timeout=5, tls=ready_tls)
             except DicomNetworkError:
                 return False
             return True

@@ -87,3 +87,29 @@ def test_send_speaks_mutual_tls_to_dcmtk_storescp_and_refuses_a_server_the_ca_di
         storescp.wait(30)
     with pytest.raises(InputError, match="all three"):
         tls_files(pki["client_crt"], None, pki["ca_crt"])
+
+
+def test_the_node_takes_studies_and_delivers_over_mutual_tls_only(tmp_path, pki, phantom_studies, node_factory):
+    from node_peers import audit_events
+
+    tps_port, port, spool = free_port(), free_port(), tmp_path / "spool"
+    folder = tmp_path / "tps"
+    folder.mkdir()
+    storescp = subprocess.Popen([dcmtk("storescp"), "-aet", "TPS", "-od", str(folder), "+tls", str(pki["client_key"]),
+                                 str(pki["client_crt"]), "+cf", str(pki["ca_crt"]), str(tps_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config = tmp_path / "node.toml"
+    config.write_text(f'tls_cert = "{pki["node_crt"]}"\ntls_key = "{pki["node_key"]}"\ntls_ca = "{pki["ca_crt"]}"\n'
+                      f'destinations = ["TPS@127.0.0.1:{tps_port}"]\n[delivery]\ntls = true\n')
+    try:
+        node = node_factory(spool, port, "--config", str(config), "--settle", "1", "--tasks", "oar",
+                            ready=TlsFiles(pki["client_crt"], pki["client_key"], pki["ca_crt"]))
+        client = ("+tls", str(pki["client_key"]), str(pki["client_crt"]), "+cf", str(pki["ca_crt"]))
+        assert storescu(phantom_studies[0].ct_dir, port).returncode != 0  # plain TCP: nothing gets in
+        assert storescu(phantom_studies[0].ct_dir, port, options=client).returncode == 0
+        wait_until(lambda: audit_events(spool, "finished"), 240, "the delivery over TLS", interval=1)
+        assert len(list(folder.iterdir())) == 1 and audit_events(spool, "started")[0]["tls"] == "mutual"
+        assert node.terminate() == 0
+    finally:
+        storescp.terminate()
+        storescp.wait(30)

@@ -28,6 +28,7 @@ class Delivery:
     first_delay_s: float = 10.0  # doubled after every failed attempt
     max_delay_s: float = 600.0
     timeout_s: float = 30.0  # network timeout of one association
+    tls: bool = False  # mutual TLS to every destination, with the node's tls_cert, tls_key and tls_ca
 
     def delay(self, failed_attempts: int) -> float:
         """Seconds to wait after ``failed_attempts`` failures (exponential backoff, capped)."""
@@ -140,6 +141,8 @@ def _checked(values: dict) -> NodeConfig:
         raise InputError(f"--min-free-mb {v['min_free_mb']}: megabytes, 0 or more.")
     tls = tls_files(v.get("tls_cert"), v.get("tls_key"), v.get("tls_ca"))
     v["tls_cert"], v["tls_key"], v["tls_ca"] = (tls.cert, tls.key, tls.ca) if tls else (None, None, None)
+    if v.get("delivery") is not None and v["delivery"].tls and tls is None:
+        raise InputError("[delivery] tls = true needs tls_cert, tls_key and tls_ca (--tls-cert, --tls-key, --tls-ca).")
     if v["max_instance_mb"] <= 0:
         raise InputError(f"--max-instance-mb {v['max_instance_mb']}: megabytes, more than 0.")
     if not 0 <= v["port"] < 65536:

@@ -56,7 +56,8 @@ class Courier:
         """One attempt to send the study's RTSTRUCT to this destination, recorded and audited."""
         study, dest, uid, delivery = job["study_uid"], str(self.dest), job["rtstruct_uid"], self.config.delivery
         try:
-            send_files([job["rtstruct"]], self.dest, self.config.ae_title, timeout=delivery.timeout_s)
+            send_files([job["rtstruct"]], self.dest, self.config.ae_title, timeout=delivery.timeout_s,
+                       tls=self.config.tls if delivery.tls else None)
         except DicomRefusedError as exc:  # retrying cannot help: this destination fails at once
             attempts = self.spool.delivery_attempt(study, dest, str(exc), give_up=True, rtstruct_uid=uid)
             self.audit.write("delivery_failed", study_uid=study, destination=dest, attempt=attempts, permanent=True,
