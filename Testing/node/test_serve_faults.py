@@ -126,7 +126,8 @@ def test_a_destination_refusing_rtstruct_storage_fails_that_study_fast_and_the_n
     with sqlite3.connect(f"file:{spool / 'node.sqlite'}?mode=ro", uri=True) as db:
         states = db.execute("SELECT state, reason FROM jobs").fetchall()
         deliveries = db.execute("SELECT state FROM deliveries").fetchall()
-    assert [s for s, _ in states] == ["failed", "failed"] and all("does not accept RT Structure Set Storage" in r for _, r in states)
+    assert [s for s, _ in states] == ["failed", "failed"]
+    assert all("does not accept RT Structure Set Storage" in r for _, r in states)
     assert [d for (d,) in deliveries] == ["failed", "failed"]
     # the node's umask: the RTSTRUCTs and everything else the workers wrote are the node user's only
     written = [p for p in (spool / "jobs").rglob("*") if p.is_file()]

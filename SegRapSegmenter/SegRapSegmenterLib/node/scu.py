@@ -222,9 +222,10 @@ def send_files(paths: Iterable[str | Path], dest: Destination, calling_ae: str =
                                         f"association); {len(report.sent)} of {len(files)} files were stored.")
             comment = str(status.get("ErrorComment", "") or "")
             if code != 0 and not 0xB000 <= code <= 0xBFFF and code != 0x0107 and code != 0x0116:
-                raise (DicomRefusedError if refused_for_good(code) else DicomNetworkError)(f"{dest}: the peer refused {f.path} (SOP instance {f.sop_instance}) with "
-                                        f"status 0x{code:04X}{': ' + comment if comment else ''}; "
-                                        f"{len(report.sent)} of {len(files)} files were stored before it.")
+                error = DicomRefusedError if refused_for_good(code) else DicomNetworkError
+                raise error(f"{dest}: the peer refused {f.path} (SOP instance {f.sop_instance}) with "
+                            f"status 0x{code:04X}{': ' + comment if comment else ''}; "
+                            f"{len(report.sent)} of {len(files)} files were stored before it.")
             if code != 0:
                 report.warnings.append(f"{f.path}: stored with warning status 0x{code:04X} {comment}".strip())
             report.sent.append(f.sop_instance)

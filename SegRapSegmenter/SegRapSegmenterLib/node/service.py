@@ -2,8 +2,9 @@
 
 A study is complete when none of its instances arrived for ``settle`` seconds; it is then queued
 with the series the selection rule picked (or failed, when it has no usable CT). One worker slot per
-GPU takes queued jobs one at a time; one courier thread per destination sends the RTSTRUCTs. At start-up, jobs a killed node left running go back to the
-queue (their orphaned worker processes are stopped first), so every study is finished after a crash.
+GPU takes queued jobs one at a time; one courier thread per destination sends the RTSTRUCTs. At
+start-up, jobs a killed node left running go back to the queue (their orphaned worker processes are
+stopped first, the interrupted run is not counted), so every study is finished after a crash.
 """
 
 from __future__ import annotations

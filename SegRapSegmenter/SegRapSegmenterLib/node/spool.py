@@ -45,8 +45,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
 """
 # columns added since the first release, with the statement that fills them in an older spool's database
 _ADDED = (("jobs", "previous_rtstruct_uid", "TEXT", None),
-          ("deliveries", "rtstruct_uid", "TEXT", "UPDATE deliveries SET rtstruct_uid=(SELECT j.rtstruct_uid FROM jobs j "
-                                                 "WHERE j.study_uid=deliveries.study_uid)"),
+          ("deliveries", "rtstruct_uid", "TEXT",
+           "UPDATE deliveries SET rtstruct_uid=(SELECT j.rtstruct_uid FROM jobs j "
+           "WHERE j.study_uid=deliveries.study_uid)"),
           ("deliveries", "retry_at", "REAL", None))
 
 
