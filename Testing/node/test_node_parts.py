@@ -482,3 +482,25 @@ def test_a_node_loop_that_ends_or_dies_while_the_node_runs_stops_the_node_with_e
     calm._guarded("courier to TPS", lambda: None)  # a loop that returns while the node runs is as fatal
     assert calm._fatal == "courier to TPS ended while the node was running" and calm.stop_event.is_set()
     calm.spool.close()
+
+
+def test_an_older_nodes_database_is_migrated_and_its_deliveries_still_count(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "node.sqlite")  # the first release's tables, a study sent to TPS
+    old.executescript("""
+CREATE TABLE jobs (study_uid TEXT PRIMARY KEY, case_id TEXT NOT NULL, state TEXT NOT NULL, calling_ae TEXT,
+  first_received REAL, last_received REAL, queued_at REAL, started_at REAL, finished_at REAL, plain_series TEXT,
+  contrast_series TEXT, tasks TEXT, notes TEXT, attempts INTEGER DEFAULT 0, worker_pid INTEGER, rtstruct TEXT,
+  rtstruct_uid TEXT, reason TEXT, late_instances INTEGER DEFAULT 0);
+CREATE TABLE deliveries (study_uid TEXT NOT NULL, destination TEXT NOT NULL, state TEXT NOT NULL,
+  attempts INTEGER DEFAULT 0, sent_at REAL, last_error TEXT, PRIMARY KEY (study_uid, destination));
+INSERT INTO jobs (study_uid, case_id, state, rtstruct_uid) VALUES ('1.9', 'study-x', 'sent', '9.1');
+INSERT INTO deliveries VALUES ('1.9', 'TPS@h:104', 'sent', 1, 5.0, NULL);
+""")
+    old.commit()
+    old.close()
+    spool = Spool(tmp_path)
+    assert spool.delivered("1.9") == {"TPS@h:104"}  # not sent a second time after the upgrade
+    assert spool.job("1.9")["previous_rtstruct_uid"] is None
+    spool.close()
