@@ -504,3 +504,24 @@ INSERT INTO deliveries VALUES ('1.9', 'TPS@h:104', 'sent', 1, 5.0, NULL);
     assert spool.delivered("1.9") == {"TPS@h:104"}  # not sent a second time after the upgrade
     assert spool.job("1.9")["previous_rtstruct_uid"] is None
     spool.close()
+
+
+def test_an_association_over_the_limit_is_audited_as_such_not_as_an_unknown_ae_title(scp):
+    from pynetdicom import AE
+
+    held = []
+    try:
+        for _ in range(16):  # every slot taken by an allowed sender
+            ae = AE(ae_title="CT1")
+            ae.add_requested_context("1.2.840.10008.1.1")
+            held.append(ae.associate("127.0.0.1", scp.port, ae_title="SEGRAP"))
+        assert all(a.is_established for a in held)
+        with pytest.raises(DicomNetworkError, match="Local limit exceeded"):
+            echo(Destination("SEGRAP", "127.0.0.1", scp.port), "CT1", timeout=5)
+    finally:
+        for assoc in held:
+            assoc.release()
+    with pytest.raises(DicomNetworkError, match="Calling AE title not recognised"):
+        echo(Destination("SEGRAP", "127.0.0.1", scp.port), "INTRUDER", timeout=5)
+    reasons = [e["reason"] for e in read_events(scp.spool.audit_path) if e["event"] == "association_rejected"]
+    assert reasons == ["local limit exceeded (16 associations at once)", "calling AE title not on the allow-list"]

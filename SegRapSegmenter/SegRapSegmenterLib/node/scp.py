@@ -164,7 +164,13 @@ class StorageScp:
         self.audit.write("association", **self._peer(event), called_ae=self.ae_title)
 
     def _on_rejected(self, event) -> None:
-        self.audit.write("association_rejected", **self._peer(event), reason="calling AE title not on the allow-list")
+        """Audit a rejected association with pynetdicom's reason (it checks the slots after the allow-list)."""
+        ae = event.assoc.ae
+        if len([a for a in ae.active_associations if a.is_acceptor]) > ae.maximum_associations:
+            reason = f"local limit exceeded ({ae.maximum_associations} associations at once)"
+        else:
+            reason = "calling AE title not on the allow-list"
+        self.audit.write("association_rejected", **self._peer(event), reason=reason)
 
     def _on_closed(self, event) -> None:
         with self._lock:
