@@ -525,3 +525,24 @@ def test_an_association_over_the_limit_is_audited_as_such_not_as_an_unknown_ae_t
         echo(Destination("SEGRAP", "127.0.0.1", scp.port), "INTRUDER", timeout=5)
     reasons = [e["reason"] for e in read_events(scp.spool.audit_path) if e["event"] == "association_rejected"]
     assert reasons == ["local limit exceeded (16 associations at once)", "calling AE title not on the allow-list"]
+
+
+def test_status_says_whether_a_node_serves_the_spool_and_marks_runs_a_dead_node_left(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from SegRapSegmenterLib.node.service import status_text
+
+    spool = Spool(tmp_path)
+    spool.store(_instance("1.4", "1.4.1", "1.4.1.1"), b"x")
+    assert spool.queue("1.4", "1.4.1", None, ("oar",), "")
+    spool.claim()  # running, as a killed node leaves it
+    spool.close()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "node.pid").write_text(gone.stdout.strip())
+    text = status_text(tmp_path)
+    assert "node: NOT RUNNING" in text and "(interrupted: the node is not running)" in text
+    assert "node: running" not in text
+    (tmp_path / "node.pid").write_text(str(os.getpid()))  # this pytest process is no 'serve' process either
+    assert "node: NOT RUNNING" in status_text(tmp_path)

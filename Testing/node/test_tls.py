@@ -109,6 +109,9 @@ def test_the_node_takes_studies_and_delivers_over_mutual_tls_only(tmp_path, pki,
         assert storescu(phantom_studies[0].ct_dir, port, options=client).returncode == 0
         wait_until(lambda: audit_events(spool, "finished"), 240, "the delivery over TLS", interval=1)
         assert len(list(folder.iterdir())) == 1 and audit_events(spool, "started")[0]["tls"] == "mutual"
+        status = subprocess.run([sys.executable, "-m", "SegRapSegmenterLib.cli", "serve", "--status", "--spool",
+                                 str(spool)], capture_output=True, text=True, timeout=60)
+        assert f"node: running (pid {node.process.pid}" in status.stdout, status.stdout + status.stderr
         assert node.terminate() == 0
     finally:
         storescp.terminate()

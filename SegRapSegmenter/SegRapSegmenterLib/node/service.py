@@ -188,15 +188,11 @@ class Node:
 
     def _claim_spool(self) -> None:
         """Refuse to share the spool with another running node (its pid is in ``node.pid``)."""
-        pid_file = self.spool.root / "node.pid"
-        try:
-            other = int(pid_file.read_text().strip())
-            if other != os.getpid() and "serve" in psutil.Process(other).cmdline():
-                raise InputError(f"--spool {self.spool.root}: node process {other} is already serving from it; "
-                                 f"stop it first or give another spool.")
-        except (OSError, ValueError, psutil.Error):
-            pass
-        pid_file.write_text(str(os.getpid()))
+        other = serving_pid(self.spool.root)
+        if other is not None and other != os.getpid():
+            raise InputError(f"--spool {self.spool.root}: node process {other} is already serving from it; "
+                             f"stop it first or give another spool.")
+        (self.spool.root / "node.pid").write_text(str(os.getpid()))
 
     def run(self) -> int:
         """Serve until stopped; returns 0, or 1 when a loop of the node died (the node never runs half-alive)."""
@@ -241,6 +237,32 @@ class Node:
         return 0
 
 
+def serving_pid(spool_root) -> int | None:
+    """The pid of the ``segrap serve`` process serving from this spool (``node.pid``), None when none runs."""
+    from pathlib import Path
+
+    try:
+        pid = int((Path(spool_root) / "node.pid").read_text().strip())
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE and "serve" in proc.cmdline():
+            return pid
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def _liveness(spool: Spool) -> str:
+    """One line: is a node serving from this spool, and its last audit event."""
+    from .audit import read_events
+
+    pid = serving_pid(spool.root)
+    events = read_events(spool.audit_path)
+    last = f"; last event {events[-1]['event']!r} at {events[-1]['time']}" if events else ""
+    if pid is not None:
+        return f"node: running (pid {pid}{last})"
+    return f"node: NOT RUNNING{last}; studies shown running were interrupted and are queued again at its next start"
+
+
 def requeue_study(spool_dir, study_uid: str, redeliver: bool) -> str:
     """``--rerun`` / ``--redeliver``: change one finished study in the spool's queue; a running node picks it up."""
     from pathlib import Path
@@ -271,7 +293,8 @@ def status_text(spool_dir) -> str:
     spool = Spool(spool_dir)
     try:
         jobs = spool.jobs()
-        lines = [f"spool {spool.root}: {len(jobs)} studies"]
+        alive = serving_pid(spool.root) is not None
+        lines = [f"spool {spool.root}: {len(jobs)} studies", _liveness(spool)]
         counts: dict[str, int] = {}
         for job in jobs:
             counts[job["state"]] = counts.get(job["state"], 0) + 1
@@ -281,7 +304,9 @@ def status_text(spool_dir) -> str:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(job["first_received"] or 0)))
             lines.append(f"{job['state']:8} {job['study_uid']}  case {job['case_id']}  received {when}  "
                          f"tasks {job['tasks'] or '-'}  runs {job['attempts']}"
-                         + (f"  late instances {job['late_instances']}" if job["late_instances"] else ""))
+                         + (f"  late instances {job['late_instances']}" if job["late_instances"] else "")
+                         + ("  (interrupted: the node is not running)" if job["state"] == "running" and not alive
+                            else ""))
             if job["reason"]:
                 lines.append(f"         reason: {job['reason']}")
             for d in spool.deliveries(job["study_uid"]):
