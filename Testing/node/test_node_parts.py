@@ -546,3 +546,15 @@ def test_status_says_whether_a_node_serves_the_spool_and_marks_runs_a_dead_node_
     assert "node: running" not in text
     (tmp_path / "node.pid").write_text(str(os.getpid()))  # this pytest process is no 'serve' process either
     assert "node: NOT RUNNING" in status_text(tmp_path)
+
+
+def test_serve_refuses_to_start_without_its_model_bundle_before_it_listens(tmp_path):
+    import subprocess
+    import sys
+
+    port = free_port()
+    run = subprocess.run([sys.executable, "-m", "SegRapSegmenterLib.cli", "serve", "--spool", str(tmp_path / "spool"),
+                          "--port", str(port), "--bundle", "no-such-bundle", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 4 and "'no-such-bundle' is not installed" in run.stderr
+    assert not (tmp_path / "spool" / "node.pid").exists()  # it stopped before claiming the spool or listening

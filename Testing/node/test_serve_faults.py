@@ -288,3 +288,5 @@ def test_a_destination_that_is_down_delays_only_its_own_deliveries_not_contourin
     wait_until(lambda: len(audit_events(spool, "finished")) == 2, 60, "both studies delivered to DOWN too")
     assert len(down.files()) == 2 and len(up.files()) == 2
     assert {e["destination"] for e in audit_events(spool, "sent")} == {up.destination, down.destination}
+    # the start-up check warned about the destination that was down, and only about it
+    assert [e["destination"] for e in audit_events(spool, "destination_unreachable")] == [down.destination]

@@ -19,7 +19,7 @@ from ..errors import DicomNetworkError, DicomRefusedError
 from .address import Destination
 from .audit import AuditLog
 from .config import NodeConfig
-from .scu import send_files
+from .scu import echo, send_files
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,18 @@ class Courier:
         self.config, self.spool, self.audit, self.dest, self.stop = config, spool, audit, dest, stop
         self.wake = threading.Event()
 
+    def check_reachable(self) -> None:
+        """At start-up: a C-ECHO to the destination; one that does not answer is a warning in the audit, not a stop."""
+        try:
+            echo(self.dest, self.config.ae_title, timeout=min(10.0, self.config.delivery.timeout_s),
+                 tls=self.config.tls if self.config.delivery.tls else None)
+        except (DicomNetworkError, OSError) as exc:
+            self.audit.write("destination_unreachable", destination=str(self.dest), error=str(exc),
+                             note="RTSTRUCTs for it wait and are retried")
+
     def run(self) -> None:
         """The courier's loop (a thread of the node)."""
+        self.check_reachable()
         while not self.stop.is_set():
             job = self.spool.next_delivery(str(self.dest))
             if job is None:

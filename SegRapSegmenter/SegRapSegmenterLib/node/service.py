@@ -196,6 +196,9 @@ class Node:
 
     def run(self) -> int:
         """Serve until stopped; returns 0, or 1 when a loop of the node died (the node never runs half-alive)."""
+        from ..inference.bundles import resolve_bundle
+
+        bundle = resolve_bundle(self.config.bundle)  # ModelError before listening, not at the first study
         self._claim_spool()
         self._recover()
         try:
@@ -204,7 +207,7 @@ class Node:
             raise InputError(f"--port {self.config.port}: cannot listen on {self.config.host} ({exc.strerror}); "
                              f"is another program using the port?") from exc
         self.audit.write("started", ae_title=self.config.ae_title, host=self.config.host, port=self.port,
-                         tls="mutual" if self.config.tls else None,
+                         tls="mutual" if self.config.tls else None, bundle=f"{bundle.name} {bundle.version}",
                          destinations=[str(d) for d in self.config.destinations],
                          allow_ae=list(self.config.allow_ae) or None, settle_s=self.config.settle_s,
                          workers=len(self.runners), pid=os.getpid())
