@@ -558,3 +558,15 @@ def test_serve_refuses_to_start_without_its_model_bundle_before_it_listens(tmp_p
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 4 and "'no-such-bundle' is not installed" in run.stderr
     assert not (tmp_path / "spool" / "node.pid").exists()  # it stopped before claiming the spool or listening
+
+
+def test_a_spool_whose_folders_are_symbolic_links_is_refused(tmp_path):
+    from SegRapSegmenterLib.errors import OutputError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "studies").symlink_to(elsewhere)
+    with pytest.raises(OutputError, match="studies is a symbolic link"):
+        Spool(tmp_path / "spool")
+    assert list(elsewhere.iterdir()) == []

@@ -85,6 +85,10 @@ class Spool:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        for sub in ("incoming", "studies", "jobs", "node.sqlite", "audit.jsonl", "node.pid"):
+            if (self.root / sub).is_symlink():  # the node would write patient data wherever it points
+                raise OutputError(f"Spool folder {self.root}: {sub} is a symbolic link; the spool must hold its own "
+                                  f"folders and files. Remove the link or give another spool.")
         try:
             for sub in ("incoming", "studies", "jobs"):
                 (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
