@@ -570,3 +570,22 @@ def test_a_spool_whose_folders_are_symbolic_links_is_refused(tmp_path):
     with pytest.raises(OutputError, match="studies is a symbolic link"):
         Spool(tmp_path / "spool")
     assert list(elsewhere.iterdir()) == []
+
+
+def test_images_a_contoured_study_holds_already_are_counted_once_per_association_not_audited_one_by_one(
+        scp, phantom_studies):
+    study = phantom_studies[1]
+    dest = Destination("SEGRAP", "127.0.0.1", scp.port)
+    send_files([study.ct_dir], dest, "CT1")
+    scp.spool.fail(study.study_uid, "finished for this test")  # as after a run
+    scp.spool.finish(study.study_uid)
+    send_files([study.ct_dir], dest, "CT1")  # the whole series again
+
+    def closed_events() -> list:
+        return [e for e in read_events(scp.spool.audit_path) if e["event"] == "association_closed"]
+
+    closed = wait_until(lambda: len(closed_events()) == 2 and closed_events(), 10, "both associations closed")
+    events = read_events(scp.spool.audit_path)
+    assert closed[-1]["stored"] == 48 and closed[-1]["already_held"] == 48
+    assert not [e for e in events if e["event"] in ("late_instance", "study_reopened")]
+    assert scp.spool.job(study.study_uid)["late_instances"] == 48

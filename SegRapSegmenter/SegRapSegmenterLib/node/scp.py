@@ -115,7 +115,7 @@ class StorageScp:
     def _count(self, event, key: str) -> None:
         with self._lock:
             counts = self._counts.setdefault(id(event.assoc), {"stored": 0, "refused": 0})
-            counts[key] += 1
+            counts[key] = counts.get(key, 0) + 1
 
     def _on_connection(self, event) -> None:
         """Start the negotiation deadline of a new connection (it holds an association slot until it ends)."""
@@ -230,6 +230,8 @@ class StorageScp:
             log.error("cannot record %s: %s", sop_uid, exc)
             return self._refuse(event, OUT_OF_RESOURCES, f"spool database: {exc}", sop_class, sop_uid)
         self._count(event, "stored")
+        if state == "late":  # images a contoured study holds already: counted, one audit line per association
+            self._count(event, "already_held")
         self.on_study(inst.study_uid, state)
         return _status(0x0000)
 

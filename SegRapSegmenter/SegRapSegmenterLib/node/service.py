@@ -92,8 +92,8 @@ class Node:
         self._fatal: str | None = None
 
     def _on_study(self, study_uid: str, state: str) -> None:
-        if state in ("late", "reopened"):
-            self.audit.write("late_instance" if state == "late" else "study_reopened", study_uid=study_uid)
+        if state == "reopened":  # images sent again ("late") are counted in association_closed instead
+            self.audit.write("study_reopened", study_uid=study_uid, reason="new images after its run")
 
     def _wake_couriers(self) -> None:
         for courier in self.couriers:
