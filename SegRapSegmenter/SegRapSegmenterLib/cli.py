@@ -721,6 +721,8 @@ def _add_serve(sub) -> None:
                    "spool's disk has less free space than this (default 1024)")
     p.add_argument("--max-instance-mb", type=float, help="refuse a data set larger than this with 0xA700 "
                    "(default 64); an association sending over twice as much for one data set is closed")
+    p.add_argument("--keep-days", type=float, help="delete the images and outputs of studies sent or failed more "
+                   "than this many days ago (default: keep them)")
     _add_tls(p, "every calling peer (scanner, PACS)")
     p.set_defaults(func=_cmd_serve)
 
@@ -747,7 +749,7 @@ def _cmd_serve(args) -> int:
                          bundle=args.bundle, device=args.device, tasks=args.tasks, contour_holes=args.contour_holes,
                          workers=args.workers, threads=args.threads, python=args.python,
                          min_free_mb=args.min_free_mb, max_instance_mb=args.max_instance_mb,
-                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, keep_days=args.keep_days)
     node = Node(config, echo=lambda line: print(line, file=sys.stderr, flush=True))
     signal.signal(signal.SIGTERM, node.stop)
     signal.signal(signal.SIGINT, node.stop)

@@ -589,3 +589,20 @@ def test_images_a_contoured_study_holds_already_are_counted_once_per_association
     assert closed[-1]["stored"] == 48 and closed[-1]["already_held"] == 48
     assert not [e for e in events if e["event"] in ("late_instance", "study_reopened")]
     assert scp.spool.job(study.study_uid)["late_instances"] == 48
+
+
+def test_finished_studies_older_than_keep_days_lose_their_images_and_outputs_but_not_their_history(tmp_path):
+    spool = Spool(tmp_path)
+    for study, finished_at in (("1.11", 1000.0), ("1.12", 1000.0 + 9 * 86400)):
+        spool.store(_instance(study, study + ".1", study + ".1.1"), b"x")
+        (tmp_path / "jobs" / case_id_for(study)).mkdir()
+        spool.fail(study, "finished")
+        with spool._tx() as db:
+            db.execute("UPDATE jobs SET finished_at=? WHERE study_uid=?", (finished_at, study))
+    spool.store(_instance("1.13", "1.13.1", "1.13.1.1"), b"x")  # still arriving: never purged
+    assert spool.purge(keep_days=7, now=1000.0 + 10 * 86400) == ["1.11"]
+    assert not (tmp_path / "studies" / "1.11").exists() and not (tmp_path / "jobs" / case_id_for("1.11")).exists()
+    assert (tmp_path / "studies" / "1.12").is_dir() and (tmp_path / "studies" / "1.13").is_dir()
+    assert spool.series_of("1.11") == [] and spool.job("1.11")["state"] == "failed"
+    assert spool.purge(keep_days=7, now=1000.0 + 10 * 86400) == []  # once
+    spool.close()

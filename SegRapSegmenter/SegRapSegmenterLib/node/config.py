@@ -57,6 +57,7 @@ class NodeConfig:
     selection: SelectionRule = field(default_factory=SelectionRule)
     min_free_mb: float = 1024.0  # C-STOREs are refused (0xA700) below this much free space on the spool's disk
     max_instance_mb: float = 64.0  # a larger data set is refused (0xA700); one far larger ends its association
+    keep_days: float | None = None  # images and outputs of finished studies are deleted after this (None: kept)
     tls_cert: Path | None = None  # with tls_key and tls_ca: the SCP accepts only mutual-TLS peers signed by the CA
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -143,6 +144,12 @@ def _checked(values: dict) -> NodeConfig:
     v["tls_cert"], v["tls_key"], v["tls_ca"] = (tls.cert, tls.key, tls.ca) if tls else (None, None, None)
     if v.get("delivery") is not None and v["delivery"].tls and tls is None:
         raise InputError("[delivery] tls = true needs tls_cert, tls_key and tls_ca (--tls-cert, --tls-key, --tls-ca).")
+    try:
+        v["keep_days"] = None if v.get("keep_days") is None else float(v["keep_days"])
+    except (TypeError, ValueError):
+        raise InputError(f"--keep-days {v.get('keep_days')!r}: a number of days.") from None
+    if v["keep_days"] is not None and v["keep_days"] < 0:
+        raise InputError(f"--keep-days {v['keep_days']}: days, 0 or more.")
     if v["max_instance_mb"] <= 0:
         raise InputError(f"--max-instance-mb {v['max_instance_mb']}: megabytes, more than 0.")
     if not 0 <= v["port"] < 65536:

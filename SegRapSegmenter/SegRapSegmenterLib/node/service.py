@@ -30,6 +30,8 @@ from .spool import Spool
 
 log = logging.getLogger(__name__)
 
+PURGE_EVERY_S = 3600.0  # how often finished studies older than keep_days are deleted (and at start)
+
 
 def visible_gpus() -> list[str]:
     """The CUDA devices a worker may be pinned to (CUDA_VISIBLE_DEVICES, else nvidia-smi's list)."""
@@ -218,9 +220,15 @@ class Node:
         for t in threads:
             t.start()
         try:
+            purged_at = 0.0
             while not self.stop_event.is_set():
                 try:
                     self._complete_settled()
+                    if self.config.keep_days is not None and time.time() - purged_at > PURGE_EVERY_S:
+                        purged_at = time.time()
+                        purged = self.spool.purge(self.config.keep_days)
+                        if purged:
+                            self.audit.write("spool_purged", studies=purged, keep_days=self.config.keep_days)
                 except Exception as exc:  # noqa: BLE001 - e.g. a full disk: audited, retried at the next cycle
                     self._job_crashed(None, exc)
                 self.stop_event.wait(min(1.0, max(0.2, self.config.settle_s / 4)))

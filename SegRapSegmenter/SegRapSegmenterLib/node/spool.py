@@ -221,6 +221,24 @@ class Spool:
                    "previous_rtstruct_uid), rtstruct=NULL, rtstruct_uid=NULL WHERE study_uid=?", (now, study_uid))
         db.execute("DELETE FROM deliveries WHERE study_uid=? AND state!='sent'", (study_uid,))
 
+    def purge(self, keep_days: float, now: float | None = None) -> list[str]:
+        """Delete the images and outputs of studies sent or failed more than ``keep_days`` ago; returns their UIDs.
+
+        The job row and its deliveries stay (the queue's history, no pixel data); images of a purged
+        study that arrive again are new to the spool and reopen it.
+        """
+        limit = (time.time() if now is None else now) - keep_days * 86400
+        rows = self._query("SELECT j.study_uid, j.case_id FROM jobs j WHERE j.state IN ('sent', 'failed') AND "
+                           "j.finished_at<? AND EXISTS (SELECT 1 FROM instances i WHERE i.study_uid=j.study_uid)",
+                           (limit,))
+        for row in rows:
+            with self._tx() as db:  # the rows first: a crash in between leaves files, never rows without files
+                db.execute("DELETE FROM instances WHERE study_uid=?", (row["study_uid"],))
+                db.execute("UPDATE jobs SET rtstruct=NULL WHERE study_uid=?", (row["study_uid"],))
+            shutil.rmtree(self.root / "studies" / row["study_uid"], ignore_errors=True)
+            shutil.rmtree(self.root / "jobs" / row["case_id"], ignore_errors=True)
+        return [r["study_uid"] for r in rows]
+
     def reopen_if_changed(self, study_uid: str) -> bool:
         """After a run: when new images arrived while it ran, the study goes back to ``received`` (True)."""
         with self._tx() as db:
