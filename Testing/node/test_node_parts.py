@@ -606,3 +606,23 @@ def test_finished_studies_older_than_keep_days_lose_their_images_and_outputs_but
     assert spool.series_of("1.11") == [] and spool.job("1.11")["state"] == "failed"
     assert spool.purge(keep_days=7, now=1000.0 + 10 * 86400) == []  # once
     spool.close()
+
+
+def test_the_temporary_files_a_killed_node_left_in_its_spool_are_removed_at_the_next_start(tmp_path):
+    import tempfile
+
+    from SegRapSegmenterLib.node.service import Node
+
+    spool_dir = tmp_path / "spool"
+    Spool(spool_dir).close()
+    left = spool_dir / "tmp" / "segrap-run-abc123"  # a worker's run folder, as a SIGKILLed node leaves it
+    left.mkdir()
+    (left / "request.json").write_text("{}")
+    (spool_dir / "tmp" / "tmpq1w2e3.dcm").write_bytes(b"half a data set")
+    node = Node(load_config(None, spool=spool_dir, port=0, device="cpu", bundle="demo", workers=1))
+    node._recover()
+    assert list((spool_dir / "tmp").iterdir()) == []
+    assert [e["partial_files"] for e in read_events(node.spool.audit_path) if e["event"] == "spool_cleaned"] == [2]
+    before = tempfile.tempdir
+    node.stop()
+    assert node.run() == 0 and tempfile.tempdir == before  # run() points tempfile at spool/tmp only while it runs

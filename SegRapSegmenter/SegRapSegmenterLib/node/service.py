@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -110,7 +111,7 @@ class Node:
     # ------------------------------------------------------------------ the loops
 
     def _recover(self) -> None:
-        removed = self.spool.clear_incoming()
+        removed = self.spool.clear_incoming() + self.spool.clear_temp()
         restarted = self.spool.restart_settle_clocks()
         if restarted:  # a study cut by the downtime gets a full settle time for its sender to resend
             self.audit.write("settle_restarted", studies=restarted, settle_s=self.config.settle_s)
@@ -203,6 +204,15 @@ class Node:
         bundle = resolve_bundle(self.config.bundle)  # ModelError before listening, not at the first study
         self._claim_spool()
         self._recover()
+        # the workers' run folders and pynetdicom's received data sets go under the spool, which the next start
+        # clears: a killed node leaks no temporary folder with images in /tmp
+        saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(self.spool.temp_dir)
+        try:
+            return self._serve(bundle)
+        finally:
+            tempfile.tempdir = saved_tempdir
+
+    def _serve(self, bundle) -> int:
         try:
             self.port = self.scp.start()
         except OSError as exc:

@@ -1,10 +1,11 @@
 """The spool: received instances on disk (written atomically) and the SQLite database beside them.
 
 Layout: ``DIR/studies/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` (UIDs are checked to be UIDs,
-so they are safe names), ``DIR/incoming/`` for files being written, ``DIR/jobs/<case id>/`` for the
-runs' outputs, ``DIR/node.sqlite`` and ``DIR/audit.jsonl``. The database has one row per received
-instance, one job per study (the queue: received -> queued -> running -> delivering -> sent | failed) and one
-delivery row per study and destination, so a restart knows what was sent where.
+so they are safe names), ``DIR/incoming/`` for files being written, ``DIR/tmp/`` for the node's
+temporary files, ``DIR/jobs/<case id>/`` for the runs' outputs, ``DIR/node.sqlite`` and
+``DIR/audit.jsonl``. The database has one row per received instance, one job per study (the queue:
+received -> queued -> running -> delivering -> sent | failed) and one delivery row per study and
+destination, so a restart knows what was sent where.
 """
 
 from __future__ import annotations
@@ -85,14 +86,14 @@ class Spool:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        for sub in ("incoming", "studies", "jobs", "node.sqlite", "audit.jsonl", "node.pid"):
+        for sub in ("incoming", "studies", "jobs", "tmp", "node.sqlite", "audit.jsonl", "node.pid"):
             if (self.root / sub).is_symlink():  # the node would write patient data wherever it points
                 raise OutputError(f"Spool folder {self.root}: {sub} is a symbolic link; the spool must hold its own "
                                   f"folders and files. Remove the link or give another spool.")
         try:
-            for sub in ("incoming", "studies", "jobs"):
+            for sub in ("incoming", "studies", "jobs", "tmp"):
                 (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-            for folder in (self.root, *(self.root / sub for sub in ("incoming", "studies", "jobs"))):
+            for folder in (self.root, *(self.root / sub for sub in ("incoming", "studies", "jobs", "tmp"))):
                 os.chmod(folder, 0o700)  # patient images: the node's user only
         except OSError as exc:
             raise OutputError(f"Spool folder {self.root}: cannot be created ({exc.strerror}).") from exc
@@ -145,6 +146,21 @@ class Spool:
     def free_mb(self) -> float:
         """Free space on the spool's disk, in MB (for the watermark below which C-STOREs are refused)."""
         return shutil.disk_usage(self.root).free / 1e6
+
+    @property
+    def temp_dir(self) -> Path:
+        """The node's temporary folder (worker run folders, data sets being received), emptied at start."""
+        return self.root / "tmp"
+
+    def clear_temp(self) -> int:
+        """Remove what a killed node left in its temporary folder; returns how many entries."""
+        entries = list(self.temp_dir.iterdir())
+        for path in entries:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return len(entries)
 
     def clear_incoming(self) -> int:
         """Remove files a killed node left half-written; returns how many."""
