@@ -830,10 +830,17 @@ def _add_send(sub) -> None:
     p.add_argument("--to", required=True, metavar="AE@HOST:PORT", help="the destination, e.g. TPS@10.0.0.5:104")
     p.add_argument("--calling-ae", default="SEGRAP", help="our AE title (default SEGRAP)")
     p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")
+    _add_tls(p, "the peer")
     p.set_defaults(func=_cmd_send)
 
 
 SEND_WARNINGS_SHOWN = 5  # warning statuses printed one per line; the rest are counted
+
+
+def _add_tls(p, peer: str) -> None:
+    p.add_argument("--tls-cert", metavar="FILE", help="our certificate (PEM); with --tls-key and --tls-ca: mutual TLS")
+    p.add_argument("--tls-key", metavar="FILE", help="our private key (PEM, unencrypted)")
+    p.add_argument("--tls-ca", metavar="FILE", help=f"CA certificate(s) (PEM) that {peer} must be signed by")
 
 
 def _cmd_send(args) -> int:
@@ -841,11 +848,13 @@ def _cmd_send(args) -> int:
 
     from .node.address import parse_destination
     from .node.scu import send_files
+    from .node.tls import tls_files
 
     if not args.verbose:  # pynetdicom logs two INFO lines per file; the summary below says what they would
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     t0 = time.monotonic()
-    report = send_files(args.paths, parse_destination(args.to), args.calling_ae, timeout=args.timeout)
+    report = send_files(args.paths, parse_destination(args.to), args.calling_ae, timeout=args.timeout,
+                        tls=tls_files(args.tls_cert, args.tls_key, args.tls_ca))
     for warning in report.warnings[:SEND_WARNINGS_SHOWN]:
         print(f"segrap send: warning: {warning}", file=sys.stderr)
     if len(report.warnings) > SEND_WARNINGS_SHOWN:
@@ -864,8 +873,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--config", type=Path, help="TOML file with the same settings (see docs/node.md)")
     p.add_argument("--status", action="store_true", help="print the queue of the node whose --spool is given, "
                    "and exit")
+    p.add_argument("--rerun", metavar="STUDY_UID", help="contour this sent or failed study of --spool again (the "
+                   "new RTSTRUCT replaces the earlier one at the destinations), and exit")
+    p.add_argument("--redeliver", metavar="STUDY_UID", help="send this study's RTSTRUCT (the same file) to every "
+                   "destination again, and exit")
     p.add_argument("--ae-title", help="the node's AE title (default SEGRAP)")
-    p.add_argument("--host", help="address to listen on (default 0.0.0.0; 127.0.0.1 for this machine only)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only; the "
+                   "address the scanners and PACS reach, or 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, help="port to listen on (default 11112)")
     p.add_argument("--spool", type=Path, help="folder for received images, the database, outputs and the audit log")
     p.add_argument("--destination", action="append", default=[], metavar="AE@HOST:PORT",
@@ -881,6 +895,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--workers", type=int, help="jobs run at once (default one per GPU, one without GPUs)")
     p.add_argument("--threads", type=int, help="CPU threads of each worker")
     p.add_argument("--python", help="Python executable for the worker (default: this one)")
+    p.add_argument("--min-free-mb", type=float, help="refuse C-STOREs with 0xA700 (out of resources) while the "
+                   "spool's disk has less free space than this (default 1024)")
+    p.add_argument("--max-instance-mb", type=float, help="refuse a data set larger than this with 0xA700 "
+                   "(default 64); an association sending over twice as much for one data set is closed")
+    p.add_argument("--keep-days", type=float, help="delete the images and outputs of studies sent or failed more "
+                   "than this many days ago (default: keep them)")
+    _add_tls(p, "every calling peer (scanner, PACS)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -889,8 +910,13 @@ def _cmd_serve(args) -> int:
 
     from .errors import InputError
     from .node.config import load_config
-    from .node.service import Node, status_text
+    from .node.service import Node, requeue_study, status_text
 
+    if args.rerun or args.redeliver:
+        if args.spool is None or (args.rerun and args.redeliver):
+            raise InputError("--rerun or --redeliver STUDY_UID (one of them) needs --spool DIR (the node's spool).")
+        print(requeue_study(args.spool, args.rerun or args.redeliver, redeliver=bool(args.redeliver)))
+        return EXIT_OK
     if args.status:
         if args.spool is None:
             raise InputError("--status needs --spool DIR (the node's spool folder).")
@@ -899,7 +925,9 @@ def _cmd_serve(args) -> int:
     config = load_config(args.config, spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port,
                          destinations=args.destination, allow_ae=args.allow_ae, settle=args.settle,
                          bundle=args.bundle, device=args.device, tasks=args.tasks, contour_holes=args.contour_holes,
-                         workers=args.workers, threads=args.threads, python=args.python)
+                         workers=args.workers, threads=args.threads, python=args.python,
+                         min_free_mb=args.min_free_mb, max_instance_mb=args.max_instance_mb,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, keep_days=args.keep_days)
     node = Node(config, echo=lambda line: print(line, file=sys.stderr, flush=True))
     signal.signal(signal.SIGTERM, node.stop)
     signal.signal(signal.SIGINT, node.stop)

@@ -58,6 +58,10 @@ class InstallError(SegRapError):
     """Installing Python packages (pip, light-the-torch) into Slicer's Python failed."""
 
 
+class DicomRefusedError(DicomNetworkError):
+    """A DICOM peer refused for good (SOP class not accepted, AE title not recognised): retrying cannot help."""
+
+
 class Cancelled(SegRapError):
     """The run was stopped on request (SIGTERM, SIGINT or the user's Cancel)."""
 
@@ -71,7 +75,7 @@ _EXIT_BY_CLASS: tuple[tuple[type[SegRapError], int], ...] = (
     (InputError, EXIT_INPUT), (GeometryError, EXIT_INPUT), (DicomError, EXIT_INPUT),
     (StructureNameError, EXIT_INPUT), (DecompositionConflictError, EXIT_INPUT),
     (ModelError, EXIT_MODEL), (OutputError, EXIT_OUTPUT), (WorkerError, EXIT_WORKER), (Cancelled, EXIT_INTERRUPTED),
-    (DicomNetworkError, EXIT_NETWORK), (CaseBusyError, EXIT_BUSY),
+    (DicomNetworkError, EXIT_NETWORK), (DicomRefusedError, EXIT_NETWORK), (CaseBusyError, EXIT_BUSY),
 )
 
 

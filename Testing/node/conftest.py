@@ -14,10 +14,10 @@ def node_factory(tmp_path):
     """Start ``segrap serve`` processes; every one is stopped at the end of the test."""
     started: list[NodeProcess] = []
 
-    def make(spool: Path, port: int, *args: str) -> NodeProcess:
+    def make(spool: Path, port: int, *args: str, ready=None) -> NodeProcess:
         node = NodeProcess(spool, port, list(args), tmp_path / "serve.log")
         started.append(node)
-        return node.start()
+        return node.start(ready_tls=ready)
 
     yield make
     for node in started:

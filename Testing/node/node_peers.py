@@ -92,7 +92,8 @@ class NodeProcess:
         self.spool, self.port, self.args, self.log_path = spool, port, args, log
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0) -> "NodeProcess":
+    def start(self, timeout: float = 90.0, ready_tls=None) -> "NodeProcess":
+        """Start and wait for the node's C-ECHO answer (over mutual TLS with ``ready_tls``, a TlsFiles)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self._log = open(self.log_path, "a")
@@ -110,7 +111,7 @@ class NodeProcess:
             if self.process.poll() is not None:
                 pytest.fail(f"segrap serve exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
             try:
-                echo(Destination("SEGRAP", "127.0.0.1", self.port), calling, timeout=5)
+                echo(Destination("SEGRAP", "127.0.0.1", self.port), calling, timeout=5, tls=ready_tls)
             except DicomNetworkError:
                 return False
             return True
@@ -179,10 +180,34 @@ class StoreScp:
         return f"{self.ae_title}@127.0.0.1:{self.port}"
 
 
-def storescu(folder_or_files, port: int, calling_ae: str = "SCANNER", called_ae: str = "SEGRAP"):
-    """Send with DCMTK's storescu (folders recursively); returns the completed process."""
+def storescu(folder_or_files, port: int, calling_ae: str = "SCANNER", called_ae: str = "SEGRAP",
+             options: tuple[str, ...] = ()):
+    """Send with DCMTK's storescu (folders recursively); returns the completed process.
+
+    ``options``: more storescu options, e.g. ``("-R",)`` to propose each file's own (compressed) transfer syntax.
+    """
     items = [str(p) for p in (folder_or_files if isinstance(folder_or_files, (list, tuple)) else [folder_or_files])]
-    return subprocess.run([dcmtk("storescu"), "-v", "-aet", calling_ae, "-aec", called_ae, "+sd", "+r", "127.0.0.1",
-                           str(port), *items], capture_output=True, text=True, timeout=120)
+    return subprocess.run([dcmtk("storescu"), "-v", "-aet", calling_ae, "-aec", called_ae, "+sd", "+r", *options,
+                           "127.0.0.1", str(port), *items], capture_output=True, text=True, timeout=120)
 
 
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A test CA, the node's and a client's certificates signed by it, and a rogue self-signed one (openssl)."""
+    openssl = require("openssl")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60, cwd=folder)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=SegRap test CA")
+    for name in ("node", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
+            f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            f"{name}.crt", "-days", "2")
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.crt", "-days", "2",
+        "-subj", "/CN=rogue")
+    return {p.stem + p.suffix.replace(".", "_"): p for p in folder.iterdir() if p.suffix in (".crt", ".key")}

@@ -100,3 +100,97 @@ def test_two_studies_each_get_one_rtstruct_and_bad_senders_are_refused(tmp_path,
     assert audit_events(spool)[-1]["event"] == "stopped"
     jobs = {row["study_uid"]: row["state"] for row in Spool(spool).jobs()}
     assert jobs == {first.study_uid: "sent", second.study_uid: "sent"}
+
+
+# the compressed transfer syntaxes a scanner or PACS may send, and how the test makes them: DCMTK's
+# dcmcjpeg (+e1: process 14 SV1, +el: process 14) and dcmcjpls (lossless, +en near-lossless); DCMTK has
+# no JPEG 2000 encoder, so python-gdcm writes those
+COMPRESSIONS = {"1.2.840.10008.1.2.4.70": ("dcmcjpeg", "+e1"), "1.2.840.10008.1.2.4.57": ("dcmcjpeg", "+el"),
+                "1.2.840.10008.1.2.4.80": ("dcmcjpls", "+el"), "1.2.840.10008.1.2.4.81": ("dcmcjpls", "+en"),
+                "1.2.840.10008.1.2.4.90": ("gdcm", "JPEG2000Lossless"), "1.2.840.10008.1.2.4.91": ("gdcm", "JPEG2000")}
+LOSSLESS = {"1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"}
+
+
+def _compress(source, target, syntax: str) -> None:
+    import subprocess
+
+    tool, option = COMPRESSIONS[syntax]
+    if tool == "gdcm":
+        import gdcm
+
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(source))
+        assert reader.Read()
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, option)))
+        change.SetInput(reader.GetImage())
+        assert change.Change()
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(target))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        assert writer.Write()
+    else:
+        subprocess.run([dcmtk(tool), option, str(source), str(target)], check=True, capture_output=True, timeout=60)
+    assert str(pydicom.dcmread(target, stop_before_pixels=True).file_meta.TransferSyntaxUID) == syntax
+
+
+def _storescu_proposing(syntax: str, folder) -> tuple[str, ...]:
+    """storescu options that propose CT Image Storage in ``syntax`` only (a config file: its -x options lack .57)."""
+    config = folder / f"storescu-{syntax}.cfg"
+    config.write_text(f"[[TransferSyntaxes]]\n[TS]\nTransferSyntax1 = {syntax}\n[[PresentationContexts]]\n[PC]\n"
+                      f"PresentationContext1 = 1.2.840.10008.5.1.4.1.1.2\\TS\n[[Profiles]]\n[CT]\n"
+                      f"PresentationContexts = PC\n")
+    return ("-xf", str(config), "CT")
+
+
+def test_jpeg_lossless_jpeg_ls_and_jpeg_2000_ct_sent_by_storescu_are_stored_and_decode(tmp_path, phantom_studies):
+    import numpy as np
+    from SegRapSegmenterLib.node.audit import AuditLog
+    from SegRapSegmenterLib.node.scp import StorageScp
+
+    dcmtk("storescu")
+    sources = sorted(phantom_studies[0].ct_dir.glob("*.dcm"))
+    sent = {}
+    for k, syntax in enumerate(COMPRESSIONS):
+        target = tmp_path / "compressed" / f"{k}.dcm"
+        target.parent.mkdir(exist_ok=True)
+        _compress(sources[k], target, syntax)
+        sent[syntax] = (sources[k], target)
+    spool = Spool(tmp_path / "spool")
+    server = StorageScp("SEGRAP", "127.0.0.1", 0, spool, AuditLog(spool.audit_path))
+    server.start()
+    try:
+        for syntax, (_, target) in sent.items():
+            result = storescu(target, server.port, options=_storescu_proposing(syntax, tmp_path))
+            assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        server.stop()
+    for syntax, (source, target) in sent.items():
+        uid = str(pydicom.dcmread(target, stop_before_pixels=True).SOPInstanceUID)
+        [stored] = list((spool.root / "studies").rglob(f"{uid}.dcm"))
+        ds = pydicom.dcmread(stored)
+        assert str(ds.file_meta.TransferSyntaxUID) == syntax  # stored as it came, decoded by the pipeline
+        original = pydicom.dcmread(source).pixel_array.astype(np.int32)
+        decoded = ds.pixel_array.astype(np.int32)
+        if syntax in LOSSLESS:
+            assert np.array_equal(decoded, original), syntax
+        else:
+            assert np.abs(decoded - original).max() <= 0.02 * (np.ptp(original) + 1), syntax
+    spool.close()
+
+
+def test_a_jpeg_ls_study_is_contoured_and_delivered(tmp_path, phantom_studies, node_factory, storescp_factory):
+    dcmtk("storescu")
+    study = phantom_studies[0]
+    folder = tmp_path / "jpeg-ls"
+    folder.mkdir()
+    for path in sorted(study.ct_dir.glob("*.dcm")):
+        _compress(path, folder / path.name, "1.2.840.10008.1.2.4.80")
+    tps = storescp_factory(tmp_path / "tps", free_port())
+    spool, port = tmp_path / "spool", free_port()
+    node_factory(spool, port, "--destination", tps.destination, "--settle", "1", "--tasks", "oar")
+    assert storescu(folder, port, options=_storescu_proposing("1.2.840.10008.1.2.4.80", tmp_path)).returncode == 0
+    wait_until(lambda: audit_events(spool, "finished"), 240, "the JPEG-LS study to be delivered", interval=1)
+    [rtstruct] = [pydicom.dcmread(p) for p in tps.files()]
+    assert _referenced(rtstruct)[2] == _sop_uids(study.ct_dir)

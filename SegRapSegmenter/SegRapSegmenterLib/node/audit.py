@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class AuditLog:
@@ -22,10 +25,14 @@ class AuditLog:
                   "event": event, **{k: v for k, v in fields.items() if v is not None}}
         line = json.dumps(record, default=str)
         with self._lock:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a",
+                          encoding="utf-8") as f:
+                    f.write(line + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:  # a full disk must not turn an audit line into a crash: say it on stderr
+                log.error("audit log %s not written (%s): %s", self.path, exc.strerror or exc, line)
         if self._echo:
             self._echo(line)
         return record

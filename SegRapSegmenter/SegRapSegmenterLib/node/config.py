@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import InputError
 from .address import Destination, check_ae_title, parse_destination
 from .selection import SelectionRule
+from .tls import TlsFiles, tls_files
 
 TASKS = ("oar", "gtv")
 CONTOUR_HOLES = ("keyhole", "xor")
@@ -27,6 +28,7 @@ class Delivery:
     first_delay_s: float = 10.0  # doubled after every failed attempt
     max_delay_s: float = 600.0
     timeout_s: float = 30.0  # network timeout of one association
+    tls: bool = False  # mutual TLS to every destination, with the node's tls_cert, tls_key and tls_ca
 
     def delay(self, failed_attempts: int) -> float:
         """Seconds to wait after ``failed_attempts`` failures (exponential backoff, capped)."""
@@ -39,7 +41,7 @@ class NodeConfig:
 
     spool: Path
     ae_title: str = "SEGRAP"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only unless --host names the address the scanners reach
     port: int = 11112
     destinations: tuple[Destination, ...] = ()
     allow_ae: tuple[str, ...] = ()  # empty: any calling AE title
@@ -53,6 +55,17 @@ class NodeConfig:
     python: str | None = None  # the worker's Python (default: this one)
     delivery: Delivery = field(default_factory=Delivery)
     selection: SelectionRule = field(default_factory=SelectionRule)
+    min_free_mb: float = 1024.0  # C-STOREs are refused (0xA700) below this much free space on the spool's disk
+    max_instance_mb: float = 64.0  # a larger data set is refused (0xA700); one far larger ends its association
+    keep_days: float | None = None  # images and outputs of finished studies are deleted after this (None: kept)
+    tls_cert: Path | None = None  # with tls_key and tls_ca: the SCP accepts only mutual-TLS peers signed by the CA
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The TLS files of the SCP (None: plain TCP)."""
+        return tls_files(self.tls_cert, self.tls_key, self.tls_ca)
 
 
 def _read_toml(path: Path) -> dict:
@@ -121,8 +134,24 @@ def _checked(values: dict) -> NodeConfig:
         v["port"] = int(v.get("port", 11112))
         v["settle_s"] = float(v.get("settle_s", 30.0))
         v["workers"] = None if v.get("workers") is None else int(v["workers"])
+        v["min_free_mb"] = float(v.get("min_free_mb", 1024.0))
+        v["max_instance_mb"] = float(v.get("max_instance_mb", 64.0))
     except (TypeError, ValueError) as exc:
-        raise InputError(f"port, settle and workers must be numbers ({exc}).") from None
+        raise InputError(f"port, settle, workers, min_free_mb and max_instance_mb must be numbers ({exc}).") from None
+    if v["min_free_mb"] < 0:
+        raise InputError(f"--min-free-mb {v['min_free_mb']}: megabytes, 0 or more.")
+    tls = tls_files(v.get("tls_cert"), v.get("tls_key"), v.get("tls_ca"))
+    v["tls_cert"], v["tls_key"], v["tls_ca"] = (tls.cert, tls.key, tls.ca) if tls else (None, None, None)
+    if v.get("delivery") is not None and v["delivery"].tls and tls is None:
+        raise InputError("[delivery] tls = true needs tls_cert, tls_key and tls_ca (--tls-cert, --tls-key, --tls-ca).")
+    try:
+        v["keep_days"] = None if v.get("keep_days") is None else float(v["keep_days"])
+    except (TypeError, ValueError):
+        raise InputError(f"--keep-days {v.get('keep_days')!r}: a number of days.") from None
+    if v["keep_days"] is not None and v["keep_days"] < 0:
+        raise InputError(f"--keep-days {v['keep_days']}: days, 0 or more.")
+    if v["max_instance_mb"] <= 0:
+        raise InputError(f"--max-instance-mb {v['max_instance_mb']}: megabytes, more than 0.")
     if not 0 <= v["port"] < 65536:
         raise InputError(f"--port {v['port']}: choose a port from 1 to 65535 (0: any free port).")
     if v["settle_s"] < 0:

@@ -1,8 +1,8 @@
-"""One study's job: contour it in the CLI's worker process, then deliver its RTSTRUCT to every destination.
+"""One study's job: contour it in the CLI's worker process, then hand its RTSTRUCT to the couriers (``delivery``).
 
-The RTSTRUCT is made once per study and kept in the spool; every delivery (and every redelivery
+The RTSTRUCT is made once per run and kept in the spool; every delivery (and every redelivery
 after a restart) sends that same file, so a destination never receives two structure sets for one
-study. Deliveries are recorded per destination the moment a destination confirms the store.
+run. Deliveries are recorded per destination the moment a destination confirms the store.
 """
 
 from __future__ import annotations
@@ -15,16 +15,22 @@ from pathlib import Path
 
 import pydicom
 
-from ..errors import DicomNetworkError, SegRapError, WorkerError
-from ..runner import SegmentRequest, WorkerRun
+from ..errors import SegRapError, WorkerError
+from ..runner import SegmentRequest, WorkerRun, describe_exit
 from .audit import AuditLog
 from .config import NodeConfig
-from .scu import send_files
 from .spool import Spool
+
+
+MAX_RUNS = 3  # a study whose worker died this many times is failed, not retried forever
 
 
 class Requeued(Exception):
     """The job was stopped by a node shutdown and goes back to the queue."""
+
+
+class WorkerDied(Exception):
+    """The worker ended without a final event (killed by the OS, e.g. out of memory): worth another run."""
 
 
 def build_request(config: NodeConfig, job, out_dir: Path, spool: Spool) -> SegmentRequest:
@@ -36,7 +42,8 @@ def build_request(config: NodeConfig, job, out_dir: Path, spool: Spool) -> Segme
     request = SegmentRequest(ct=str(spool.series_folder(study, job["plain_series"])),
                              contrast_ct=str(contrast) if contrast else None, out_dir=str(out_dir),
                              case_id=job["case_id"], bundle=config.bundle, tasks=tasks, device=config.device,
-                             threads=config.threads, rtstruct=True)
+                             threads=config.threads, rtstruct=True,
+                             patient_values_in_errors=False)  # its errors reach the audit log: no patient values
     if config.contour_holes and "contour_holes" in {f.name for f in fields(SegmentRequest)}:
         request.contour_holes = config.contour_holes  # type: ignore[attr-defined]
     return request
@@ -46,8 +53,9 @@ class JobRunner:
     """Runs claimed jobs for one worker slot (one GPU); ``cancel`` stops the running one for a requeue."""
 
     def __init__(self, config: NodeConfig, spool: Spool, audit: AuditLog, stop: threading.Event,
-                 env: dict[str, str] | None = None, slot: int = 0):
+                 env: dict[str, str] | None = None, slot: int = 0, on_contoured=lambda: None):
         self.config, self.spool, self.audit, self.stop = config, spool, audit, stop
+        self.on_contoured = on_contoured  # wakes the couriers
         self.env, self.slot = env, slot
         self._run: WorkerRun | None = None
         self._lock = threading.Lock()
@@ -60,19 +68,34 @@ class JobRunner:
             run.cancel()
 
     def process(self, job) -> None:
-        """Contour (unless this study's RTSTRUCT exists) and deliver; leaves the job sent, failed or queued."""
+        """Contour (unless this study's RTSTRUCT exists) and hand it to the couriers; leaves it delivering, failed
+        or queued."""
         study = job["study_uid"]
         try:
             rtstruct = job["rtstruct"]
             if not rtstruct or not Path(rtstruct).is_file():
                 rtstruct = self._segment(job)
-            if self._deliver(job, Path(rtstruct)):
-                self.spool.finish(study)
-                self.audit.write("finished", study_uid=study, state="sent",
+                if self.spool.reopen_if_changed(study):  # images came in while it ran: contour them all again
+                    self.audit.write("study_reopened", study_uid=study, reason="new images arrived during the run")
+                    return
+            self.spool.to_delivery(study)  # the couriers send it; this slot takes the next study
+            if not self.config.destinations:
+                self.spool.conclude_delivery(study, [])
+                self.audit.write("finished", study_uid=study, state="sent", destinations=0,
                                  received_to_sent_s=round(time.time() - float(job["first_received"]), 1))
+            self.on_contoured()
         except Requeued:
             self.spool.requeue(study)
             self.audit.write("job_requeued", study_uid=study, reason="node stopping")
+        except WorkerDied as exc:
+            runs = int(job["attempts"])
+            if runs < MAX_RUNS:
+                self.spool.retry(study)
+                self.audit.write("job_retry", study_uid=study, attempt=runs, reason=str(exc))
+            else:
+                reason = f"the worker died in {runs} runs (last: {exc})"
+                self.spool.fail(study, reason)
+                self.audit.write("failed", study_uid=study, kind="WorkerError", reason=reason)
         except SegRapError as exc:
             self.spool.fail(study, str(exc))
             self.audit.write("failed", study_uid=study, kind=type(exc).__name__, reason=str(exc))
@@ -96,10 +119,13 @@ class JobRunner:
         self.spool.set_worker_pid(study, run.process.pid)
         try:
             outcome = run.wait()
-        except WorkerError as exc:
+        except WorkerError as exc:  # no final event: the worker was killed or crashed
             if self.stop.is_set():
                 raise Requeued() from exc
-            raise
+            code = run.process.returncode if run.process is not None else None
+            # the reason names how it ended, never the log tail (it may hold header values)
+            raise WorkerDied(f"the worker {describe_exit(code) if code is not None else 'died'} "
+                             f"before finishing") from exc
         finally:
             with self._lock:
                 self._run = None
@@ -114,39 +140,3 @@ class JobRunner:
         self.audit.write("job_finished", study_uid=study, rtstruct_uid=uid, seconds=round(time.time() - started, 1),
                          warnings=len(outcome.warnings))
         return path
-
-    def _deliver(self, job, rtstruct: Path) -> bool:
-        """Send to every destination not yet holding it; True when all do, False (job failed) when one gave up."""
-        study = job["study_uid"]
-        delivery = self.config.delivery
-        pending = [d for d in self.config.destinations if str(d) not in self.spool.delivered(study)]
-        while pending:
-            for dest in list(pending):
-                if self.stop.is_set():
-                    raise Requeued()
-                try:
-                    send_files([rtstruct], dest, self.config.ae_title, timeout=delivery.timeout_s)
-                except (DicomNetworkError, OSError) as exc:
-                    attempts = self.spool.delivery_attempt(study, str(dest), str(exc))
-                    self.audit.write("delivery_retry" if attempts < delivery.attempts else "delivery_failed",
-                                     study_uid=study, destination=str(dest), attempt=attempts, error=str(exc))
-                    if attempts >= delivery.attempts:
-                        reason = f"{dest}: not delivered after {attempts} attempts ({exc})"
-                        self.spool.fail(study, reason)
-                        self.audit.write("failed", study_uid=study, reason=reason)
-                        return False
-                    continue
-                attempts = self.spool.delivery_attempt(study, str(dest), None)
-                pending.remove(dest)
-                self.audit.write("sent", study_uid=study, destination=str(dest), rtstruct_uid=job["rtstruct_uid"]
-                                 or _uid_of(rtstruct), attempt=attempts,
-                                 received_to_sent_s=round(time.time() - float(job["first_received"]), 1))
-            if pending:
-                failures = max(self.spool.delivery_attempts(study, str(d)) for d in pending)
-                if self.stop.wait(delivery.delay(failures)):
-                    raise Requeued()
-        return True
-
-
-def _uid_of(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)

@@ -3,30 +3,50 @@
 Only CT Image Storage is stored. Every other storage SOP class is negotiated, so the sender gets a
 C-STORE status rather than a failed association, and refused with 0x0122 (SOP class not supported).
 A CT instance that cannot be decoded is refused with 0xC210 (cannot understand); one that lacks the
-UIDs, geometry or pixel data of a CT image with 0xA900 (data set does not match SOP class). Calling AE
-titles not on the allow-list are rejected at association (reason: calling AE title not recognised).
+UIDs, geometry or pixel data of a CT image with 0xA900 (data set does not match SOP class); one the spool
+cannot take (free space below the watermark, a full disk or database) with 0xA700 (out of resources).
+Calling AE titles not on the allow-list are rejected at association (reason: calling AE title not recognised).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import sqlite3
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from .audit import AuditLog
 from .selection import CONTRAST_TAGS
 from .spool import Instance, Spool, is_uid
+from .tls import TlsFiles, server_context
 
 log = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+NEGOTIATION_S = 10.0  # a connection must complete its association request within this (slow senders hold slots)
+IDLE_S = 60.0
 SOP_CLASS_NOT_SUPPORTED, OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0122, 0xA700, 0xA900, 0xC210
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"  # decoded by pydicom itself, as the pipeline reads it
 # implicit and explicit VR little endian, RLE; not deflate, whose few MB can inflate to GBs in memory
 ACCEPTED_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", RLE_LOSSLESS)
+# JPEG lossless (process 14, and its first-order prediction), JPEG-LS lossless and near-lossless, JPEG 2000
+# lossless and lossy: the pipeline decodes them through pydicom's plugins (python-gdcm), so they are accepted
+# where this Python has a plugin for them (a node without one refuses them at negotiation, not after a run)
+COMPRESSED_SYNTAXES = ("1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.80",
+                       "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
 _UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
+
+
+def accepted_syntaxes() -> list[str]:
+    """The transfer syntaxes the SCP accepts for storage: the uncompressed ones, RLE, and the decodable compressed."""
+    from ..formats.pydicom_compat import decoder_problem
+
+    return [*ACCEPTED_SYNTAXES, *(uid for uid in COMPRESSED_SYNTAXES if decoder_problem(uid) is None)]
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -53,18 +73,33 @@ def check_ct(ds: Dataset, affected_uid: str, transfer_syntax: str) -> str | None
     if transfer_syntax in _UNCOMPRESSED:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         want = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * int(ds.get("SamplesPerPixel", 1) or 1)
-        have = len(ds.PixelData)
+        have = _value_length(ds, 0x7FE00010)
         if have < want * frames:
             return f"pixel data of {have} bytes, {want * frames} expected (truncated)"
     return None
+
+
+def _value_length(ds: Dataset, tag: int) -> int:
+    """The length of an element's value without reading a deferred value into memory (pydicom 3; 2.4 reads it)."""
+    try:
+        elem = ds.get_item(tag, keep_deferred=True)
+    except TypeError:  # pydicom 2.4 has no keep_deferred
+        elem = ds.get_item(tag)
+    value = getattr(elem, "value", None)
+    return int(elem.length) if value is None else len(value)
 
 
 class StorageScp:
     """The listening side of the node: ``start`` (non-blocking) and ``stop``."""
 
     def __init__(self, ae_title: str, host: str, port: int, spool: Spool, audit: AuditLog,
-                 allow_ae: tuple[str, ...] = (), on_study: Callable[[str, str], None] | None = None):
+                 allow_ae: tuple[str, ...] = (), on_study: Callable[[str, str], None] | None = None,
+                 min_free_mb: float = 0.0, negotiation_s: float = NEGOTIATION_S, max_instance_mb: float = 64.0,
+                 tls: TlsFiles | None = None):
         self.ae_title, self.host, self.port = ae_title, host, port
+        self.tls = tls
+        self.min_free_mb, self.negotiation_s, self.max_instance_mb = min_free_mb, negotiation_s, max_instance_mb
+        self._receiving: dict[int, int] = {}  # bytes received per association since its last C-STORE
         self.spool, self.audit, self.allow_ae = spool, audit, allow_ae
         self.on_study = on_study or (lambda study_uid, state: None)
         self._server = None
@@ -80,17 +115,67 @@ class StorageScp:
     def _count(self, event, key: str) -> None:
         with self._lock:
             counts = self._counts.setdefault(id(event.assoc), {"stored": 0, "refused": 0})
-            counts[key] += 1
+            counts[key] = counts.get(key, 0) + 1
+
+    def _on_connection(self, event) -> None:
+        """Start the negotiation deadline of a new connection (it holds an association slot until it ends)."""
+        assoc = event.assoc
+        timer = threading.Timer(self.negotiation_s, self._drop_if_not_negotiated, (assoc, assoc.dul.socket.socket))
+        timer.daemon = True
+        timer.start()
+
+    def _drop_if_not_negotiated(self, assoc, sock: socket.socket) -> None:
+        """Close a connection that has not completed its A-ASSOCIATE negotiation within ``negotiation_s``.
+
+        pynetdicom reads a PDU to its end before it looks at any timer, and bounds only each recv by
+        the network timeout: a peer sending one byte now and then would hold its slot for ever.
+        Shutting the socket down ends that read, and the association with it.
+        """
+        if assoc.is_established or assoc.is_rejected or assoc.is_aborted or assoc.is_released:
+            return
+        try:
+            address = "{}:{}".format(*sock.getpeername()[:2])
+        except OSError:
+            address = "?"
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return  # already closed
+        self.audit.write("association_dropped", address=address,
+                         reason=f"no complete association request within {self.negotiation_s:g} s")
+
+    def _on_data(self, event) -> None:
+        """Count a PDU's bytes; an association sending far more than the cap for one data set is closed."""
+        key = id(event.assoc)
+        with self._lock:
+            received = self._receiving[key] = self._receiving.get(key, 0) + len(event.data)
+        if received > 2 * self.max_instance_mb * 1e6 + 1e6:
+            with self._lock:
+                self._receiving[key] = -(1 << 62)  # drop once
+            try:
+                event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+            except (AttributeError, OSError):
+                return
+            self.audit.write("association_dropped", **self._peer(event),
+                             reason=f"over {2 * self.max_instance_mb:g} MB for one data set (the cap is "
+                             f"{self.max_instance_mb:g} MB)")
 
     def _on_established(self, event) -> None:
         self.audit.write("association", **self._peer(event), called_ae=self.ae_title)
 
     def _on_rejected(self, event) -> None:
-        self.audit.write("association_rejected", **self._peer(event), reason="calling AE title not on the allow-list")
+        """Audit a rejected association with pynetdicom's reason (it checks the slots after the allow-list)."""
+        ae = event.assoc.ae
+        if len([a for a in ae.active_associations if a.is_acceptor]) > ae.maximum_associations:
+            reason = f"local limit exceeded ({ae.maximum_associations} associations at once)"
+        else:
+            reason = "calling AE title not on the allow-list"
+        self.audit.write("association_rejected", **self._peer(event), reason=reason)
 
     def _on_closed(self, event) -> None:
         with self._lock:
             counts = self._counts.pop(id(event.assoc), {"stored": 0, "refused": 0})
+            self._receiving.pop(id(event.assoc), None)
         self.audit.write("association_closed", **self._peer(event), how=event.event.name, **counts)
 
     def _on_echo(self, event) -> int:
@@ -112,10 +197,20 @@ class StorageScp:
             name = getattr(uid_to_sop_class(sop_class), "name", "") or sop_class
             return self._refuse(event, SOP_CLASS_NOT_SUPPORTED, f"{name} not accepted: CT images only",
                                 sop_class, sop_uid)
+        with self._lock:
+            self._receiving[id(event.assoc)] = 0
+        path = Path(event.dataset_path)  # the data set is received into a file, never whole in memory
+        size_mb = path.stat().st_size / 1e6
+        if size_mb > self.max_instance_mb:
+            return self._refuse(event, OUT_OF_RESOURCES, f"data set of {size_mb:.0f} MB, over the node's cap of "
+                                f"{self.max_instance_mb:g} MB", sop_class, sop_uid)
+        free = self.spool.free_mb()
+        if free < self.min_free_mb:  # keep room for the database, the audit log and the running jobs
+            return self._refuse(event, OUT_OF_RESOURCES, f"spool disk low: {free:.0f} MB free, below "
+                                f"{self.min_free_mb:.0f} MB", sop_class, sop_uid)
         syntax = str(event.context.transfer_syntax)
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            ds = dcmread(path, defer_size=4096)  # large values stay on disk until they are used
             reason = check_ct(ds, sop_uid, syntax)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged data
             return self._refuse(event, CANNOT_UNDERSTAND, f"data set cannot be decoded ({type(exc).__name__})",
@@ -127,11 +222,16 @@ class StorageScp:
                         str(ds.get("Modality", "") or "").upper(), str(ds.get("SeriesDescription", "") or ""),
                         tags, event.assoc.requestor.ae_title)
         try:
-            state = self.spool.store(inst, event.encoded_dataset())
+            state = self.spool.store(inst, path)
         except OSError as exc:
             log.error("cannot store %s: %s", sop_uid, exc)
             return self._refuse(event, OUT_OF_RESOURCES, f"spool not writable ({exc.strerror})", sop_class, sop_uid)
+        except sqlite3.Error as exc:  # e.g. "database or disk is full"
+            log.error("cannot record %s: %s", sop_uid, exc)
+            return self._refuse(event, OUT_OF_RESOURCES, f"spool database: {exc}", sop_class, sop_uid)
         self._count(event, "stored")
+        if state == "late":  # images a contoured study holds already: counted, one audit line per association
+            self._count(event, "already_held")
         self.on_study(inst.study_uid, state)
         return _status(0x0000)
 
@@ -139,20 +239,29 @@ class StorageScp:
 
     def start(self) -> int:
         """Listen (in background threads); returns the port (useful with port 0)."""
-        from pynetdicom import AE, StoragePresentationContexts, evt
+        from pynetdicom import AE, StoragePresentationContexts, _config, evt
         from pynetdicom.sop_class import Verification
+
+        _config.STORE_RECV_CHUNKED_DATASET = True  # C-STORE data sets go to a temporary file, not memory
 
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = 16
+        ae.acse_timeout = self.negotiation_s  # ARTIM: between the connection and the A-ASSOCIATE-RQ
+        ae.network_timeout = IDLE_S  # an established association idle this long is aborted
+        ae.dimse_timeout = IDLE_S
+        syntaxes = accepted_syntaxes()
         for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_SYNTAXES))
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         if self.allow_ae:
             ae.require_calling_aet = list(self.allow_ae)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+        handlers = [(evt.EVT_CONN_OPEN, self._on_connection), (evt.EVT_DATA_RECV, self._on_data),
+                    (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed)]
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
+                                       ssl_context=server_context(self.tls) if self.tls else None)
         self.port = self._server.server_address[1]
         return self.port
 

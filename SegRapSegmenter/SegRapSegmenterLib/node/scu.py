@@ -2,6 +2,8 @@
 
 Every failure is a DicomNetworkError naming the peer and what went wrong: no connection, an
 association the peer rejected (with its reason), or a store the peer refused (with its status).
+Failures that a retry cannot cure (a permanent association rejection, a SOP class the peer does not
+accept, a refusal status such as 0x0122 or 0xA9xx) are its subclass DicomRefusedError.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ..errors import DicomNetworkError, InputError
+from ..errors import DicomNetworkError, DicomRefusedError, InputError
 from .address import Destination, check_ae_title
+from .tls import TlsFiles, client_context
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,8 @@ def _pynetdicom_ae():
     return AE
 
 
-def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str, Sequence[str]]], timeout: float):
+def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str, Sequence[str]]], timeout: float,
+               tls: TlsFiles | None = None):
     AE = _pynetdicom_ae()
 
     ae = AE(ae_title=check_ae_title(calling_ae, "Calling AE title"))
@@ -134,7 +138,8 @@ def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str,
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, list(syntaxes))
     with _captured() as errors:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                             tls_args=(client_context(tls), None) if tls else None)
     if assoc.is_established:
         return assoc
     detail = "; ".join(line for line in errors.lines if line.startswith(("Result", "Reason")))
@@ -143,8 +148,11 @@ def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str,
         raise DicomNetworkError(f"{dest}: no DICOM connection ({unreachable[-1]}). Check the host, the port and "
                                 f"that the peer is running.")
     if assoc.is_rejected:
-        raise DicomNetworkError(f"{dest}: the association was rejected ({detail or 'no reason given'}). Check that "
-                                f"the peer knows the calling AE title {calling_ae!r} and is called {dest.ae_title!r}.")
+        # A-ASSOCIATE-RJ result 1 is "rejected (permanent)": the same request would be rejected again
+        permanent = getattr(getattr(assoc.acceptor, "primitive", None), "result", None) == 0x01
+        raise (DicomRefusedError if permanent else DicomNetworkError)(
+            f"{dest}: the association was rejected ({detail or 'no reason given'}). Check that the peer knows the "
+            f"calling AE title {calling_ae!r} and is called {dest.ae_title!r}.")
     if assoc.is_aborted:
         raise DicomNetworkError(f"{dest}: the peer aborted the association (no presentation context accepted, or it "
                                 f"does not accept these SOP classes).")
@@ -152,9 +160,9 @@ def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str,
                             f"Check the host, the port and that the peer is running.")
 
 
-def echo(dest: Destination, calling_ae: str = "SEGRAP", timeout: float = 30.0) -> None:
+def echo(dest: Destination, calling_ae: str = "SEGRAP", timeout: float = 30.0, tls: TlsFiles | None = None) -> None:
     """C-ECHO the peer; DicomNetworkError when it cannot be reached or does not answer with success."""
-    assoc = _associate(dest, calling_ae, [(VERIFICATION, _BASE_SYNTAXES)], timeout)
+    assoc = _associate(dest, calling_ae, [(VERIFICATION, _BASE_SYNTAXES)], timeout, tls)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -175,28 +183,60 @@ def _contexts(files: Sequence[_File]) -> list[tuple[str, list[str]]]:
     return [(VERIFICATION, list(_BASE_SYNTAXES))] + list(by_class.items())
 
 
+def refused_for_good(status: int) -> bool:
+    """A C-STORE failure status that resending the same file cannot cure (PS3.4 B.2.3 and C.4.2.1.4).
+
+    0x0122 SOP class not supported, 0x0124 not authorised, 0xA9xx data set does not match the SOP
+    class, 0xCxxx cannot understand. The others (0xA7xx out of resources, 0x0110 processing failure,
+    ...) may pass on a later attempt and are retried.
+    """
+    return status in (0x0122, 0x0124) or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
+
+
+def _sop_class_name(uid: str) -> str:
+    from pynetdicom.sop_class import uid_to_sop_class
+
+    return getattr(uid_to_sop_class(uid), "name", "") or uid
+
+
+def _check_accepted(assoc, files: Sequence[_File], dest: Destination) -> None:
+    """DicomRefusedError when the peer accepted no presentation context for one of the files' SOP classes."""
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    refused = sorted({f.sop_class for f in files} - accepted)
+    if refused:
+        names = ", ".join(f"{_sop_class_name(uid)} ({uid})" for uid in refused)
+        raise DicomRefusedError(f"{dest}: the peer does not accept {names}: it refused that presentation context. "
+                                f"Configure the peer to store this SOP class, or send elsewhere.")
+
+
 def send_files(paths: Iterable[str | Path], dest: Destination, calling_ae: str = "SEGRAP",
-               timeout: float = 30.0) -> SendReport:
-    """C-ECHO, then C-STORE every DICOM file of ``paths`` in one association; stops at the first refused store."""
+               timeout: float = 30.0, tls: TlsFiles | None = None) -> SendReport:
+    """C-ECHO, then C-STORE every DICOM file of ``paths`` in one association (mutual TLS with ``tls``); stops at
+    the first refused store."""
     files = collect_files(list(paths))
     report = SendReport(dest)
-    assoc = _associate(dest, calling_ae, _contexts(files), timeout)
+    assoc = _associate(dest, calling_ae, _contexts(files), timeout, tls)
     try:
         status = assoc.send_c_echo()
         if not status or int(status.Status) != 0:
             raise DicomNetworkError(f"{dest}: the association was accepted but C-ECHO failed.")
+        _check_accepted(assoc, files, dest)
         for f in files:
             ds = pydicom.dcmread(f.path)
-            status = assoc.send_c_store(ds)
+            try:
+                status = assoc.send_c_store(ds)
+            except ValueError as exc:  # pynetdicom: no accepted context can carry this data set
+                raise DicomRefusedError(f"{dest}: {f.path} cannot be sent in this association ({exc}).") from exc
             code = int(getattr(status, "Status", -1)) if status else -1
             if code < 0:
                 raise DicomNetworkError(f"{dest}: no answer to the C-STORE of {f.path} (timeout or aborted "
                                         f"association); {len(report.sent)} of {len(files)} files were stored.")
             comment = str(status.get("ErrorComment", "") or "")
             if code != 0 and not 0xB000 <= code <= 0xBFFF and code != 0x0107 and code != 0x0116:
-                raise DicomNetworkError(f"{dest}: the peer refused {f.path} (SOP instance {f.sop_instance}) with "
-                                        f"status 0x{code:04X}{': ' + comment if comment else ''}; "
-                                        f"{len(report.sent)} of {len(files)} files were stored before it.")
+                error = DicomRefusedError if refused_for_good(code) else DicomNetworkError
+                raise error(f"{dest}: the peer refused {f.path} (SOP instance {f.sop_instance}) with "
+                            f"status 0x{code:04X}{': ' + comment if comment else ''}; "
+                            f"{len(report.sent)} of {len(files)} files were stored before it.")
             if code != 0:
                 report.warnings.append(f"{f.path}: stored with warning status 0x{code:04X} {comment}".strip())
             report.sent.append(f.sop_instance)

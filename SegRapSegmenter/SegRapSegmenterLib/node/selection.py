@@ -71,13 +71,13 @@ def classify(series: SeriesSummary, rule: SelectionRule) -> tuple[str, str]:
     text = series.description or ""
     for pattern in rule.plain_patterns:
         if re.search(pattern, text, re.IGNORECASE):
-            return "plain", f"description {text!r} matches {pattern!r}"
+            return "plain", f"its SeriesDescription matches {pattern!r}"  # the text itself may name the patient
     tags = [t for t in series.contrast_values if t in rule.contrast_tags]
     if tags:
         return "contrast", f"{tags[0]} is set"
     for pattern in rule.contrast_patterns:
         if re.search(pattern, text, re.IGNORECASE):
-            return "contrast", f"description {text!r} matches {pattern!r}"
+            return "contrast", f"its SeriesDescription matches {pattern!r}"
     return "plain", "no contrast agent tag or contrast description"
 
 

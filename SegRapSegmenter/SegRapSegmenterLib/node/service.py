@@ -1,9 +1,10 @@
-"""``segrap serve``: the SCP, the completion rule, the queue and the workers, run until SIGTERM.
+"""``segrap serve``: the SCP, the completion rule, the queue, the workers and the couriers, run until SIGTERM.
 
 A study is complete when none of its instances arrived for ``settle`` seconds; it is then queued
 with the series the selection rule picked (or failed, when it has no usable CT). One worker slot per
-GPU takes queued jobs one at a time. At start-up, jobs a killed node left running go back to the
-queue (their orphaned worker processes are stopped first), so every study is finished after a crash.
+GPU takes queued jobs one at a time; one courier thread per destination sends the RTSTRUCTs. At
+start-up, jobs a killed node left running go back to the queue (their orphaned worker processes are
+stopped first, the interrupted run is not counted), so every study is finished after a crash.
 """
 
 from __future__ import annotations
@@ -12,22 +13,25 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 
 import psutil
 
-from ..errors import InputError
+from ..errors import EXIT_ERROR, InputError
 from .audit import AuditLog
 from .config import NodeConfig
-from .jobs import JobRunner
+from .delivery import Courier
+from .jobs import MAX_RUNS, JobRunner
 from .scp import StorageScp
 from .selection import select
 from .spool import Spool
 
 log = logging.getLogger(__name__)
 
-MAX_RUNS = 3  # a study whose worker died this many times is failed, not retried forever
+PURGE_EVERY_S = 3600.0  # how often finished studies older than keep_days are deleted (and at start)
 
 
 def visible_gpus() -> list[str]:
@@ -76,29 +80,41 @@ class Node:
     def __init__(self, config: NodeConfig, echo=None):
         self.config = config
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per C-STORE otherwise
+        os.umask(0o077)  # what the node and its workers write (images, RTSTRUCTs, logs) is the node user's only
         self.spool = Spool(config.spool)
         self.audit = AuditLog(self.spool.audit_path, echo=echo)
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self.scp = StorageScp(config.ae_title, config.host, config.port, self.spool, self.audit,
-                              config.allow_ae, on_study=self._on_study)
-        self.runners = [JobRunner(config, self.spool, self.audit, self.stop_event, env, slot)
+                              config.allow_ae, on_study=self._on_study, min_free_mb=config.min_free_mb,
+                              max_instance_mb=config.max_instance_mb, tls=config.tls)
+        self.couriers = [Courier(config, self.spool, self.audit, dest, self.stop_event) for dest in config.destinations]
+        self.runners = [JobRunner(config, self.spool, self.audit, self.stop_event, env, slot, self._wake_couriers)
                         for slot, env in enumerate(worker_slots(config))]
         self.port = config.port
+        self._fatal: str | None = None
 
     def _on_study(self, study_uid: str, state: str) -> None:
-        if state in ("late", "reopened"):
-            self.audit.write("late_instance" if state == "late" else "study_reopened", study_uid=study_uid)
+        if state == "reopened":  # images sent again ("late") are counted in association_closed instead
+            self.audit.write("study_reopened", study_uid=study_uid, reason="new images after its run")
+
+    def _wake_couriers(self) -> None:
+        for courier in self.couriers:
+            courier.wake.set()
 
     def stop(self, *_args) -> None:
         """Stop accepting, stop the running jobs (requeued) and let ``run`` return."""
         self.stop_event.set()
         self._wake.set()
+        self._wake_couriers()
 
     # ------------------------------------------------------------------ the loops
 
     def _recover(self) -> None:
-        removed = self.spool.clear_incoming()
+        removed = self.spool.clear_incoming() + self.spool.clear_temp()
+        restarted = self.spool.restart_settle_clocks()
+        if restarted:  # a study cut by the downtime gets a full settle time for its sender to resend
+            self.audit.write("settle_restarted", studies=restarted, settle_s=self.config.settle_s)
         for job in self.spool.recover():
             killed = _stop_orphan(job["worker_pid"])
             self.audit.write("job_recovered", study_uid=job["study_uid"], attempt=int(job["attempts"]),
@@ -128,62 +144,165 @@ class Node:
                 self._wake.set()
 
     def _worker_loop(self, runner: JobRunner) -> None:
+        """Take queued jobs until stopped; a job that raises anything unexpected is failed, and the loop goes on."""
         while not self.stop_event.is_set():
-            job = self.spool.claim()
-            if job is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            if int(job["attempts"]) > MAX_RUNS and not job["rtstruct"]:
-                reason = f"the worker did not finish in {MAX_RUNS} runs"
-                self.spool.fail(job["study_uid"], reason)
-                self.audit.write("failed", study_uid=job["study_uid"], reason=reason)
-                continue
-            runner.process(job)
+            job = None
+            try:
+                job = self.spool.claim()
+                if job is None:
+                    self._wake.wait(1.0)
+                    self._wake.clear()
+                    continue
+                if int(job["attempts"]) > MAX_RUNS and not job["rtstruct"]:
+                    reason = f"the worker did not finish in {MAX_RUNS} runs"
+                    self.spool.fail(job["study_uid"], reason)
+                    self.audit.write("failed", study_uid=job["study_uid"], reason=reason)
+                    continue
+                runner.process(job)
+            except Exception as exc:  # noqa: BLE001 - one broken job must not stop the contouring of the others
+                self._job_crashed(job, exc)
+
+    def _job_crashed(self, job, exc: Exception) -> None:
+        """Log and audit an unexpected error of the loop; the job it was running (if any) is failed with it."""
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        log.exception("worker slot: %s", reason)
+        study = job["study_uid"] if job is not None else None
+        self.audit.write("internal_error", study_uid=study, kind=type(exc).__name__, error=str(exc))
+        if study is not None:
+            try:
+                self.spool.fail(study, reason)
+                self.audit.write("failed", study_uid=study, kind=type(exc).__name__, reason=reason)
+            except Exception:  # noqa: BLE001 - the database itself failing: the next claim finds the job again
+                log.exception("cannot mark %s failed", study)
+        self.stop_event.wait(1.0)  # a fault that repeats (e.g. the database) does not spin
+
+    def _guarded(self, name: str, loop, *args) -> None:
+        """Run a loop of the node; if it ends other than by ``stop``, the node stops and exits non-zero."""
+        try:
+            loop(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported, then the whole node stops
+            self._fatal = f"{name} died: {type(exc).__name__}: {exc}"
+            log.exception(self._fatal)
+        else:
+            if not self.stop_event.is_set():
+                self._fatal = f"{name} ended while the node was running"
+        if self._fatal:
+            self.stop()
 
     def _claim_spool(self) -> None:
         """Refuse to share the spool with another running node (its pid is in ``node.pid``)."""
-        pid_file = self.spool.root / "node.pid"
-        try:
-            other = int(pid_file.read_text().strip())
-            if other != os.getpid() and "serve" in psutil.Process(other).cmdline():
-                raise InputError(f"--spool {self.spool.root}: node process {other} is already serving from it; "
-                                 f"stop it first or give another spool.")
-        except (OSError, ValueError, psutil.Error):
-            pass
-        pid_file.write_text(str(os.getpid()))
+        other = serving_pid(self.spool.root)
+        if other is not None and other != os.getpid():
+            raise InputError(f"--spool {self.spool.root}: node process {other} is already serving from it; "
+                             f"stop it first or give another spool.")
+        (self.spool.root / "node.pid").write_text(str(os.getpid()))
 
     def run(self) -> int:
-        """Serve until stopped; returns 0."""
+        """Serve until stopped; returns 0, or 1 when a loop of the node died (the node never runs half-alive)."""
+        from ..inference.bundles import resolve_bundle
+
+        bundle = resolve_bundle(self.config.bundle)  # ModelError before listening, not at the first study
         self._claim_spool()
         self._recover()
+        # the workers' run folders and pynetdicom's received data sets go under the spool, which the next start
+        # clears: a killed node leaks no temporary folder with images in /tmp
+        saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(self.spool.temp_dir)
+        try:
+            return self._serve(bundle)
+        finally:
+            tempfile.tempdir = saved_tempdir
+
+    def _serve(self, bundle) -> int:
         try:
             self.port = self.scp.start()
         except OSError as exc:
             raise InputError(f"--port {self.config.port}: cannot listen on {self.config.host} ({exc.strerror}); "
                              f"is another program using the port?") from exc
         self.audit.write("started", ae_title=self.config.ae_title, host=self.config.host, port=self.port,
+                         tls="mutual" if self.config.tls else None, bundle=f"{bundle.name} {bundle.version}",
                          destinations=[str(d) for d in self.config.destinations],
                          allow_ae=list(self.config.allow_ae) or None, settle_s=self.config.settle_s,
                          workers=len(self.runners), pid=os.getpid())
-        threads = [threading.Thread(target=self._worker_loop, args=(r,), name=f"segrap-worker-{r.slot}", daemon=True)
-                   for r in self.runners]
+        threads = [threading.Thread(target=self._guarded, args=(f"worker slot {r.slot}", self._worker_loop, r),
+                                    name=f"segrap-worker-{r.slot}", daemon=True) for r in self.runners]
+        threads += [threading.Thread(target=self._guarded, args=(f"courier to {c.dest}", c.run),
+                                     name=f"segrap-courier-{c.dest}", daemon=True) for c in self.couriers]
         for t in threads:
             t.start()
         try:
+            purged_at = 0.0
             while not self.stop_event.is_set():
-                self._complete_settled()
+                try:
+                    self._complete_settled()
+                    if self.config.keep_days is not None and time.time() - purged_at > PURGE_EVERY_S:
+                        purged_at = time.time()
+                        purged = self.spool.purge(self.config.keep_days)
+                        if purged:
+                            self.audit.write("spool_purged", studies=purged, keep_days=self.config.keep_days)
+                except Exception as exc:  # noqa: BLE001 - e.g. a full disk: audited, retried at the next cycle
+                    self._job_crashed(None, exc)
                 self.stop_event.wait(min(1.0, max(0.2, self.config.settle_s / 4)))
         finally:
             self.scp.stop()
-            self.audit.write("stopping", reason="signal")
+            self.audit.write("stopping", reason=self._fatal or "signal")
             for r in self.runners:
                 r.cancel()
             for t in threads:
                 t.join(timeout=60)
-            self.audit.write("stopped")
+            self.audit.write("stopped", exit_code=EXIT_ERROR if self._fatal else None)
             self.spool.close()
+        if self._fatal:
+            print(f"segrap serve: {self._fatal}; the node stopped (see the audit log and the lines above).",
+                  file=sys.stderr)
+            return EXIT_ERROR
         return 0
+
+
+def serving_pid(spool_root) -> int | None:
+    """The pid of the ``segrap serve`` process serving from this spool (``node.pid``), None when none runs."""
+    from pathlib import Path
+
+    try:
+        pid = int((Path(spool_root) / "node.pid").read_text().strip())
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE and "serve" in proc.cmdline():
+            return pid
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def _liveness(spool: Spool) -> str:
+    """One line: is a node serving from this spool, and its last audit event."""
+    from .audit import read_events
+
+    pid = serving_pid(spool.root)
+    events = read_events(spool.audit_path)
+    last = f"; last event {events[-1]['event']!r} at {events[-1]['time']}" if events else ""
+    if pid is not None:
+        return f"node: running (pid {pid}{last})"
+    return f"node: NOT RUNNING{last}; studies shown running were interrupted and are queued again at its next start"
+
+
+def requeue_study(spool_dir, study_uid: str, redeliver: bool) -> str:
+    """``--rerun`` / ``--redeliver``: change one finished study in the spool's queue; a running node picks it up."""
+    from pathlib import Path
+
+    if not (Path(spool_dir) / "node.sqlite").is_file():
+        raise InputError(f"--spool {spool_dir}: no node database there (node.sqlite); give the spool of a node.")
+    spool = Spool(spool_dir)
+    try:
+        audit = AuditLog(spool.audit_path)
+        if redeliver:
+            uid = spool.redeliver(study_uid)
+            audit.write("redeliver_requested", study_uid=study_uid, rtstruct_uid=uid)
+            return f"{study_uid}: queued to send its RTSTRUCT {uid} (the same file) to every destination again"
+        spool.rerun(study_uid)
+        audit.write("rerun_requested", study_uid=study_uid)
+        return (f"{study_uid}: will be contoured again after the settle time; the new RTSTRUCT (a new SOP instance "
+                f"UID) goes to every destination")
+    finally:
+        spool.close()
 
 
 def status_text(spool_dir) -> str:
@@ -195,7 +314,8 @@ def status_text(spool_dir) -> str:
     spool = Spool(spool_dir)
     try:
         jobs = spool.jobs()
-        lines = [f"spool {spool.root}: {len(jobs)} studies"]
+        alive = serving_pid(spool.root) is not None
+        lines = [f"spool {spool.root}: {len(jobs)} studies", _liveness(spool)]
         counts: dict[str, int] = {}
         for job in jobs:
             counts[job["state"]] = counts.get(job["state"], 0) + 1
@@ -205,7 +325,9 @@ def status_text(spool_dir) -> str:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(job["first_received"] or 0)))
             lines.append(f"{job['state']:8} {job['study_uid']}  case {job['case_id']}  received {when}  "
                          f"tasks {job['tasks'] or '-'}  runs {job['attempts']}"
-                         + (f"  late instances {job['late_instances']}" if job["late_instances"] else ""))
+                         + (f"  late instances {job['late_instances']}" if job["late_instances"] else "")
+                         + ("  (interrupted: the node is not running)" if job["state"] == "running" and not alive
+                            else ""))
             if job["reason"]:
                 lines.append(f"         reason: {job['reason']}")
             for d in spool.deliveries(job["study_uid"]):
