@@ -105,7 +105,7 @@ class SeriesInfo:
     study_uid: str
     sop_class_uid: str
     files: tuple[Path, ...]
-    patients: tuple[Patient, ...] = ()  # distinct, in file order: more than one is refused when read
+    patients: tuple[Patient, ...] = field(default=(), repr=False)  # distinct, in file order; never in logs
     frame_of_reference_uid: str = ""
 
     @property
@@ -140,7 +140,7 @@ class CtSeries:
     slices: tuple[CtSlice, ...]
     header: Dataset = field(repr=False)  # first slice's attributes without pixel data (patient, study)
     transfer_syntax: str = ""
-    patient: Patient | None = None  # every slice names this patient (a series of two is refused)
+    patient: Patient | None = field(default=None, repr=False)  # every slice's (two are refused); never in logs
 
     @property
     def normal(self) -> np.ndarray:
