@@ -232,6 +232,66 @@ def test_checkpoint_with_a_compressed_tensor_is_refused_before_loading(tmp_path,
     assert growth < 100, f"peak RSS grew by {growth:.0f} MiB"
 
 
+def overlapping_checkpoint(path: Path, copies: int) -> Path:
+    """A real torch checkpoint of ``copies`` 1 MiB tensors whose records all point at the first one's bytes."""
+    import torch
+
+    torch.save({"network_weights": {f"w{i}": torch.zeros(1 << 18) for i in range(copies)}}, path)
+    with zipfile.ZipFile(path) as src:
+        records = {i.filename: (i, src.read(i)) for i in src.infolist()}
+    aliases = [n for n in records if "/data/" in n and not n.endswith("/data/0")]
+    with zipfile.ZipFile(path, "w") as out:
+        for name, (info, data) in records.items():
+            if name not in aliases:
+                out.writestr(info, data)
+        kept = next(i for i in out.infolist() if i.filename.endswith("/data/0"))
+        for name in aliases:  # directory entries only: they share data/0's header and bytes
+            alias = zipfile.ZipInfo(name, kept.date_time)
+            alias.header_offset, alias.CRC = kept.header_offset, kept.CRC
+            alias.compress_size = alias.file_size = kept.file_size
+            out.filelist.append(alias)
+            out.NameToInfo[name] = alias
+    return path
+
+
+def test_checkpoint_whose_records_overlap_is_refused_before_torch_reads_it(tmp_path):
+    """64 records sharing one 1 MiB record: torch loads 64 MiB from a 1 MiB file; refused, naming the records."""
+    import torch
+
+    crafted = overlapping_checkpoint(tmp_path / "overlap.pth", 64)
+    assert crafted.stat().st_size < 2 << 20
+    loaded = torch.load(crafted, map_location="cpu", weights_only=True)["network_weights"]
+    assert sum(t.numel() * t.element_size() for t in loaded.values()) == 64 << 20  # the attack is real
+    with pytest.raises(ModelError, match=r"overlap\.pth: refused: records '.*/data/0' and '.*/data/1' overlap"):
+        M.load_checkpoint(crafted)
+
+
+def test_bundle_with_an_overlapping_checkpoint_is_not_installed(store, bundle, tmp_path, capsys):
+    overlapping_checkpoint(bundle / "oar" / "fold_all" / "checkpoint_final.pth", 8)
+    rewrite_checksums(bundle)
+    rc, err = install_exit(bundle, capsys)
+    assert rc == cli.EXIT_MODEL and "checkpoint_final.pth: refused" in err and "overlap" in err
+    assert not any(store.iterdir())
+
+
+def test_zip_of_many_small_inflating_entries_is_refused_over_all_entries(store, bundle, tmp_path, capsys):
+    """Eighty 1 MiB entries of zeros (each at the per-entry floor) in a 5 MiB zip: 85 MiB, refused as a whole."""
+    for i in range(80):
+        (bundle / "oar" / f"part{i:02d}.bin").write_bytes(bytes(1 << 20))
+    rewrite_checksums(bundle)
+    archive = _zip_bundle(bundle, tmp_path / "small-bombs.zip")
+    assert archive.stat().st_size < 6 << 20
+    rc, err = install_exit(archive, capsys)
+    assert rc == cli.EXIT_MODEL and "small-bombs.zip: refused" in err and "over all entries" in err, err
+    assert not store.exists() or not any(store.iterdir())
+
+
+def test_the_demo_bundle_zipped_still_installs(store, bundle, tmp_path):
+    """The ratio over all entries leaves real bundles alone (weights barely compress)."""
+    installed = M.install_bundle(_zip_bundle(bundle, tmp_path / "demo.zip"))
+    assert installed.name == "segrap-demo"
+
+
 def test_models_remove_takes_a_plain_name(store, tmp_path, capsys):
     victim = tmp_path / "victim"
     victim.mkdir()

@@ -346,13 +346,15 @@ def check_checkpoint_records(path: Path) -> None:
 
     ``torch.save`` stores every record uncompressed and torch checks each tensor's declared size
     against its record, so with stored records nothing loaded can exceed the file's own size; a
-    deflated record (which torch would inflate whole) or a directory that claims more than the file
-    holds is refused before ``torch.load`` sees the file.
+    deflated record (which torch would inflate whole), records sharing bytes (read once per record) or
+    a directory that claims more than the file holds is refused before ``torch.load`` sees the file:
+    what torch reads is then bounded by the file's size.
     """
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
+            unpack.check_records_apart(path, zf)  # shared bytes would be loaded once per record
     except zipfile.BadZipFile as exc:
         with open(path, "rb") as fh:
             if fh.read(4) == b"PK\x03\x04":
