@@ -29,7 +29,7 @@ import SimpleITK as sitk
 
 from ..arrays import uint8_image
 from ..errors import InputError, ModelError
-from ..formats.limits import max_voxels
+from ..formats.limits import check_spacing, max_voxels
 from .body import BodyBox, body_box_of_image, reoriented_box
 from .architecture import build_network, check_plans
 from .bundles import Bundle, load_checkpoint
@@ -155,6 +155,7 @@ def check_network_grid(shape, spacing, network_spacing, patch_size) -> None:
     nnU-Net resamples the image to the plans' spacing before anything else, so a small image with
     coarse voxels (or a long thin one, padded to a whole tile) can need far more memory than its file.
     """
+    check_spacing(spacing, f"The image ({list(shape)} voxels)", names=[f"axis {i}" for i in range(len(shape))])
     if len(network_spacing) != len(shape):
         return
     grid = [max(int(round(n * s / t)), int(p)) for n, s, t, p in zip(shape, spacing, network_spacing, patch_size)]
