@@ -292,6 +292,67 @@ def test_the_demo_bundle_zipped_still_installs(store, bundle, tmp_path):
     assert installed.name == "segrap-demo"
 
 
+@pytest.mark.parametrize("file, text, named", [
+    ("oar/dataset.json", "[]", "oar/dataset.json: not a JSON object"),
+    ("oar/dataset.json", '{"labels": "background"}', "oar/dataset.json: 'labels' is not an object"),
+    ("oar/dataset.json", '{"labels": {"background": "zero"}}', "oar/dataset.json: 'labels' is not an object"),
+    ("oar/plans.json", '"plans"', "oar/plans.json: not a JSON object"),
+    (M.MANIFEST_NAME, None, f"{M.MANIFEST_NAME}: malformed"),
+])
+def test_malformed_json_files_are_a_model_error_naming_the_file(store, bundle, capsys, file, text, named):
+    """A list, a string or a label that is not a number ended in a Python traceback (exit 1)."""
+    if text is None:  # the manifest's tasks as a list of names
+        rewrite_checksums(bundle)
+        manifest = json.loads((bundle / M.MANIFEST_NAME).read_text())
+        manifest["tasks"] = list(manifest["tasks"])
+        (bundle / M.MANIFEST_NAME).write_text(json.dumps(manifest))
+    else:
+        (bundle / file).write_text(text)
+        rewrite_checksums(bundle)
+    rc, err = install_exit(bundle, capsys)
+    assert rc == cli.EXIT_MODEL and named in err, err
+    assert "Traceback" not in err
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+def test_a_zip_with_a_damaged_deflate_stream_is_a_model_error(store, bundle, tmp_path, capsys):
+    archive = _zip_bundle(bundle, tmp_path / "damaged.zip")
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("bundle/oar/plans.json")
+    start = info.header_offset + 30 + len(info.filename.encode())  # zipfile writes no local extra field here
+    _patch(archive, start, b"\xff" * 8)  # block type 3: reserved, zlib stops with an error
+    rc, err = install_exit(archive, capsys)
+    assert rc == cli.EXIT_MODEL and "damaged.zip: not a valid zip file" in err, err
+
+
+def test_a_zip_with_an_encrypted_entry_is_a_model_error(store, bundle, tmp_path, capsys):
+    archive = _zip_bundle(bundle, tmp_path / "locked.zip")
+    with zipfile.ZipFile(archive) as zf:
+        info, directory = zf.getinfo(f"bundle/{M.MANIFEST_NAME}"), zf.start_dir
+    data = archive.read_bytes()
+    central = data.index(b"PK\x01\x02" + data[directory + 4:directory + 8], directory)
+    while data[central + 46:central + 46 + len(info.filename)] != info.filename.encode():
+        central = data.index(b"PK\x01\x02", central + 4)
+    _patch(archive, central + 8, bytes([data[central + 8] | 1]))  # general purpose flag bit 0: encrypted
+    _patch(archive, info.header_offset + 6, bytes([data[info.header_offset + 6] | 1]))
+    rc, err = install_exit(archive, capsys)
+    assert rc == cli.EXIT_MODEL and "locked.zip: refused: an entry cannot be unpacked" in err, err
+
+
+def test_a_zip_naming_one_entry_twice_is_refused(store, bundle, tmp_path, capsys):
+    archive = _zip_bundle(bundle, tmp_path / "twice.zip")
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("bundle/oar/plans.json", (bundle / "oar" / "plans.json").read_bytes())
+    rc, err = install_exit(archive, capsys)
+    assert rc == cli.EXIT_MODEL and "twice.zip: refused: entries appear more than once (bundle/oar/plans.json)" in err
+    assert not any(store.iterdir())
+
+
 def test_models_remove_takes_a_plain_name(store, tmp_path, capsys):
     victim = tmp_path / "victim"
     victim.mkdir()

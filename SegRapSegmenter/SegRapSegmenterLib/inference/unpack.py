@@ -20,6 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -150,6 +151,10 @@ def extract_zip(archive: Path, target: Path, limits: Limits) -> Path:
             check_records_apart(archive, zf)
             listed = _manifest_files(zf.read(manifest), f"{archive}:{manifest.filename}")
             total = 0
+            names = [i.filename for i in infos]
+            if len(set(names)) != len(names):
+                twice = sorted({n for n in names if names.count(n) > 1})
+                raise ModelError(f"{archive}: refused: entries appear more than once ({', '.join(twice[:3])}).")
             for info in infos:
                 name = info.filename
                 if stat.S_ISLNK(info.external_attr >> 16):
@@ -181,8 +186,11 @@ def extract_zip(archive: Path, target: Path, limits: Limits) -> Path:
                 # zipfile stops at the declared size and checks the CRC, so a lying header cannot write more
                 with zf.open(info) as src, open(destination, "xb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged directory, deflate stream or entry
         raise ModelError(f"{archive}: not a valid zip file ({exc}).") from exc
+    except (NotImplementedError, RuntimeError) as exc:  # an unsupported compression method, an encrypted entry
+        raise ModelError(f"{archive}: refused: an entry cannot be unpacked ({exc}); bundle zips hold stored or "
+                         f"deflated entries without passwords.") from exc
     return target
 
 
