@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import GeometryError, InputError
-from .limits import check_size, check_spacing
+from .limits import check_detached_data, check_size, check_spacing
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def check_declared_size(path: Path, role: str = "Image") -> sitk.ImageFileReader
 
     Returns the reader with the header read (size, dimension, components), for further checks.
     """
+    check_detached_data(path, f"{role} {path}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
