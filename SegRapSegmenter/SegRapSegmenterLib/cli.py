@@ -9,18 +9,37 @@ run is writing the same case into the same output folder (nothing was changed); 
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
-from . import __version__
-from .console import ProgressPrinter
-from .errors import (  # noqa: F401
+
+def _drop_current_folder(path: list[str]) -> None:
+    """Take the current folder ('', '.', or its path from an empty PYTHONPATH entry) off ``path``, in place.
+
+    Runs before any other import of the ``segrap`` process: with PYTHONPATH=":" (or "dir:") Python
+    puts the current folder on sys.path, and a json.py or argparse.py lying there (a patient data
+    folder someone shared) would be imported as the standard module and run. The worker is started
+    the same way (runner._SAFE_RUN); this covers the command's own process.
+    """
+    try:
+        here = os.path.realpath(os.getcwd())
+    except OSError:  # the current folder was deleted: only the relative spellings can name it
+        here = None
+    path[:] = [p for p in path if p not in ("", ".") and (here is None or os.path.realpath(p) != here)]
+
+
+_drop_current_folder(sys.path)
+
+import argparse  # noqa: E402 - after the current folder is off sys.path
+import json  # noqa: E402
+import logging  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .console import ProgressPrinter  # noqa: E402
+from .errors import (  # noqa: F401, E402
     EXIT_BUSY,
     EXIT_ERROR,
     EXIT_INPUT,
