@@ -57,7 +57,8 @@ def test_the_limit_reads_nifti_and_metaimage_headers(tmp_path, monkeypatch, suff
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
-@pytest.mark.parametrize("spacing, shown", [((2e-7, 2e-7, 2.0), "2e-07 mm along x"), ((0.5, 0.5, 80.0), "80 mm along z")])
+@pytest.mark.parametrize("spacing, shown", [((2e-7, 2e-7, 2.0), "2e-07 mm along x"),
+                                            ((0.5, 0.5, 80.0), "80 mm along z")])
 def test_an_image_with_an_absurd_spacing_is_refused_from_its_header(tmp_path, suffix, spacing, shown):
     """A 52 KB CT of 2e-7 mm pixels cost the worker 2.7 GB once resampled to the network's millimetres."""
     image = sitk.Image(16, 16, 4, sitk.sitkInt16)

@@ -153,7 +153,7 @@ def test_a_stop_while_outputs_are_moved_says_the_set_is_incomplete(tmp_path):
     (out / "case.seg.nrrd").write_bytes(b"this run")
     (out / ".segrap-partial-case.1-0123abcd").mkdir()
     message = cli.cancelled_message("segrap segment", "stopped by SIGTERM", out, started)
-    assert message == (f"segrap segment: stopped by SIGTERM while this run's outputs were being moved into place: {out} "
-                       f"holds case.seg.nrrd without its provenance, an incomplete set; run the case again")
+    assert message == (f"segrap segment: stopped by SIGTERM while this run's outputs were being moved into place: "
+                       f"{out} holds case.seg.nrrd without its provenance, an incomplete set; run the case again")
     assert cli.cancelled_message("x", "interrupted (Ctrl-C)", tmp_path / "none", started) == \
         "x: interrupted (Ctrl-C); cancelled, no output written"

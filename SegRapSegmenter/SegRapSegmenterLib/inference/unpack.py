@@ -125,8 +125,8 @@ def check_records_apart(path: Path, zf: zipfile.ZipFile, where: str | None = Non
     spans.sort()
     for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
         if start < end:
-            raise ModelError(f"{where}: refused: records {name!r} and {other!r} overlap (one starts at byte {start}, before "
-                             f"the other ends at {end}); a crafted zip that reads the same bytes more than once.")
+            raise ModelError(f"{where}: refused: records {name!r} and {other!r} overlap (one starts at byte "
+                             f"{start}, before the other ends at {end}); a crafted zip that reads the same bytes more than once.")
     directory = getattr(zf, "start_dir", size)
     if spans and spans[-1][1] > min(directory, size):
         raise ModelError(f"{where}: refused: record {spans[-1][2]!r} runs past the zip's directory or end "
