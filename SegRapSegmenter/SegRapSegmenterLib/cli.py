@@ -9,18 +9,37 @@ run is writing the same case into the same output folder (nothing was changed); 
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
-from . import __version__
-from .console import ProgressPrinter
-from .errors import (  # noqa: F401
+
+def _drop_current_folder(path: list[str]) -> None:
+    """Take the current folder ('', '.', or its path from an empty PYTHONPATH entry) off ``path``, in place.
+
+    Runs before any other import of the ``segrap`` process: with PYTHONPATH=":" (or "dir:") Python
+    puts the current folder on sys.path, and a json.py or argparse.py lying there (a patient data
+    folder someone shared) would be imported as the standard module and run. The worker is started
+    the same way (runner._SAFE_RUN); this covers the command's own process.
+    """
+    try:
+        here = os.path.realpath(os.getcwd())
+    except OSError:  # the current folder was deleted: only the relative spellings can name it
+        here = None
+    path[:] = [p for p in path if p not in ("", ".") and (here is None or os.path.realpath(p) != here)]
+
+
+_drop_current_folder(sys.path)
+
+import argparse  # noqa: E402 - after the current folder is off sys.path
+import json  # noqa: E402
+import logging  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .console import ProgressPrinter  # noqa: E402
+from .errors import (  # noqa: F401, E402
     EXIT_BUSY,
     EXIT_ERROR,
     EXIT_INPUT,
@@ -200,19 +219,50 @@ def _request_from_args(args, ct, contrast, case_id, out_dir):
         keep_largest_component=args.largest, fill_holes=args.fill_holes, contour_holes=args.contour_holes)
 
 
+def written_since(out_dir: Path, started_ns: int) -> list[Path]:
+    """What was moved into ``out_dir`` since a run started (modified since; not staging folders or locks)."""
+    from .runner import LOCK_PREFIX, STAGING_PREFIX
+
+    try:
+        entries = [p for p in out_dir.iterdir() if not p.name.startswith((STAGING_PREFIX, LOCK_PREFIX))]
+        return sorted(p for p in entries if p.lstat().st_mtime_ns >= started_ns)
+    except OSError:  # no folder yet: nothing written
+        return []
+
+
+def cancelled_message(label: str, reason: str, out_dir: Path, started_ns: int) -> str:
+    """What a stopped run says of its outputs, true to the folder: none, a complete set, or part of one.
+
+    A signal can come after the worker moved its outputs into place and before the parent heard
+    'done'; the provenance is moved last, so with it the set is complete, without it it is not.
+    """
+    written = written_since(out_dir, started_ns)
+    if not written:
+        return f"{label}: {reason}; cancelled, no output written"
+    names = ", ".join(p.name for p in written)
+    if any(p.name.endswith(".provenance.json") for p in written):
+        return (f"{label}: {reason} after this run's outputs were in place in {out_dir} ({names}): the set is "
+                f"complete (its provenance, moved last, lists every file)")
+    return (f"{label}: {reason} while this run's outputs were being moved into place: {out_dir} holds {names} "
+            f"without its provenance, an incomplete set; run the case again")
+
+
 def _run_worker(request, args, label: str, note: str | None = None) -> int:
+    import time
+
     from .errors import Cancelled
     from .runner import WorkerRun, cancel_on_termination
 
     on_event = (lambda e: print(json.dumps(e), flush=True)) if args.json else ProgressPrinter(label)
     run = WorkerRun(request, python=args.python)
+    started_ns = time.time_ns()
     try:
         with cancel_on_termination():  # SIGTERM/SIGHUP: stop the worker's tree and remove its temp folders first
             outcome = run.start().wait(on_event)
     except (KeyboardInterrupt, Cancelled) as exc:
         run.cancel()  # wait() did it already, unless the signal came before
         reason = str(exc) or "interrupted (Ctrl-C)"  # a KeyboardInterrupt has no message
-        print(f"{label}: {reason}; cancelled, no output written", file=sys.stderr)
+        print(cancelled_message(label, reason, Path(request.out_dir), started_ns), file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if isinstance(on_event, ProgressPrinter):
@@ -228,7 +278,7 @@ def _run_worker(request, args, label: str, note: str | None = None) -> int:
             print(f"{label}: note: {note}", file=sys.stderr)
         return EXIT_OK
     if final["event"] == "cancelled":
-        print(f"{label}: cancelled; no output written", file=sys.stderr)
+        print(cancelled_message(label, "cancelled", Path(request.out_dir), started_ns), file=sys.stderr)
         return EXIT_INTERRUPTED
     if not args.json:
         print(f"{label}: error: {final.get('message')}", file=sys.stderr)

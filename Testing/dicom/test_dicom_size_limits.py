@@ -13,7 +13,8 @@ from SegRapSegmenterLib.formats.pydicom_compat import save_file
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def write_deflated_series(folder, count: int, rows: int, columns: int) -> None:
+def write_deflated_series(folder, count: int, rows: int, columns: int, pixel_spacing: float = 0.5,
+                          step: float = 2.0) -> None:
     """``count`` deflated CT slices of rows x columns zeros: a few KB each on disk, rows*columns*2 bytes inflated."""
     folder.mkdir()
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
@@ -26,8 +27,8 @@ def write_deflated_series(folder, count: int, rows: int, columns: int) -> None:
         ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
         ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CT, uid, "CT"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 2.0 * k]
-        ds.PixelSpacing, ds.Rows, ds.Columns = [0.5, 0.5], rows, columns
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, step * k]
+        ds.PixelSpacing, ds.Rows, ds.Columns = [pixel_spacing, pixel_spacing], rows, columns
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
@@ -56,3 +57,14 @@ def test_a_small_deflated_series_still_reads(tmp_path):
     write_deflated_series(tmp_path / "ct", 3, 32, 32)
     volume = read_ct_series(tmp_path / "ct")
     assert volume.image.GetSize() == (32, 32, 3)
+
+
+@pytest.mark.parametrize("pixel_spacing, step, refused", [
+    (2e-7, 2.0, r"CT0000.dcm: PixelSpacing: a voxel spacing of 2e-07 mm along rows is not a CT's"),
+    (0.5, 50.0, r"the step between slices \(CT0000.dcm to CT0002.dcm\): a voxel spacing of 50 mm"),
+])
+def test_a_series_with_an_absurd_spacing_is_refused_before_resampling(tmp_path, pixel_spacing, step, refused):
+    """A 52 KB CT of 2e-7 mm pixels cost the worker 2.7 GB once resampled to the network's millimetres."""
+    write_deflated_series(tmp_path / "ct", 3, 32, 32, pixel_spacing, step)
+    with pytest.raises(DicomError, match=refused):
+        read_ct_series(tmp_path / "ct")

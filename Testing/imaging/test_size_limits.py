@@ -54,3 +54,25 @@ def test_the_limit_reads_nifti_and_metaimage_headers(tmp_path, monkeypatch, suff
     monkeypatch.setenv("SEGRAP_MAX_VOXELS", str(8 * 16 * 16 - 1))
     with pytest.raises(InputError, match=r"declares 16 x 16 x 8 = 2,048 voxels, over the limit of 2,047"):
         read_volume(tmp_path / f"ct{suffix}")
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+@pytest.mark.parametrize("spacing, shown", [((2e-7, 2e-7, 2.0), "2e-07 mm along x"),
+                                            ((0.5, 0.5, 80.0), "80 mm along z")])
+def test_an_image_with_an_absurd_spacing_is_refused_from_its_header(tmp_path, suffix, spacing, shown):
+    """A 52 KB CT of 2e-7 mm pixels cost the worker 2.7 GB once resampled to the network's millimetres."""
+    image = sitk.Image(16, 16, 4, sitk.sitkInt16)
+    image.SetSpacing(spacing)
+    path = tmp_path / f"tiny{suffix}"
+    sitk.WriteImage(image, str(path))
+    with pytest.raises(InputError, match=rf"CT {path}: a voxel spacing of {shown} is not a CT's"):
+        read_volume(path)
+
+
+def test_the_network_grid_check_refuses_an_absurd_spacing_of_an_image_in_memory():
+    """Slicer hands volumes over without a file: the spacing is checked again before nnU-Net resamples."""
+    from SegRapSegmenterLib.inference.predictor import check_network_grid
+
+    with pytest.raises(InputError, match=r"a voxel spacing of 2e-07 mm along axis 1"):
+        check_network_grid([4, 256, 256], [2.0, 2e-7, 2e-7], [3.0, 2.0, 2.0], [32, 64, 64])
+    check_network_grid([4, 256, 256], [2.0, 0.5, 0.5], [3.0, 2.0, 2.0], [32, 64, 64])  # a real CT passes

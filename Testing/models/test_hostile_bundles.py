@@ -232,6 +232,127 @@ def test_checkpoint_with_a_compressed_tensor_is_refused_before_loading(tmp_path,
     assert growth < 100, f"peak RSS grew by {growth:.0f} MiB"
 
 
+def overlapping_checkpoint(path: Path, copies: int) -> Path:
+    """A real torch checkpoint of ``copies`` 1 MiB tensors whose records all point at the first one's bytes."""
+    import torch
+
+    torch.save({"network_weights": {f"w{i}": torch.zeros(1 << 18) for i in range(copies)}}, path)
+    with zipfile.ZipFile(path) as src:
+        records = {i.filename: (i, src.read(i)) for i in src.infolist()}
+    aliases = [n for n in records if "/data/" in n and not n.endswith("/data/0")]
+    with zipfile.ZipFile(path, "w") as out:
+        for name, (info, data) in records.items():
+            if name not in aliases:
+                out.writestr(info, data)
+        kept = next(i for i in out.infolist() if i.filename.endswith("/data/0"))
+        for name in aliases:  # directory entries only: they share data/0's header and bytes
+            alias = zipfile.ZipInfo(name, kept.date_time)
+            alias.header_offset, alias.CRC = kept.header_offset, kept.CRC
+            alias.compress_size = alias.file_size = kept.file_size
+            out.filelist.append(alias)
+            out.NameToInfo[name] = alias
+    return path
+
+
+def test_checkpoint_whose_records_overlap_is_refused_before_torch_reads_it(tmp_path):
+    """64 records sharing one 1 MiB record: torch loads 64 MiB from a 1 MiB file; refused, naming the records."""
+    import torch
+
+    crafted = overlapping_checkpoint(tmp_path / "overlap.pth", 64)
+    assert crafted.stat().st_size < 2 << 20
+    loaded = torch.load(crafted, map_location="cpu", weights_only=True)["network_weights"]
+    assert sum(t.numel() * t.element_size() for t in loaded.values()) == 64 << 20  # the attack is real
+    with pytest.raises(ModelError, match=r"overlap\.pth: refused: records '.*/data/0' and '.*/data/1' overlap"):
+        M.load_checkpoint(crafted)
+
+
+def test_bundle_with_an_overlapping_checkpoint_is_not_installed(store, bundle, tmp_path, capsys):
+    overlapping_checkpoint(bundle / "oar" / "fold_all" / "checkpoint_final.pth", 8)
+    rewrite_checksums(bundle)
+    rc, err = install_exit(bundle, capsys)
+    assert rc == cli.EXIT_MODEL and "checkpoint_final.pth: refused" in err and "overlap" in err
+    assert not any(store.iterdir())
+
+
+def test_zip_of_many_small_inflating_entries_is_refused_over_all_entries(store, bundle, tmp_path, capsys):
+    """Eighty 1 MiB entries of zeros (each at the per-entry floor) in a 5 MiB zip: 85 MiB, refused as a whole."""
+    for i in range(80):
+        (bundle / "oar" / f"part{i:02d}.bin").write_bytes(bytes(1 << 20))
+    rewrite_checksums(bundle)
+    archive = _zip_bundle(bundle, tmp_path / "small-bombs.zip")
+    assert archive.stat().st_size < 6 << 20
+    rc, err = install_exit(archive, capsys)
+    assert rc == cli.EXIT_MODEL and "small-bombs.zip: refused" in err and "over all entries" in err, err
+    assert not store.exists() or not any(store.iterdir())
+
+
+def test_the_demo_bundle_zipped_still_installs(store, bundle, tmp_path):
+    """The ratio over all entries leaves real bundles alone (weights barely compress)."""
+    installed = M.install_bundle(_zip_bundle(bundle, tmp_path / "demo.zip"))
+    assert installed.name == "segrap-demo"
+
+
+@pytest.mark.parametrize("file, text, named", [
+    ("oar/dataset.json", "[]", "oar/dataset.json: not a JSON object"),
+    ("oar/dataset.json", '{"labels": "background"}', "oar/dataset.json: 'labels' is not an object"),
+    ("oar/dataset.json", '{"labels": {"background": "zero"}}', "oar/dataset.json: 'labels' is not an object"),
+    ("oar/plans.json", '"plans"', "oar/plans.json: not a JSON object"),
+    (M.MANIFEST_NAME, None, f"{M.MANIFEST_NAME}: malformed"),
+])
+def test_malformed_json_files_are_a_model_error_naming_the_file(store, bundle, capsys, file, text, named):
+    """A list, a string or a label that is not a number ended in a Python traceback (exit 1)."""
+    if text is None:  # the manifest's tasks as a list of names
+        rewrite_checksums(bundle)
+        manifest = json.loads((bundle / M.MANIFEST_NAME).read_text())
+        manifest["tasks"] = list(manifest["tasks"])
+        (bundle / M.MANIFEST_NAME).write_text(json.dumps(manifest))
+    else:
+        (bundle / file).write_text(text)
+        rewrite_checksums(bundle)
+    rc, err = install_exit(bundle, capsys)
+    assert rc == cli.EXIT_MODEL and named in err, err
+    assert "Traceback" not in err
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+def test_a_zip_with_a_damaged_deflate_stream_is_a_model_error(store, bundle, tmp_path, capsys):
+    archive = _zip_bundle(bundle, tmp_path / "damaged.zip")
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("bundle/oar/plans.json")
+    start = info.header_offset + 30 + len(info.filename.encode())  # zipfile writes no local extra field here
+    _patch(archive, start, b"\xff" * 8)  # block type 3: reserved, zlib stops with an error
+    rc, err = install_exit(archive, capsys)
+    assert rc == cli.EXIT_MODEL and "damaged.zip: not a valid zip file" in err, err
+
+
+def test_a_zip_with_an_encrypted_entry_is_a_model_error(store, bundle, tmp_path, capsys):
+    archive = _zip_bundle(bundle, tmp_path / "locked.zip")
+    with zipfile.ZipFile(archive) as zf:
+        info, directory = zf.getinfo(f"bundle/{M.MANIFEST_NAME}"), zf.start_dir
+    data = archive.read_bytes()
+    central = data.index(b"PK\x01\x02" + data[directory + 4:directory + 8], directory)
+    while data[central + 46:central + 46 + len(info.filename)] != info.filename.encode():
+        central = data.index(b"PK\x01\x02", central + 4)
+    _patch(archive, central + 8, bytes([data[central + 8] | 1]))  # general purpose flag bit 0: encrypted
+    _patch(archive, info.header_offset + 6, bytes([data[info.header_offset + 6] | 1]))
+    rc, err = install_exit(archive, capsys)
+    assert rc == cli.EXIT_MODEL and "locked.zip: refused: an entry cannot be unpacked" in err, err
+
+
+def test_a_zip_naming_one_entry_twice_is_refused(store, bundle, tmp_path, capsys):
+    archive = _zip_bundle(bundle, tmp_path / "twice.zip")
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("bundle/oar/plans.json", (bundle / "oar" / "plans.json").read_bytes())
+    rc, err = install_exit(archive, capsys)
+    assert rc == cli.EXIT_MODEL and "twice.zip: refused: entries appear more than once (bundle/oar/plans.json)" in err
+    assert not any(store.iterdir())
+
+
 def test_models_remove_takes_a_plain_name(store, tmp_path, capsys):
     victim = tmp_path / "victim"
     victim.mkdir()

@@ -107,3 +107,53 @@ def test_on_a_terminal_the_elapsed_time_runs_on_through_a_quiet_stage(capsys):
     assert capsys.readouterr().err == "\nsegrap segment: finished in 0:35\n"
     show.redraw()
     assert capsys.readouterr().err == ""  # nothing is drawn after the end
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGSTOP/SIGCONT hold the CLI process still (POSIX)")
+def test_a_sigterm_after_the_outputs_are_in_place_says_they_are_complete(heldout_case, tmp_path):
+    """The race of issue 28 (14g): the worker moved its outputs into --out, the signal came before the CLI heard
+    'done', and the CLI said 'no output written'. Held still (SIGSTOP) until the worker's provenance is in place,
+    then stopped by SIGTERM, the CLI now says what --out holds."""
+    import time
+
+    _, paths = heldout_case
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "SegRapSegmenterLib.cli", "segment", "--ct", str(paths.ct),
+                             "--out", str(out), "--bundle", "demo", "--device", "cpu", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if json.loads(line).get("stage") == "oar-inference":
+            break
+    proc.send_signal(signal.SIGSTOP)  # the CLI hears nothing more; its worker (a session of its own) goes on
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("*.provenance.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(out.glob("*.provenance.json")), "the worker did not finish its outputs"
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert proc.wait(timeout=60) == cli.EXIT_INTERRUPTED
+    err = proc.stderr.read()
+    assert "no output written" not in err, err
+    assert "stopped by SIGTERM after this run's outputs were in place" in err and "the set is complete" in err, err
+    assert ".seg.nrrd" in err and ".provenance.json" in err
+
+
+def test_a_stop_while_outputs_are_moved_says_the_set_is_incomplete(tmp_path):
+    """Files moved in by the run without the provenance (moved last): an incomplete set, said so; older files and
+    staging folders are not counted as this run's."""
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "older.seg.nrrd").write_bytes(b"earlier run")
+    os.utime(out / "older.seg.nrrd", ns=(1, 1))
+    started = time.time_ns()
+    (out / "case.seg.nrrd").write_bytes(b"this run")
+    (out / ".segrap-partial-case.1-0123abcd").mkdir()
+    message = cli.cancelled_message("segrap segment", "stopped by SIGTERM", out, started)
+    assert message == (f"segrap segment: stopped by SIGTERM while this run's outputs were being moved into place: "
+                       f"{out} holds case.seg.nrrd without its provenance, an incomplete set; run the case again")
+    assert cli.cancelled_message("x", "interrupted (Ctrl-C)", tmp_path / "none", started) == \
+        "x: interrupted (Ctrl-C); cancelled, no output written"

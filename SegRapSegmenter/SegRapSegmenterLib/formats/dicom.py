@@ -30,7 +30,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from ..errors import DicomError
-from .limits import check_size, max_voxels
+from .limits import check_size, check_spacing, max_voxels
 from .pydicom_compat import decoder_problem, original_encoding
 
 log = logging.getLogger(__name__)
@@ -449,6 +449,8 @@ def _check_uniform(folder: Path, slices: list[_Slice]) -> None:
         values = Counter(int(s.ds.get(keyword, 0) or 0) for s in slices)
         if len(values) > 1:
             raise DicomError(f"{folder}: slices of different {keyword} in one series ({dict(values)}).")
+    check_spacing(_floats(first.ds, "PixelSpacing", 2, first.path), f"{first.path}: PixelSpacing", DicomError,
+                  ("rows", "columns"))
     spacing = [tuple(np.round(_floats(s.ds, "PixelSpacing", 2, s.path), 6)) for s in slices]
     if len(set(spacing)) > 1:
         raise DicomError(f"{folder}: slices of different PixelSpacing in one series ({sorted(set(spacing))}).")
@@ -567,6 +569,8 @@ def read_ct_series(folder: str | Path, series_uid: str | None = None, *, pixels:
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
     step = _sort_and_check_spacing(folder, slices, normal)
+    check_spacing([step], f"{folder}: series {info.series_uid}: the step between slices "
+                  f"({slices[0].path.name} to {slices[-1].path.name})", DicomError, ("the slice normal",))
     row_spacing, col_spacing = _floats(slices[0].ds, "PixelSpacing", 2, slices[0].path)
     # PixelSpacing is (between rows, between columns): x (along a row) steps by the column spacing
     spacing_xy = (float(col_spacing), float(row_spacing))

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import GeometryError, InputError
-from .limits import check_size
+from .limits import check_detached_data, check_size, check_spacing
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def check_declared_size(path: Path, role: str = "Image") -> sitk.ImageFileReader
 
     Returns the reader with the header read (size, dimension, components), for further checks.
     """
+    check_detached_data(path, f"{role} {path}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -100,6 +101,7 @@ def check_declared_size(path: Path, role: str = "Image") -> sitk.ImageFileReader
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
         raise InputError(f"{role} {path}: cannot be read as an image ({first}). Is the file complete?") from exc
     check_size(reader.GetSize(), f"{role} {path}")
+    check_spacing(reader.GetSpacing(), f"{role} {path}")
     return reader
 
 

@@ -28,6 +28,7 @@ import SimpleITK as sitk
 from ..anatomy import structures as S
 from ..arrays import Crop
 from ..errors import GeometryError, InputError
+from .limits import check_detached_data
 
 TASKS = ("oar", "gtv")
 _IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -142,6 +143,7 @@ def _structure_order(names) -> tuple[str, ...]:
 
 
 def _read_mask_image(path: Path) -> sitk.Image:
+    check_detached_data(path, str(path))
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:

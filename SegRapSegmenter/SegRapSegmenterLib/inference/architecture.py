@@ -50,6 +50,59 @@ READERS = ("SimpleITKIO", "SimpleITKIOWithReorient", "NibabelIO", "NibabelIOWith
            "NaturalImage2DIO")
 
 
+# bounds on the sizes a plans file sets (nnU-Net's own presets stay far inside them: 3D networks
+# use 4-7 stages of at most 320 features, 3x3x3 kernels, strides of 1-2, 1-6 blocks per stage)
+MAX_STAGES = 12
+MAX_FEATURES = 2048
+MAX_KERNEL = 9
+MAX_STRIDE = 8
+MAX_REPEATS = 16  # convolutions or residual blocks per stage
+_SIZE_BOUNDS = {"features_per_stage": MAX_FEATURES, "kernel_sizes": MAX_KERNEL, "strides": MAX_STRIDE,
+                "n_conv_per_stage": MAX_REPEATS, "n_conv_per_stage_decoder": MAX_REPEATS,
+                "n_blocks_per_stage": MAX_REPEATS, "stem_channels": MAX_FEATURES,
+                "bottleneck_channels": MAX_FEATURES}
+MIRROR_AXES = (0, 1, 2)
+
+
+def _whole_numbers(value) -> list:
+    """The numbers of a plans size value (a number, a list of them, or a list of lists), flattened."""
+    if isinstance(value, bool):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _whole_numbers(v)]
+    return [value]
+
+
+def check_sizes(kwargs: Mapping, where: str) -> None:
+    """Refuse network sizes outside sane bounds (stages, features, kernels, strides, repeats) before anything is built.
+
+    A network is allocated from these numbers before its weights are compared: one feature count of
+    10^6, or thousands of stages, costs gigabytes (or minutes) before the checkpoint is even looked at.
+    """
+    stages = kwargs.get("n_stages")
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= MAX_STAGES:
+        raise ModelError(f"{where}: refused: n_stages {stages!r} is not a whole number from 1 to {MAX_STAGES}.")
+    for key, bound in _SIZE_BOUNDS.items():
+        if kwargs.get(key) is None:
+            continue
+        numbers = _whole_numbers(kwargs[key])
+        if (not numbers or len(numbers) > 3 * MAX_STAGES
+                or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= bound for n in numbers)):
+            raise ModelError(f"{where}: refused: {key} {kwargs[key]!r} are not whole numbers from 1 to {bound} "
+                             f"(at most {3 * MAX_STAGES} of them).")
+
+
+def check_mirroring_axes(axes, where: str) -> tuple[int, ...]:
+    """Test-time mirroring axes as a tuple, refused unless distinct axes among 0, 1, 2 (each combination is a pass)."""
+    if axes is None:
+        return ()
+    values = list(axes) if isinstance(axes, (list, tuple)) else [axes]
+    if (any(isinstance(a, bool) or a not in MIRROR_AXES for a in values) or len(set(values)) != len(values)):
+        raise ModelError(f"{where}: refused: mirroring axes {axes!r} are not distinct axes among 0, 1 and 2 "
+                         f"(test-time mirroring runs the network once per combination of them).")
+    return tuple(int(a) for a in values)
+
+
 def _allowed_classes(argument: str) -> dict[str, type]:
     """The classes a class-valued network argument may name: every spelling of their path -> class."""
     import torch.nn
@@ -140,6 +193,7 @@ def network_spec(plans: Mapping, configuration: str, where: str) -> tuple[type, 
     if not isinstance(kwargs, Mapping) or not isinstance(imports, (list, tuple)):
         raise ModelError(f"{where}: the architecture's arch_kwargs / _kw_requires_import are malformed.")
     names, _ = _parameters(network_class, where)
+    check_sizes(kwargs, where)
     unknown = [k for k in kwargs if k not in names or k in _OURS]
     if unknown:
         raise ModelError(f"{where}: refused: network argument(s) {', '.join(map(repr, unknown))} are not "
@@ -204,14 +258,41 @@ def check_plans(plans: Mapping, configuration: str, where: str) -> None:
                          f"{', '.join(READERS)}.")
 
 
-def build_network(plans: Mapping, configuration: str, input_channels: int, num_classes: int, where: str):
-    """The network of a checked plans configuration (no deep supervision), with nnU-Net's initialisation."""
+def _parameter_shapes(state: Mapping) -> dict[str, tuple[int, ...]]:
+    return {str(k): tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def build_network(plans: Mapping, configuration: str, input_channels: int, num_classes: int, where: str,
+                  weights: Mapping | None = None, weights_where: str = "the checkpoint"):
+    """The network of a checked plans configuration (no deep supervision), with nnU-Net's initialisation.
+
+    With ``weights`` (a checkpoint's state dict) the network is first built on torch's ``meta`` device
+    (shapes only, no memory) and its parameter names and shapes compared with the weights, so plans
+    that do not fit the checkpoint are refused before the real network is allocated.
+    """
+    import torch
+
     network_class, kwargs = network_spec(plans, configuration, where)
-    try:
-        network = network_class(input_channels=input_channels, num_classes=num_classes, **kwargs,
-                                deep_supervision=False)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-        raise ModelError(f"{where}: the network of configuration {configuration!r} cannot be built ({exc}).") from exc
+
+    def construct():
+        try:
+            return network_class(input_channels=input_channels, num_classes=num_classes, **kwargs,
+                                 deep_supervision=False)
+        except (TypeError, ValueError, AssertionError, RuntimeError, IndexError) as exc:
+            raise ModelError(f"{where}: the network of configuration {configuration!r} cannot be built "
+                             f"({exc}).") from exc
+
+    if weights is not None:
+        with torch.device("meta"):
+            expected = _parameter_shapes(construct().state_dict())
+        found = _parameter_shapes(weights)
+        if expected != found:
+            differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+            shown = "; ".join(f"{k}: plans {expected.get(k)}, checkpoint {found.get(k)}" for k in differ[:3])
+            raise ModelError(f"{where}: the network of configuration {configuration!r} does not fit the "
+                             f"weights of {weights_where} ({len(differ)} of {len(expected | found)} tensors differ: "
+                             f"{shown}); refused before building it.")
+    network = construct()
     if hasattr(network, "initialize"):
         network.apply(network.initialize)
     return network

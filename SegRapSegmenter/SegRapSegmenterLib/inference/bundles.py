@@ -139,12 +139,25 @@ def _valid_orientation(code: str) -> bool:
 
 
 def _read_json(path: Path) -> dict:
+    """A bundle's JSON file as an object; missing, invalid or another kind of value is a ModelError naming it."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelError(f"{path}: missing.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: not valid JSON ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: not a JSON object (found {type(data).__name__}).")
+    return data
+
+
+def _dataset_labels(dataset: dict, path: Path) -> dict[str, int]:
+    """dataset.json's label names and values, or a ModelError naming the file when they are not that."""
+    labels = dataset.get("labels", {})
+    try:
+        return {str(k): int(v) for k, v in labels.items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: 'labels' is not an object of label names and whole numbers ({exc}).") from None
 
 
 def load_bundle(root: str | Path, check_network: bool = True) -> Bundle:
@@ -186,7 +199,7 @@ def load_bundle(root: str | Path, check_network: bool = True) -> Bundle:
             _check_labels(task, model.labels, manifest_path)
             dataset_json = root / model.result_folder / "dataset.json"
             dataset = _read_json(dataset_json)
-            _check_labels(task, {k: int(v) for k, v in dataset.get("labels", {}).items()}, dataset_json)
+            _check_labels(task, _dataset_labels(dataset, dataset_json), dataset_json)
             trained_in = dataset.get(DATASET_ORIENTATION_KEY)
             if trained_in is not None and model.orientation != trained_in:
                 # inputs would be reoriented to the wrong axes and reach the network mirrored or transposed
@@ -207,6 +220,8 @@ def load_bundle(root: str | Path, check_network: bool = True) -> Bundle:
                                             for k, v in dict(data["files"]).items()})
     except KeyError as exc:
         raise ModelError(f"{manifest_path}: required field {exc.args[0]!r} is missing.") from None
+    except (AttributeError, TypeError, ValueError) as exc:  # a field of the wrong kind: a list for an object...
+        raise ModelError(f"{manifest_path}: malformed: a field has the wrong kind of value ({exc}).") from None
     if not bundle.tasks:
         raise ModelError(f"{manifest_path}: the bundle has no tasks.")
     for task in bundle.tasks:
@@ -346,13 +361,15 @@ def check_checkpoint_records(path: Path) -> None:
 
     ``torch.save`` stores every record uncompressed and torch checks each tensor's declared size
     against its record, so with stored records nothing loaded can exceed the file's own size; a
-    deflated record (which torch would inflate whole) or a directory that claims more than the file
-    holds is refused before ``torch.load`` sees the file.
+    deflated record (which torch would inflate whole), records sharing bytes (read once per record) or
+    a directory that claims more than the file holds is refused before ``torch.load`` sees the file:
+    what torch reads is then bounded by the file's size.
     """
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
+            unpack.check_records_apart(path, zf)  # shared bytes would be loaded once per record
     except zipfile.BadZipFile as exc:
         with open(path, "rb") as fh:
             if fh.read(4) == b"PK\x03\x04":

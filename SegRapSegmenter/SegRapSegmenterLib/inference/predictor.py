@@ -29,9 +29,9 @@ import SimpleITK as sitk
 
 from ..arrays import uint8_image
 from ..errors import InputError, ModelError
-from ..formats.limits import max_voxels
+from ..formats.limits import check_spacing, max_voxels
 from .body import BodyBox, body_box_of_image, reoriented_box
-from .architecture import build_network, check_plans
+from .architecture import build_network, check_mirroring_axes, check_plans
 from .bundles import Bundle, load_checkpoint
 from .devices import DEVICES, describe_device, pick_device  # noqa: F401  (DEVICES: for callers)
 from .preprocess import preprocess_in_blocks
@@ -155,6 +155,7 @@ def check_network_grid(shape, spacing, network_spacing, patch_size) -> None:
     nnU-Net resamples the image to the plans' spacing before anything else, so a small image with
     coarse voxels (or a long thin one, padded to a whole tile) can need far more memory than its file.
     """
+    check_spacing(spacing, f"The image ({list(shape)} voxels)", names=[f"axis {i}" for i in range(len(shape))])
     if len(network_spacing) != len(shape):
         return
     grid = [max(int(round(n * s / t)), int(p)) for n, s, t, p in zip(shape, spacing, network_spacing, patch_size)]
@@ -249,12 +250,16 @@ class TaskPredictor:
         num_inputs = determine_num_input_channels(plans_manager, configuration, dataset_json)
         num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
         try:
-            network = build_network(plans, model.configuration, num_inputs, num_outputs, str(result / "plans.json"))
+            network = build_network(plans, model.configuration, num_inputs, num_outputs, str(result / "plans.json"),
+                                    weights=first["network_weights"],
+                                    weights_where=str(bundle.checkpoint_path(task, folds[0])))
             network.load_state_dict(first["network_weights"])
         except (RuntimeError, KeyError, ImportError, AttributeError) as exc:
             raise ModelError(f"{bundle.checkpoint_path(task, folds[0])}: the weights do not fit the network of "
                              f"{result / 'plans.json'} ({exc}).") from exc
         allowed_axes = first.get("inference_allowed_mirroring_axes")
+        if allowed_axes is not None:  # 24 axes meant 2**24 passes per tile
+            allowed_axes = check_mirroring_axes(allowed_axes, str(bundle.checkpoint_path(task, folds[0])))
         mirror = model.test_time_mirroring if options.mirror is None else options.mirror
         # the network sees the image in the bundle's orientation, transposed by nnU-Net's plans:
         # with an L/R-first orientation letter the left-right axis is array axis 2 (x)

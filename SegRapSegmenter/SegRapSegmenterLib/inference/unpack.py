@@ -2,7 +2,8 @@
 
 Every file must be one the manifest lists, at a plain relative path (no ``..``, no absolute or
 drive paths, no links); sizes are checked against the limits (and the free disk) before anything
-is written: a zip's declared sizes and compression ratios, a folder's file sizes, a download's
+is written: a zip's declared sizes, its records lying apart (no shared bytes), each large entry's
+compression ratio and the ratio over all entries together, a folder's file sizes, a download's
 announced length, and every byte as it arrives. Downloads are https (plain http only when asked),
 follow redirects only to the same scheme and host, and stop at a size cap and a deadline.
 """
@@ -13,11 +14,13 @@ import json
 import os
 import shutil
 import stat
+import struct
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -42,7 +45,9 @@ class Limits:
     bundle_bytes: int = 32 * GiB  # all files together
     file_bytes: int = 8 * GiB  # any one file
     manifest_bytes: int = 16 << 20
-    compression_ratio: float = 200.0  # a zip entry's declared size over its compressed size
+    compression_ratio: float = 200.0  # a zip entry's declared size over its compressed size (entries over 1 MiB)
+    zip_ratio: float = 10.0  # all entries' declared sizes over the zip's size (a real bundle: about 1.1)
+    zip_ratio_floor: int = 16 << 20  # below this many bytes in all, a zip may inflate more (small JSON bundles)
     download_s: float = 6 * 3600.0  # the whole download
     read_timeout_s: float = 60.0  # one read of the response
 
@@ -94,6 +99,39 @@ def _manifest_files(data: bytes, where: str) -> set[str]:
 # Zip
 # --------------------------------------------------------------------------------------------
 
+LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes of fields, name length, extra length
+
+
+def check_records_apart(path: Path, zf: zipfile.ZipFile, where: str | None = None) -> None:
+    """Refuse a zip whose records share bytes: each record's header and data lie apart, before the directory.
+
+    Two directory entries pointing at the same bytes let a reader that trusts the directory (torch's
+    does) load the same megabytes many times over: a 10 MiB checkpoint loaded as 2 GiB. With records
+    apart, everything read from the zip is at most the file's own size.
+    """
+    where = where or str(path)
+    spans = []
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        for info in zf.infolist():
+            fh.seek(info.header_offset)
+            header = fh.read(LOCAL_HEADER.size)
+            if len(header) < LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                raise ModelError(f"{where}: refused: record {info.filename!r} has no local header at offset "
+                                 f"{info.header_offset}; a damaged or crafted zip.")
+            _, name_length, extra_length = LOCAL_HEADER.unpack(header)
+            end = info.header_offset + LOCAL_HEADER.size + name_length + extra_length + info.compress_size
+            spans.append((info.header_offset, end, info.filename))
+    spans.sort()
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise ModelError(f"{where}: refused: records {name!r} and {other!r} overlap (one starts at byte "
+                             f"{start}, before the other ends at {end}); a crafted zip that reads the same bytes more than once.")
+    directory = getattr(zf, "start_dir", size)
+    if spans and spans[-1][1] > min(directory, size):
+        raise ModelError(f"{where}: refused: record {spans[-1][2]!r} runs past the zip's directory or end "
+                         f"({spans[-1][1]} > {min(directory, size)} bytes).")
+
 
 def extract_zip(archive: Path, target: Path, limits: Limits) -> Path:
     """Extract a bundle zip into ``target`` after checking every entry; returns the bundle's folder in it."""
@@ -110,8 +148,13 @@ def extract_zip(archive: Path, target: Path, limits: Limits) -> Path:
             prefix = "" if prefix == "." else prefix + "/"
             if manifest.file_size > limits.manifest_bytes:
                 raise ModelError(f"{archive}: refused: its manifest declares {manifest.file_size} bytes.")
+            check_records_apart(archive, zf)
             listed = _manifest_files(zf.read(manifest), f"{archive}:{manifest.filename}")
             total = 0
+            names = [i.filename for i in infos]
+            if len(set(names)) != len(names):
+                twice = sorted({n for n in names if names.count(n) > 1})
+                raise ModelError(f"{archive}: refused: entries appear more than once ({', '.join(twice[:3])}).")
             for info in infos:
                 name = info.filename
                 if stat.S_ISLNK(info.external_attr >> 16):
@@ -130,6 +173,11 @@ def extract_zip(archive: Path, target: Path, limits: Limits) -> Path:
                                      f"({info.compress_size} -> {info.file_size} bytes; the limit is "
                                      f"{limits.compression_ratio:.0f}): a zip bomb, not model files.")
                 total += info.file_size
+            size = archive.stat().st_size
+            if total > max(limits.zip_ratio_floor, limits.zip_ratio * size):
+                raise ModelError(f"{archive}: refused: its {len(infos)} entries inflate to {total / 2**20:.1f} MiB "
+                                 f"from a {size / 2**20:.1f} MiB zip ({total / max(size, 1):.0f}-fold; the limit is "
+                                 f"{limits.zip_ratio:.0f}-fold over all entries): a zip bomb, not model files.")
             _check_total(total, limits, str(archive), target)
             for info in infos:
                 rel = plain_relative(info.filename[len(prefix):], str(archive))
@@ -138,8 +186,11 @@ def extract_zip(archive: Path, target: Path, limits: Limits) -> Path:
                 # zipfile stops at the declared size and checks the CRC, so a lying header cannot write more
                 with zf.open(info) as src, open(destination, "xb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged directory, deflate stream or entry
         raise ModelError(f"{archive}: not a valid zip file ({exc}).") from exc
+    except (NotImplementedError, RuntimeError) as exc:  # an unsupported compression method, an encrypted entry
+        raise ModelError(f"{archive}: refused: an entry cannot be unpacked ({exc}); bundle zips hold stored or "
+                         f"deflated entries without passwords.") from exc
     return target
 
 
