@@ -142,3 +142,37 @@ def test_cli_writes_a_cohort(tmp_path, capsys):
     assert (tmp_path / phantom.ONEHOT_DIR / "Task001" / "segrap_0001.nii.gz").is_file()
     assert cli.main(["phantom", "--out", str(tmp_path), "--cases", "0"]) == cli.EXIT_INPUT
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_a_scanner_shifts_blurs_and_adds_noise_and_the_default_is_the_phantoms_own():
+    base = phantom.make_case(3, seed=8, size="small")
+    assert phantom.make_case(3, seed=8, size="small", scanner=phantom.Scanner()).info["scanner"] == {
+        "offset_hu": 0.0, "blur_mm": 0.7, "noise_hu": None}
+    shifted = phantom.make_case(3, seed=8, size="small", scanner=phantom.Scanner(offset_hu=20.0))
+    a, b = sitk.GetArrayFromImage(base.ct).astype(float), sitk.GetArrayFromImage(shifted.ct).astype(float)
+    inside = (a > -900) & (a < 2000)  # away from the clip limits
+    assert np.mean(b[inside] - a[inside]) == pytest.approx(20.0, abs=0.5)  # same noise draw, offset added
+    brain = base.labelmap == 1
+    quiet = phantom.make_case(3, seed=8, size="small", scanner=phantom.Scanner(blur_mm=0.4, noise_hu=5.0))
+    noisy = phantom.make_case(3, seed=8, size="small", scanner=phantom.Scanner(blur_mm=0.4, noise_hu=30.0))
+    interior = ndimage.binary_erosion(brain, iterations=2)
+    std = [sitk.GetArrayFromImage(c.ct)[interior].std() for c in (quiet, noisy)]
+    assert std[0] < 8 and 25 < std[1] < 35, std
+    drawn = phantom.Scanner.draw(np.random.default_rng(1))
+    assert -25 <= drawn.offset_hu <= 25 and 0.4 <= drawn.blur_mm <= 1.4 and 5 <= drawn.noise_hu <= 30
+
+
+def test_the_full_size_anatomy_renders_at_any_spacing_on_the_same_field_of_view():
+    spec = phantom.full_size_grid((3.0, 2.0, 2.0))
+    assert spec.shape == (126, 138, 138)  # 378 x 276 x 276 mm, as the full phantom
+    assert phantom.full_size_grid((3.0, 0.54, 0.54)) == phantom.SIZES["full"]
+    case = phantom.make_case(0, seed=4, size=spec)
+    assert case.ct.GetSize() == (138, 138, 126) and case.info["size"] == {"shape": [126, 138, 138],
+                                                                         "spacing": [3.0, 2.0, 2.0]}
+    full = phantom.make_case(0, seed=4, size="full")
+    # the same anatomy, not the small phantom's compressed one: the brain's extent in mm matches the full size
+    def extent_mm(c, spacing):
+        z = np.nonzero((c.labelmap == 1).any(axis=(1, 2)))[0]
+        return (z[-1] - z[0] + 1) * spacing
+    assert extent_mm(case, 3.0) == pytest.approx(extent_mm(full, 3.0), abs=6.0)
+    assert len(np.unique(case.labelmap)) >= 50  # at 2 mm the thinnest classes may lose a few voxels, not the head

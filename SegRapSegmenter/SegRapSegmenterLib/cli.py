@@ -484,6 +484,18 @@ def _add_models(sub) -> None:
     inst.add_argument("--force", action="store_true", help="replace an installed bundle of the same name")
     inst.add_argument("--allow-http", action="store_true", help="allow a plain http URL (it can be altered on the "
                       "way, checksums included; https is the default)")
+    imp = msub.add_parser("import", help="install nnU-Net v2 result folders (one per task) as a checksummed bundle")
+    imp.add_argument("results", nargs="+", type=Path, metavar="RESULTS_FOLDER",
+                     help="$nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__<configuration> with dataset.json, "
+                          "plans.json and fold_N/checkpoint_final.pth; the task (OARs or GTVs) is read from its labels")
+    imp.add_argument("--name", required=True, help="the bundle's name, e.g. segrap-oar-clinic (letters, digits, . _ -)")
+    imp.add_argument("--version", default="1.0.0", help="the bundle's version (default 1.0.0)")
+    imp.add_argument("--license", required=True, help="license of the weights (the training data's terms decide it)")
+    imp.add_argument("--folds", help="comma-separated folds (default: every fold with checkpoint_final.pth)")
+    imp.add_argument("--description", default="")
+    imp.add_argument("--training-mirroring", choices=("none", "plain", "laterality-aware"),
+                     help="how the models mirrored in training (default: from the trainer or the checkpoint)")
+    imp.add_argument("--force", action="store_true", help="replace an installed bundle of the same name")
     msub.add_parser("list", help="list installed bundles")
     ver = msub.add_parser("verify", help="check every file's checksum")
     ver.add_argument("name", nargs="?", help="bundle name (default: all installed), folder, or 'demo'")
@@ -498,6 +510,17 @@ def _cmd_models(args) -> int:
     if args.models_command == "install":
         bundle = M.install_bundle(args.source, force=args.force, allow_http=args.allow_http)
         print(f"installed {bundle.name} {bundle.version} ({bundle.license}) at {bundle.root}")
+    elif args.models_command == "import":
+        from .training.export import import_results
+
+        bundle = import_results(args.results, name=args.name, version=args.version, license=args.license,
+                                folds=list(_split(args.folds) or ()) or None, description=args.description,
+                                training_mirroring=args.training_mirroring, force=args.force)
+        tasks = ", ".join(f"{t}: folds {','.join(m.folds)}, training mirroring {m.training_mirroring}"
+                          for t, m in bundle.tasks.items())
+        print(f"imported and installed {bundle.name} {bundle.version} ({bundle.license}) at {bundle.root}; {tasks}; "
+              f"all {len(bundle.files)} files checksummed")
+        print(f"use it with: segrap segment ... --bundle {bundle.name}")
     elif args.models_command == "list":
         bundles = M.list_bundles()
         if not bundles:

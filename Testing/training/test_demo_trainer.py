@@ -43,11 +43,42 @@ def test_whole_volume_batches_keep_laterality_and_carry_every_deep_supervision_s
         assert (seg[..., 4:12, 16:20] == 1).all() and (seg[..., 4:12, 4:8] == 2).all()
 
 
-def test_fit_centre_crops_and_pads():
+def test_small_axes_are_padded_and_larger_ones_kept_for_windowing():
     a = np.arange(2 * 5 * 6, dtype=np.float32).reshape(1, 2, 5, 6)
-    fitted = T._fit(a, (4, 3, 6), edge=True)
-    assert fitted.shape == (1, 4, 3, 6)
-    assert np.array_equal(fitted[0, 1], a[0, 0, 1:4])
+    padded = T._pad_to(a, (4, 3, 6), edge=True)
+    assert padded.shape == (1, 4, 5, 6)  # z padded from 2 to 4; y (5 > 3) kept whole for the windows
+    assert np.array_equal(padded[0, 1], a[0, 0]) and np.array_equal(padded[0, 0], a[0, 0])
+
+
+class _FullFieldDataset:
+    """A case larger than the patch (a full-size field of view): x index + 100 * y index + 10000 * z index."""
+
+    def load_case(self, key):
+        z, y, x = np.meshgrid(np.arange(12), np.arange(20), np.arange(30), indexing="ij")
+        data = (x + 100 * y + 10000 * z).astype(np.float32)[None]
+        seg = np.where(x >= 15, 1, 2).astype(np.int16)[None]  # left half (high x) 1, right half 2
+        return data, seg, None, {}
+
+
+def test_larger_cases_give_random_patches_in_training_and_the_central_one_in_validation():
+    patch = (8, 16, 24)
+    train = T.WholeVolumeLoader(_FullFieldDataset(), ["a"], 1, [[1, 1, 1]], augment=False, seed=0, patch_size=patch)
+    train.augment = True
+    origins = set()
+    for _ in range(40):
+        data, seg = train._window(*train.cases[0])
+        assert data.shape[1:] == patch and seg.shape[1:] == patch
+        corner = int(data[0, 0, 0, 0])
+        origins.add(corner)
+        z0, y0, x0 = corner // 10000, corner // 100 % 100, corner % 100
+        # the window is a contiguous cut of the case, labels cut with it (sides kept)
+        assert np.array_equal(seg[0] == 1, (x0 + np.arange(24) >= 15)[None, None, :].repeat(8, 0).repeat(16, 1))
+        assert 0 <= z0 <= 4 and 0 <= y0 <= 4 and 0 <= x0 <= 6
+    assert len(origins) > 10  # the whole field of view is visited, not one place
+    val = T.WholeVolumeLoader(_FullFieldDataset(), ["a"], 1, [[1, 1, 1]], augment=False, seed=0, patch_size=patch)
+    data, _ = val._sample()
+    assert int(data[0, 0, 0, 0]) == 2 * 10000 + 2 * 100 + 3  # the central window, every time
+    assert next(val)["data"].shape == (1, 1, *patch)
 
 
 def test_class_weights_favour_rare_classes_within_the_cap():

@@ -65,7 +65,7 @@ def test_same_class_count_loads_the_heads_too_and_strips_wrapper_prefixes(plan_f
         assert torch.equal(target.state_dict()[name], value)
 
 
-def test_partly_matching_checkpoint_reports_each_skipped_and_unused_tensor(plan_files, tmp_path):
+def test_partly_matching_checkpoint_is_refused_unless_partial_loading_is_asked_for_then_reported(plan_files, tmp_path):
     state = _network(plan_files, "oar", seed=5).state_dict()
     first = next(n for n in state if n.endswith("weight") and not is_head(n))
     state[first] = torch.zeros(7, 1, 1, 1, 1)  # wrong shape
@@ -74,7 +74,9 @@ def test_partly_matching_checkpoint_reports_each_skipped_and_unused_tensor(plan_
     state["extra.head.weight"] = torch.zeros(2)
     ckpt = tmp_path / "partial.pth"
     torch.save(state, ckpt)  # a bare state dict, as converted MultiTalent-style weights may be
-    report = load_pretrained(_network(plan_files, "oar", seed=6), ckpt)
+    with pytest.raises(ModelError, match=r"refused: its architecture differs .*\(2 tensors outside the segmentation"):
+        load_pretrained(_network(plan_files, "oar", seed=6), ckpt)  # by default another body is refused
+    report = load_pretrained(_network(plan_files, "oar", seed=6), ckpt, allow_partial=True)
     assert (first, [7, 1, 1, 1, 1], list(_network(plan_files, "oar", 0).state_dict()[first].shape)) \
         in [tuple(x) for x in report.shape_mismatch]
     assert report.missing == [dropped] and report.unused == ["extra.head.weight"]
@@ -108,3 +110,44 @@ def test_check_pretrained_reports_without_training(plan_files, tmp_path):
     torch.save({"network_weights": _network(plan_files, "gtv", 7).state_dict()}, ckpt)
     report = check_pretrained(ckpt, plans, files["oar"], "3d_fullres")
     assert report.loaded and not report.heads_loaded
+
+
+def test_other_input_channels_are_adapted_and_the_checksum_recorded(plan_files, tmp_path):
+    import hashlib
+
+    plans, files = plan_files
+    two = json.loads(files["gtv"].read_text())
+    two["channel_names"] = {"0": "CT", "1": "PET"}  # a pre-training with two input channels
+    two_path = tmp_path / "two_channels.json"
+    two_path.write_text(json.dumps(two))
+    torch.manual_seed(11)
+    source = network_from_plans(plans, two_path, "3d_fullres").state_dict()
+    ckpt = tmp_path / "two_channels.pth"
+    torch.save({"network_weights": source}, ckpt)
+    target = _network(plan_files, "oar", seed=12)
+    report = load_pretrained(target, ckpt)
+    first = next(n for n, t in source.items() if t.dim() == 5)
+    assert (first, list(source[first].shape), [source[first].shape[0], 1, *source[first].shape[2:]]) in \
+        [tuple(a) for a in report.adapted]
+    # one channel now answers a constant input as the two did together
+    assert torch.allclose(target.state_dict()[first][:, 0], source[first].mean(dim=1))
+    assert not report.heads_loaded and not [n for n, _, _ in report.shape_mismatch if not is_head(n)]
+    assert report.sha256 == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert "input channels adapted" in report.summary() and report.sha256[:16] in report.summary()
+
+
+def test_a_deeper_encoder_is_refused_naming_both_architectures(plan_files, tmp_path):
+    plans, files = plan_files
+    deeper = json.loads(plans.read_text())
+    arch = deeper["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch["n_conv_per_stage"] = [1, 2, 2]  # one more convolution in two stages
+    deeper_path = tmp_path / "deeper.json"
+    deeper_path.write_text(json.dumps(deeper))
+    ckpt = tmp_path / "deeper.pth"
+    torch.save({"network_weights": network_from_plans(deeper_path, files["oar"], "3d_fullres").state_dict()}, ckpt)
+    with pytest.raises(ModelError) as refused:
+        check_pretrained(ckpt, plans, files["oar"], "3d_fullres")
+    message = str(refused.value)
+    assert "in the checkpoint, not in the network" in message
+    assert "Checkpoint encoder: 3 stages, features [2, 4, 8], convolutions per stage [1, 2, 2]" in message
+    assert "the plans' network: 3 stages, features [2, 4, 8], convolutions per stage [1, 1, 1]" in message

@@ -65,6 +65,7 @@ class TaskModel:
     test_time_mirroring: bool = False
     training_mirroring: str = "none"  # how left-right mirroring was used in training (see MIRRORING_KINDS)
     orientation: str | None = None  # axis orientation of the training images (DICOM letters, e.g. "LPS")
+    pretrained_sha256: tuple[str, ...] = ()  # checkpoints the training started from (fine-tuning, warm start)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,9 @@ class Bundle:
         return {"name": self.name, "version": self.version, "license": self.license,
                 "manifest_sha256": sha256_file(self.root / MANIFEST_NAME),
                 "tasks": {t: {"folds": list(m.folds), "configuration": m.configuration, "trainer": m.trainer,
-                              "training_mirroring": m.training_mirroring} for t, m in self.tasks.items()}}
+                              "training_mirroring": m.training_mirroring,
+                              **({"pretrained_sha256": list(m.pretrained_sha256)} if m.pretrained_sha256 else {})}
+                          for t, m in self.tasks.items()}}
 
 
 def sha256_file(path: Path) -> str:
@@ -187,7 +190,9 @@ def load_bundle(root: str | Path, check_network: bool = True) -> Bundle:
                 folds=tuple(str(f) for f in spec["folds"]), labels=dict(spec["labels"]),
                 test_time_mirroring=bool(spec.get("test_time_mirroring", False)),
                 training_mirroring=spec.get("training_mirroring", "plain"),
-                orientation=spec.get("orientation"))
+                orientation=spec.get("orientation"),
+                pretrained_sha256=tuple(str(p.get("sha256", "")) for p in spec.get("pretrained_weights", [])
+                                        if isinstance(p, dict)))
             if model.input != TASK_INPUTS[task]:
                 raise ModelError(f"{manifest_path}: the {task} model's input is {model.input!r}; "
                                  f"it must be {TASK_INPUTS[task]!r}.")
@@ -433,13 +438,15 @@ def _slim_checkpoint(source: Path, target: Path, trainer_name: str | None = None
 def build_bundle(out: str | Path, *, name: str, version: str, license: str, description: str,
                  result_folders: dict[str, Path], folds: dict[str, list], training_mirroring: dict[str, str],
                  test_time_mirroring: dict[str, bool] | None = None, trainer_name: str = "nnUNetTrainer",
-                 orientation: str | dict[str, str | None] | None = None) -> Path:
+                 orientation: str | dict[str, str | None] | None = None,
+                 pretrained: dict[str, list[dict]] | None = None) -> Path:
     """Write a bundle folder from nnU-Net result folders (one per task); returns its path.
 
     ``trainer_name`` is what the checkpoints record; nnU-Net builds the network from the plans for
     ``nnUNetTrainer`` and for trainers that do not override ``build_network_architecture``.
     ``orientation``: the axis orientation the training images were stored in (e.g. "LPS"; or one per
     task); inputs are reoriented to it before inference, so a flipped storage cannot swap left and right.
+    ``pretrained``: per task, the checkpoints training started from (``{"file": name, "sha256": hex}``).
     """
     out = Path(out)
     if out.exists():
@@ -467,6 +474,8 @@ def build_bundle(out: str | Path, *, name: str, version: str, license: str, desc
                 "training_mirroring": training_mirroring[task],
                 "orientation": orientation.get(task) if isinstance(orientation, dict) else orientation,
             }
+            if (pretrained or {}).get(task):
+                tasks[task]["pretrained_weights"] = list(pretrained[task])
             _check_labels(task, _read_json(dest / "dataset.json")["labels"], result / "dataset.json")
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"format": FORMAT, "name": name, "version": version, "license": license,

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -387,8 +387,27 @@ def _paint_gtvs(grid: Grid, placement: Placement, shapes: dict[str, tuple[Shape,
     return lm
 
 
+@dataclass(frozen=True)
+class Scanner:
+    """How a CT was acquired and reconstructed: calibration offset, blur and noise (HU, mm).
+
+    The default is the phantom's one scanner (0.7 mm blur, noise 14 HU plain / 12 HU contrast); the
+    demo's training cohort draws others (``Scanner.draw``) so that the model meets the spread of CT
+    numbers, sharpness and noise that real scanners and kernels give.
+    """
+
+    offset_hu: float = 0.0
+    blur_mm: float = 0.7
+    noise_hu: float | None = None  # None: 14 HU plain, 12 HU contrast
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "Scanner":
+        """A random scanner: offset -25..25 HU, blur 0.4..1.4 mm, noise 5..30 HU."""
+        return cls(float(rng.uniform(-25, 25)), float(rng.uniform(0.4, 1.4)), float(rng.uniform(5, 30)))
+
+
 def _render_ct(grid: Grid, placement: Placement, labelmap: np.ndarray, gtv: np.ndarray, contrast: bool,
-               rng: np.random.Generator) -> np.ndarray:
+               rng: np.random.Generator, scanner: Scanner = Scanner()) -> np.ndarray:
     """CT numbers (int16) from tissues, classes and tumours, with partial-volume blur and noise."""
     column = 1 if contrast else 0
     tissue_hu = np.array([v[column] for v in _TISSUE_HU.values()], dtype=np.float32)
@@ -398,9 +417,11 @@ def _render_ct(grid: Grid, placement: Placement, labelmap: np.ndarray, gtv: np.n
     hu[organ] = class_hu[labelmap[organ]]
     for s in S.GTVS:
         hu[gtv == s.label] = _STRUCTURE_HU[s.name][column]
-    sigma_mm = 0.7
-    hu = ndimage.gaussian_filter(hu, sigma=[sigma_mm / sp for sp in grid.spacing], mode="nearest", truncate=2.5)
-    hu += rng.normal(0.0, 12.0 if contrast else 14.0, size=hu.shape).astype(np.float32)
+    hu = ndimage.gaussian_filter(hu, sigma=[scanner.blur_mm / sp for sp in grid.spacing], mode="nearest", truncate=2.5)
+    noise = scanner.noise_hu if scanner.noise_hu is not None else (12.0 if contrast else 14.0)
+    hu += rng.normal(0.0, noise, size=hu.shape).astype(np.float32)
+    if scanner.offset_hu:
+        hu += np.float32(scanner.offset_hu)
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
 
 
@@ -447,25 +468,36 @@ def _direction(direction: str | np.ndarray) -> np.ndarray:
 CONTRAST_MODES = ("same", "shifted", "resampled")
 
 
-def make_case(index: int, seed: int = 0, size: str = "small", direction: str | np.ndarray = "identity",
-              contrast: str = "same") -> PhantomCase:
-    """Phantom case ``index`` of cohort ``seed``: deterministic for (seed, index, size, direction, contrast).
+def full_size_grid(spacing: tuple[float, float, float]) -> GridSpec:
+    """The full-size field of view (378 x 276 x 276 mm) at another spacing (z, y, x mm): the same anatomy
+    as the ``full`` phantom, rendered for thinner slices, coarser pixels or directly at a network's spacing."""
+    shape = tuple(max(1, int(round(float(f) / s))) for f, s in zip(_REFERENCE_FOV, spacing))
+    return GridSpec(shape, tuple(float(s) for s in spacing))
 
+
+def make_case(index: int, seed: int = 0, size: str | GridSpec = "small", direction: str | np.ndarray = "identity",
+              contrast: str = "same", scanner: Scanner = Scanner()) -> PhantomCase:
+    """Phantom case ``index`` of cohort ``seed``: deterministic for (seed, index, size, direction, contrast, scanner).
+
+    ``size``: a name of ``SIZES`` or a ``GridSpec`` (``full_size_grid``); only ``small`` compresses the
+    anatomy and keeps its structures at least about two voxels thick, any other grid holds the
+    full-size anatomy scaled to its field of view.
     ``contrast``: ``same`` puts the contrast CT on the CT grid, pre-aligned like the release;
     ``shifted`` moves the patient between the scans (known rigid motion, recorded in ``info``);
     ``resampled`` writes the aligned contrast CT on a different grid (spacing, extent and origin).
+    ``scanner``: the CT numbers' offset, blur and noise (both CTs).
     """
-    if size not in SIZES:
+    if not isinstance(size, GridSpec) and size not in SIZES:
         raise InputError(f"Unknown phantom size {size!r}; choose one of {', '.join(SIZES)}.")
     if contrast not in CONTRAST_MODES:
         raise InputError(f"Unknown contrast mode {contrast!r}; choose one of {', '.join(CONTRAST_MODES)}.")
-    spec = SIZES[size]
+    spec = size if isinstance(size, GridSpec) else SIZES[size]
     rng = np.random.default_rng([seed, index])
     grid = Grid.centred(spec, _direction(direction))
     fov_scale = (np.array(spec.shape) * np.array(spec.spacing) / _REFERENCE_FOV)[::-1]  # x, y, z
     scale = fov_scale * rng.uniform(0.94, 1.06, size=3)
     min_half = np.maximum(grid.physical_spacing() * np.array([1.2, 1.2, 0.9]), 0.0)
-    if size == "full":
+    if size != "small":
         min_half = np.zeros(3)
     rotation = _rotation("z", rng.uniform(-4, 4)) @ _rotation("x", rng.uniform(-3, 3))
     shift = np.array([rng.uniform(-5, 5), rng.uniform(-5, 5), rng.uniform(-6, 6)]) * fov_scale
@@ -474,12 +506,13 @@ def make_case(index: int, seed: int = 0, size: str = "small", direction: str | n
 
     labelmap = _paint_oars(grid, placement)
     gtv = _paint_gtvs(grid, placement, gtv_shapes)
-    ct = grid.image(_render_ct(grid, placement, labelmap, gtv, False, rng))
-    info = {"seed": seed, "index": index, "size": size, "contrast": contrast,
+    ct = grid.image(_render_ct(grid, placement, labelmap, gtv, False, rng, scanner))
+    size_info = size if isinstance(size, str) else {"shape": list(spec.shape), "spacing": list(spec.spacing)}
+    info = {"seed": seed, "index": index, "size": size_info, "contrast": contrast, "scanner": asdict(scanner),
             "direction": grid.direction.ravel().tolist(), "scale": scale.tolist(), "shift_mm": shift.tolist()}
 
     if contrast == "same":
-        contrast_ct = grid.image(_render_ct(grid, placement, labelmap, gtv, True, rng))
+        contrast_ct = grid.image(_render_ct(grid, placement, labelmap, gtv, True, rng, scanner))
     else:
         if contrast == "shifted":
             motion_rot = _rotation("z", 3.0) @ _rotation("x", -2.0)
@@ -493,7 +526,7 @@ def make_case(index: int, seed: int = 0, size: str = "small", direction: str | n
         moved = Placement(scale, motion_rot @ rotation, motion_rot @ shift + motion_shift, min_half)
         ce_labels = _paint_oars(ce_grid, moved)
         ce_gtv = _paint_gtvs(ce_grid, moved, gtv_shapes)
-        contrast_ct = ce_grid.image(_render_ct(ce_grid, moved, ce_labels, ce_gtv, True, rng))
+        contrast_ct = ce_grid.image(_render_ct(ce_grid, moved, ce_labels, ce_gtv, True, rng, scanner))
         # contrast patient point = motion_rot @ ct patient point + motion_shift
         info["contrast_motion"] = {"rotation": motion_rot.ravel().tolist(), "translation_mm": motion_shift.tolist()}
     return PhantomCase(case_id=f"segrap_{index:04d}", ct=ct, contrast_ct=contrast_ct, labelmap=labelmap,

@@ -166,6 +166,14 @@ def _write_label(labels: np.ndarray, reference: sitk.Image, path: Path, orientat
     _write_image(reoriented(img, orientation) if orientation else img, path)
 
 
+def write_training_case(image: sitk.Image, labels: np.ndarray, images: Path, labels_dir: Path, case_id: str,
+                        orientation: str = ORIENTATION) -> None:
+    """Write one case's image, then its label map (on the image's grid) into a raw dataset, in ``orientation``;
+    each file appears complete (temp name, then rename), so a case whose label is there is whole."""
+    write_case_image(image, None, images / f"{case_id}_0000.nii.gz", orientation)
+    _write_label(labels, image, labels_dir / f"{case_id}.nii.gz", orientation)
+
+
 def write_case_image(image: sitk.Image, source: Path | None, path: Path, orientation: str) -> None:
     """Write a case's image in ``orientation``: the ``source`` file linked when it already is, else rewritten."""
     if source is not None and orientation_of(image) == orientation:

@@ -15,11 +15,13 @@ into the description.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..anatomy import structures as S
 from ..errors import ModelError
-from ..inference.bundles import CHECKPOINT_NAME, MIRRORING_KINDS, build_bundle
+from ..inference.bundles import CHECKPOINT_NAME, MIRRORING_KINDS, Bundle, build_bundle, install_bundle
 from .convert import ORIENTATION, dataset_orientation
 
 
@@ -81,6 +83,21 @@ def training_mirroring_of(result: ResultFolder, fold: str) -> str:
     return "plain" if axes else "none"
 
 
+def pretrained_of(result: ResultFolder, folds: list[str]) -> list[dict]:
+    """The pre-trained checkpoints (file name and sha256) the folds started from, as the trainers recorded
+    them (``pretrained_weights.json`` beside each fold's checkpoints); empty when none was used."""
+    from .trainers import PRETRAINED_REPORT_NAME
+
+    found: dict[str, dict] = {}
+    for fold in folds:
+        path = result.path / f"fold_{fold}" / PRETRAINED_REPORT_NAME
+        if path.is_file():
+            report = json.loads(path.read_text())
+            if report.get("sha256"):
+                found[report["sha256"]] = {"file": Path(report.get("checkpoint", "")).name, "sha256": report["sha256"]}
+    return list(found.values())
+
+
 def export_bundle(out: str | Path, *, results: dict[str, str | Path], folds: list[str] | None, name: str,
                   version: str, license: str, description: str = "", training_mirroring: str | None = None,
                   test_time_mirroring: bool = False) -> Path:
@@ -110,4 +127,44 @@ def export_bundle(out: str | Path, *, results: dict[str, str | Path], folds: lis
                         result_folders={t: r.path for t, r in parsed.items()}, folds=chosen,
                         training_mirroring=mirroring,
                         test_time_mirroring={t: test_time_mirroring for t in parsed},
-                        orientation={t: orientation_of(r) for t, r in parsed.items()})
+                        orientation={t: orientation_of(r) for t, r in parsed.items()},
+                        pretrained={t: pretrained_of(r, chosen[t]) for t, r in parsed.items()})
+
+
+def task_of(result: ResultFolder) -> str:
+    """'oar' or 'gtv', from the labels of the result folder's dataset.json; a ModelError for any other labels."""
+    path = result.path / "dataset.json"
+    try:
+        labels = {str(k): int(v) for k, v in json.loads(path.read_text()).get("labels", {}).items()}
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"{path}: not a readable nnU-Net dataset.json ({exc}).") from exc
+    for task, expected in (("oar", S.class_labels()), ("gtv", S.gtv_class_labels())):
+        if labels == expected:
+            return task
+    raise ModelError(f"{path}: its {len(labels)} labels are neither SegRap Task 1's 54 classes (the organs at risk) "
+                     f"nor Task 2's background=0, GTVp=1, GTVnd=2, so segrap cannot tell what the model "
+                     f"segments. Train on a dataset written by `segrap train convert` (its label names and "
+                     f"values), or fix the names in dataset.json if only they differ.")
+
+
+def import_results(folders: list[str | Path], *, name: str, version: str, license: str,
+                   folds: list[str] | None = None, description: str = "", training_mirroring: str | None = None,
+                   store: Path | None = None, force: bool = False) -> Bundle:
+    """nnU-Net result folders (one per task; the task is read from each dataset.json) -> an installed bundle.
+
+    The bundle is exported to a temporary folder and installed from there by ``install_bundle``, so it
+    passes every check ``segrap models install`` makes (plans allow-list, checksums, checkpoint records)
+    and nothing reaches the store unless it does.
+    """
+    results: dict[str, Path] = {}
+    for folder in folders:
+        task = task_of(read_result_folder(folder))
+        if task in results:
+            raise ModelError(f"{folder}: a second {task} model (the first is {results[task]}); give one result "
+                             f"folder per task.")
+        results[task] = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="segrap-import-") as tmp:
+        out = export_bundle(Path(tmp) / "bundle", results=results, folds=folds, name=name, version=version,
+                            license=license, description=description or "Imported from nnU-Net result folders.",
+                            training_mirroring=training_mirroring)
+        return install_bundle(out, store=store, force=force)

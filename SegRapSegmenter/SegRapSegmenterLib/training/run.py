@@ -52,6 +52,22 @@ def result_folder(dataset: str, configuration: str, fold: str, trainer: str, pla
     return Path(os.environ["nnUNet_results"]) / name / f"{trainer}__{plans}__{configuration}" / f"fold_{fold}"
 
 
+def check_pretrained_for(dataset: str, configuration: str, plans: str, pretrained: str | Path):
+    """The pre-trained checkpoint against the network of the plans training will use, before nnU-Net starts
+    (a ModelError naming both architectures when they differ); returns the report."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from .pretrained import check_pretrained
+
+    name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)
+    folder = Path(os.environ["nnUNet_preprocessed"]) / name
+    plans_path = folder / f"{plans}.json"
+    if not plans_path.is_file():
+        raise InputError(f"{plans_path}: no such plans file; plan the dataset first (docs/training.md, step 2), or "
+                         f"give the plans identifier with -p.")
+    return check_pretrained(pretrained, plans_path, folder / "dataset.json", configuration)
+
+
 def run(dataset: str, configuration: str, fold: str, *, trainer: str = "SegRapStagedTrainer",
         plans: str = "nnUNetPlans", pretrained: str | Path | None = None, options: dict | None = None,
         num_gpus: int = 1, device: str = "cuda", continue_training: bool = False, validation_only: bool = False,
@@ -80,6 +96,8 @@ def run(dataset: str, configuration: str, fold: str, *, trainer: str = "SegRapSt
                              "`segrap train trainers --install` once, or upgrade nnU-Net.")
     elif find_trainer(trainer) is None:
         raise InputError(f"nnU-Net has no trainer named {trainer!r}; SegRap's are {', '.join(TRAINERS)}.")
+    if pretrained is not None and ours and not (continue_training or validation_only):
+        check_pretrained_for(dataset, configuration, plans, pretrained)  # refuse another architecture now, not later
     if device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     env = {PRETRAINED_ENV: str(Path(pretrained).resolve()) if (pretrained and ours) else None,
