@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import InputError
+from ..errors import InputError, ModelError
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
 _CUDA_INDEX = re.compile(r"cuda:(\d+)")
@@ -22,10 +22,20 @@ def check_device_name(name: str) -> str:
 
 
 def pick_device(name: str):
-    """The torch device for ``auto`` (cuda, then mps, then cpu) or an explicit, available choice (``cuda:N`` too)."""
-    import torch
+    """The torch device for ``auto`` (cuda, then mps, then cpu) or an explicit, available choice (``cuda:N`` too).
 
+    A Python without torch (a stock Slicer) is a ModelError: no model can run there, whatever the bundle.
+    """
     check_device_name(name)
+    try:
+        import torch
+    except ImportError as exc:
+        import sys
+
+        raise ModelError(f"PyTorch (torch) is not installed in this Python ({sys.executable}), so no model can run: "
+                         f"in Slicer press Apply and let the module install it; elsewhere pip install torch "
+                         f"({exc}).") from exc
+
     mps = getattr(torch.backends, "mps", None)
     has_mps = bool(mps and mps.is_available())
     if name == "auto":

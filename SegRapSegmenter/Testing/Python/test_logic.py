@@ -85,6 +85,8 @@ class LogicInputsTest(unittest.TestCase):
     def test_worker_error_surfaces_as_the_cores_exception_and_the_scene_is_unchanged(self):
         before = node_ids(self.scene)
         logic = SegmentationLogic()
+        # a missing bundle; in a stock Slicer (no torch) the worker says first that torch is not installed,
+        # checked before the bundle (the device is among the cheap checks): a ModelError either way
         with self.assertRaisesRegex(ModelError, "not installed"):
             logic.segment(self.ct, None, tasks=("oar",), bundle=str(Path(tempfile.gettempdir()) / "no-such-bundle"),
                           device="cpu")
