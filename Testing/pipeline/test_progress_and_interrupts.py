@@ -78,16 +78,22 @@ def test_a_real_run_reports_the_time_left_of_its_sliding_window(heldout_case, tm
     assert len(window) >= 4 and any("left of this task" in m for m in window), window
 
 
-@pytest.mark.skipif(os.name == "nt", reason="SIGINT to one process (Ctrl-C reaches the console group on Windows)")
-def test_ctrl_c_says_the_run_was_interrupted(heldout_case, tmp_path):
-    _, paths = heldout_case
-    out = tmp_path / "out"
+def _segment_until_inference(paths, out) -> subprocess.Popen:
+    """`segrap segment --json` on the case's CT, returned once Task 1's inference has started."""
     proc = subprocess.Popen([sys.executable, "-m", "SegRapSegmenterLib.cli", "segment", "--ct", str(paths.ct),
                              "--out", str(out), "--bundle", "demo", "--device", "cpu", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if json.loads(line).get("stage") == "oar-inference":
             break
+    return proc
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGINT to one process (Ctrl-C reaches the console group on Windows)")
+def test_ctrl_c_says_the_run_was_interrupted(heldout_case, tmp_path):
+    _, paths = heldout_case
+    out = tmp_path / "out"
+    proc = _segment_until_inference(paths, out)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the CLI (the worker has a session of its own)
     assert proc.wait(timeout=60) == cli.EXIT_INTERRUPTED
     err = proc.stderr.read()
@@ -118,12 +124,7 @@ def test_a_sigterm_after_the_outputs_are_in_place_says_they_are_complete(heldout
 
     _, paths = heldout_case
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "SegRapSegmenterLib.cli", "segment", "--ct", str(paths.ct),
-                             "--out", str(out), "--bundle", "demo", "--device", "cpu", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if json.loads(line).get("stage") == "oar-inference":
-            break
+    proc = _segment_until_inference(paths, out)
     proc.send_signal(signal.SIGSTOP)  # the CLI hears nothing more; its worker (a session of its own) goes on
     try:
         deadline = time.monotonic() + 300

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from ..errors import InputError
 from .dicom import Patient, SeriesInfo, choose_ct_series, discover_series, one_patient
-from .imaging import VolumeSource
 
 PATIENT_ATTRIBUTES = ("PatientID", "PatientName", "PatientBirthDate")
 
@@ -50,15 +49,6 @@ def identity_of_folder(path: str | Path, series_uid: str | None = None) -> Input
     """The identity of the CT series that ``read_volume`` would read from a DICOM folder."""
     info = choose_ct_series(path, discover_series(path), series_uid)
     return identity_of_series(path, info)
-
-
-def identity_of_volume(source: VolumeSource) -> InputIdentity | None:
-    """The identity of a read volume; None for an image file."""
-    if source.kind != "dicom" or source.dicom is None:
-        return None
-    series = source.dicom.series
-    return InputIdentity(str(source.path), series.patient or Patient("", "", ""), series.study_uid,
-                         series.series_uid, series.frame_of_reference_uid)
 
 
 IMAGE_FILES = "image files (NIfTI, NRRD or MetaImage), which carry no patient identity"

@@ -51,14 +51,17 @@ def write_statistics(bundle_root: str | Path, stats: dict) -> Path:
     except (OSError, ValueError) as exc:
         raise ModelError(f"{manifest_path}: cannot be read as a bundle manifest ({exc}).") from exc
     path = root / STATS_NAME
-    for target, text in ((path, json.dumps(stats, indent=1) + "\n"), (None, None)):
-        if target is None:
-            manifest.setdefault("files", {})[STATS_NAME] = sha256_file(path)
-            target, text = manifest_path, json.dumps(manifest, indent=1) + "\n"
-        tmp = target.with_name(f".{target.name}.part")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+    _replace_text(path, json.dumps(stats, indent=1) + "\n")
+    manifest.setdefault("files", {})[STATS_NAME] = sha256_file(path)
+    _replace_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return path
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a file under a temporary name and rename it into place (never half-written)."""
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def load_statistics(bundle: Bundle) -> dict | None:

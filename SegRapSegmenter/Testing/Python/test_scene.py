@@ -46,6 +46,13 @@ def fresh_scene():
     return SC.headless_scene()
 
 
+def ct_from_dicom(scene, series):
+    """A CT volume node as Slicer's DICOM plugin leaves it: the series' voxels and its instance UIDs attribute."""
+    node = SC.add_volume_node(scene, series.image, "CT from DICOM")
+    node.SetAttribute(SC.INSTANCE_UIDS_ATTRIBUTE, " ".join(s.sop_instance_uid for s in series.series.slices))
+    return node
+
+
 def read_with_slicer(scene, path: Path, name: str = "CT"):
     """A volume node loaded by Slicer's own reader (the reference for what Slicer shows)."""
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
@@ -271,8 +278,7 @@ class EditedSegmentationToRtStructTest(unittest.TestCase):
 
     def setUp(self):
         self.scene = fresh_scene()
-        self.ct = SC.add_volume_node(self.scene, self.series.image, "CT from DICOM")
-        self.ct.SetAttribute(SC.INSTANCE_UIDS_ATTRIBUTE, " ".join(s.sop_instance_uid for s in self.series.series.slices))
+        self.ct = ct_from_dicom(self.scene, self.series)
 
     def test_a_segment_painted_bigger_is_exported_as_painted(self):
         node = SC.load_segmentation(self.result, self.ct)
@@ -335,8 +341,7 @@ class RtStructExportOffTheGuiThreadTest(unittest.TestCase):
 
     def setUp(self):
         self.scene = fresh_scene()
-        self.ct = SC.add_volume_node(self.scene, self.series.image, "CT from DICOM")
-        self.ct.SetAttribute(SC.INSTANCE_UIDS_ATTRIBUTE, " ".join(s.sop_instance_uid for s in self.series.series.slices))
+        self.ct = ct_from_dicom(self.scene, self.series)
         self.node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted")
         self.node.SetReferenceImageGeometryParameterFromVolumeNode(self.ct)
         for name, mask in self.truth.items():  # as painted in the Segment Editor (no worker result, no pynrrd)
