@@ -421,7 +421,6 @@ def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging:
     structures, qa_warnings = structure_report(masks, reference)
     for message in qa_warnings:
         warning(message)
-    voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
     for name, fraction in cleanup.removed.items():
         if name in structures and fraction > REMOVED_REVIEW_ABOVE:
             removed_ml = structures[name]["volume_ml"] * fraction / (1.0 - fraction)

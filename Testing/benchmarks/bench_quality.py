@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from SegRapSegmenterLib.anatomy import structures as S
 from SegRapSegmenterLib.demo import score_against_truth
 from SegRapSegmenterLib.evaluation.quality import Reviewed, review_figures
 from SegRapSegmenterLib.inference.bundles import DEMO_BUNDLE_PATH
