@@ -58,6 +58,10 @@ class NodeConfig:
     min_free_mb: float = 1024.0  # C-STOREs are refused (0xA700) below this much free space on the spool's disk
     max_instance_mb: float = 64.0  # a larger data set is refused (0xA700); one far larger ends its association
     keep_days: float | None = None  # images and outputs of finished studies are deleted after this (None: kept)
+    negotiation_s: float = 10.0  # a connection must complete its association request (and TLS handshake) in this
+    idle_s: float = 60.0  # an association that completes no PDU for this long (silent or trickling) is closed
+    association_s: float = 3600.0  # no association stays open longer
+    max_pdu_kb: float = 256.0  # the largest PDU the SCP receives (announced to peers); a longer one ends it
     tls_cert: Path | None = None  # with tls_key and tls_ca: the SCP accepts only mutual-TLS peers signed by the CA
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -150,6 +154,14 @@ def _checked(values: dict) -> NodeConfig:
         raise InputError(f"--keep-days {v.get('keep_days')!r}: a number of days.") from None
     if v["keep_days"] is not None and v["keep_days"] < 0:
         raise InputError(f"--keep-days {v['keep_days']}: days, 0 or more.")
+    for name, low, high in (("negotiation_s", 1, 3600), ("idle_s", 1, 86400), ("association_s", 1, 7 * 86400),
+                            ("max_pdu_kb", 16, 65536)):
+        try:
+            v[name] = float(v.get(name, getattr(NodeConfig, name)))
+        except (TypeError, ValueError):
+            raise InputError(f"{name} = {v.get(name)!r}: a number from {low} to {high}.") from None
+        if not low <= v[name] <= high:
+            raise InputError(f"{name} = {v[name]:g}: choose from {low} to {high}.")
     if v["max_instance_mb"] <= 0:
         raise InputError(f"--max-instance-mb {v['max_instance_mb']}: megabytes, more than 0.")
     if not 0 <= v["port"] < 65536:

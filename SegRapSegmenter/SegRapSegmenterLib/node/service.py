@@ -87,7 +87,9 @@ class Node:
         self._wake = threading.Event()
         self.scp = StorageScp(config.ae_title, config.host, config.port, self.spool, self.audit,
                               config.allow_ae, on_study=self._on_study, min_free_mb=config.min_free_mb,
-                              max_instance_mb=config.max_instance_mb, tls=config.tls)
+                              max_instance_mb=config.max_instance_mb, tls=config.tls,
+                              negotiation_s=config.negotiation_s, idle_s=config.idle_s,
+                              association_s=config.association_s, max_pdu_kb=config.max_pdu_kb)
         self.couriers = [Courier(config, self.spool, self.audit, dest, self.stop_event) for dest in config.destinations]
         self.runners = [JobRunner(config, self.spool, self.audit, self.stop_event, env, slot, self._wake_couriers)
                         for slot, env in enumerate(worker_slots(config))]
