@@ -62,6 +62,8 @@ class NodeConfig:
     idle_s: float = 60.0  # an association that completes no PDU for this long (silent or trickling) is closed
     association_s: float = 3600.0  # no association stays open longer
     max_pdu_kb: float = 256.0  # the largest PDU the SCP receives (announced to peers); a longer one ends it
+    audit_max_mb: float = 64.0  # audit.jsonl is rotated before it grows past this (0: never, journald/logrotate do)
+    audit_keep: int = 10  # rotated audit files kept, the oldest deleted
     tls_cert: Path | None = None  # with tls_key and tls_ca: the SCP accepts only mutual-TLS peers signed by the CA
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -162,6 +164,13 @@ def _checked(values: dict) -> NodeConfig:
             raise InputError(f"{name} = {v.get(name)!r}: a number from {low} to {high}.") from None
         if not low <= v[name] <= high:
             raise InputError(f"{name} = {v[name]:g}: choose from {low} to {high}.")
+    try:
+        v["audit_max_mb"], v["audit_keep"] = float(v.get("audit_max_mb", 64.0)), int(v.get("audit_keep", 10))
+    except (TypeError, ValueError):
+        raise InputError("audit_max_mb and audit_keep must be numbers (megabytes; a count of files).") from None
+    if v["audit_max_mb"] < 0 or (0 < v["audit_max_mb"] < 0.01) or v["audit_keep"] < 0:
+        raise InputError(f"audit_max_mb = {v['audit_max_mb']:g}, audit_keep = {v['audit_keep']}: megabytes, 0 (no "
+                         f"rotation) or 0.01 or more; files, 0 or more.")
     if v["max_instance_mb"] <= 0:
         raise InputError(f"--max-instance-mb {v['max_instance_mb']}: megabytes, more than 0.")
     if not 0 <= v["port"] < 65536:

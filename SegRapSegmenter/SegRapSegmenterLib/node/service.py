@@ -82,7 +82,7 @@ class Node:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per C-STORE otherwise
         os.umask(0o077)  # what the node and its workers write (images, RTSTRUCTs, logs) is the node user's only
         self.spool = Spool(config.spool)
-        self.audit = AuditLog(self.spool.audit_path, echo=echo)
+        self.audit = AuditLog(self.spool.audit_path, echo=echo, max_mb=config.audit_max_mb, keep=config.audit_keep)
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self.scp = StorageScp(config.ae_title, config.host, config.port, self.spool, self.audit,
@@ -276,11 +276,11 @@ def serving_pid(spool_root) -> int | None:
 
 def _liveness(spool: Spool) -> str:
     """One line: is a node serving from this spool, and its last audit event."""
-    from .audit import read_events
+    from .audit import last_event
 
     pid = serving_pid(spool.root)
-    events = read_events(spool.audit_path)
-    last = f"; last event {events[-1]['event']!r} at {events[-1]['time']}" if events else ""
+    event = last_event(spool.audit_path)  # the end of the newest file, however long the log (it is rotated)
+    last = f"; last event {event['event']!r} at {event['time']}" if event else ""
     if pid is not None:
         return f"node: running (pid {pid}{last})"
     return f"node: NOT RUNNING{last}; studies shown running were interrupted and are queued again at its next start"
