@@ -3,6 +3,9 @@
 A TOML file holds the same names as the flags (``ae_title``, ``port``, ``destinations`` ...) plus
 two tables, ``[delivery]`` (retries and backoff) and ``[selection]`` (the plain / contrast CT rule,
 see ``selection``). Unknown names are an error, so a misspelt setting never goes unnoticed.
+A destination is ``"AE@HOST:PORT"`` or a table ``{address = "AE@HOST:PORT", tls_cert, tls_key, tls_ca}``
+(its own mutual TLS files) or ``{address = ..., tls = true | false}`` (the node's files, or plain TCP,
+whatever ``[delivery] tls`` says for the others).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import InputError
+from dataclasses import replace
+
 from .address import Destination, check_ae_title, parse_destination
 from .selection import SelectionRule
 from .tls import TlsFiles, tls_files
@@ -28,7 +33,7 @@ class Delivery:
     first_delay_s: float = 10.0  # doubled after every failed attempt
     max_delay_s: float = 600.0
     timeout_s: float = 30.0  # network timeout of one association
-    tls: bool = False  # mutual TLS to every destination, with the node's tls_cert, tls_key and tls_ca
+    tls: bool = False  # mutual TLS to the destinations (those without tls of their own) with the node's files
 
     def delay(self, failed_attempts: int) -> float:
         """Seconds to wait after ``failed_attempts`` failures (exponential backoff, capped)."""
@@ -120,14 +125,41 @@ def _settings_from_file(path: Path) -> dict:
     return out
 
 
+_DESTINATION_KEYS = ("address", "tls", "tls_cert", "tls_key", "tls_ca")
+
+
+def _destination(item, node_tls: TlsFiles | None, delivery: Delivery) -> Destination:
+    """A destination from ``AE@HOST:PORT`` or its table, with the TLS files used to deliver to it."""
+    if isinstance(item, Destination):
+        return item if item.tls is not None else replace(item, tls=node_tls if delivery.tls else None)
+    if not isinstance(item, dict):
+        return replace(parse_destination(item), tls=node_tls if delivery.tls else None)
+    where = f"destination {item.get('address', item)!r}"
+    unknown = sorted(set(item) - set(_DESTINATION_KEYS))
+    if unknown or "address" not in item:
+        problem = f"unknown {', '.join(unknown)}" if unknown else "no address"
+        raise InputError(f"{where}: a destination table has address (AE@HOST:PORT) and optionally tls, or "
+                         f"tls_cert, tls_key and tls_ca; {problem}.")
+    dest = parse_destination(item["address"])
+    own = tls_files(item.get("tls_cert"), item.get("tls_key"), item.get("tls_ca"), f"{where}: tls_cert/tls_key/tls_ca")
+    if own is not None:
+        if item.get("tls") is False:
+            raise InputError(f"{where}: tls = false with tls_cert, tls_key and tls_ca; give one or the other.")
+        return replace(dest, tls=own)
+    wanted = item.get("tls", delivery.tls)
+    if not isinstance(wanted, bool):
+        raise InputError(f"{where}: tls = {wanted!r}; true or false.")
+    if wanted and node_tls is None:
+        raise InputError(f"{where}: tls = true needs the node's tls_cert, tls_key and tls_ca, or its own.")
+    return replace(dest, tls=node_tls if wanted else None)
+
+
 def _checked(values: dict) -> NodeConfig:
     if not values.get("spool"):
         raise InputError("Give the spool folder: --spool DIR (or spool = \"DIR\" in the --config file).")
     v = dict(values)
     v["spool"] = Path(v["spool"]).expanduser()
     v["ae_title"] = check_ae_title(v.get("ae_title", "SEGRAP"), "--ae-title")
-    v["destinations"] = tuple(d if isinstance(d, Destination) else parse_destination(d)
-                              for d in v.get("destinations", ()) or ())
     v["allow_ae"] = tuple(check_ae_title(a, "--allow-ae") for a in v.get("allow_ae", ()) or ())
     tasks = v.get("tasks", TASKS)
     tasks = tuple(t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip())
@@ -150,6 +182,9 @@ def _checked(values: dict) -> NodeConfig:
     v["tls_cert"], v["tls_key"], v["tls_ca"] = (tls.cert, tls.key, tls.ca) if tls else (None, None, None)
     if v.get("delivery") is not None and v["delivery"].tls and tls is None:
         raise InputError("[delivery] tls = true needs tls_cert, tls_key and tls_ca (--tls-cert, --tls-key, --tls-ca).")
+    destinations = v.get("destinations", ()) or ()
+    v["destinations"] = tuple(_destination(d, tls, v.get("delivery") or Delivery())
+                              for d in ([destinations] if isinstance(destinations, (str, dict)) else destinations))
     try:
         v["keep_days"] = None if v.get("keep_days") is None else float(v["keep_days"])
     except (TypeError, ValueError):
