@@ -135,15 +135,29 @@ def test_a_pdu_longer_than_max_pdu_is_refused_before_it_is_read_and_audited(boun
     dropped = _dropped(bounded_scp)
     assert dropped[0]["address"] == address
     assert [e["reason"] for e in dropped] == [
-        f"a PDU of {n} bytes announced, over the node's maximum of 262144 (max_pdu_kb 256)"
-        for n in (0xFFFFFFF0, 1 << 31)]
+        f"A-ASSOCIATE-RQ PDU of {0xFFFFFFF0} bytes announced, over the node's limit of 1048576 for a PDU other "
+        f"than P-DATA-TF", f"P-DATA-TF PDU of {1 << 31} bytes announced, over the node's maximum of 262144 "
+        f"(max_pdu_kb 256)"]
 
 
 @pytest.mark.parametrize("bounded_scp", [{"max_pdu_kb": 16}], indirect=True)
 def test_senders_keep_to_the_maximum_pdu_the_node_announces(bounded_scp, phantom_studies):
+    from pynetdicom import evt
+
     sent = storescu(sorted(phantom_studies[0].ct_dir.glob("*.dcm"))[:2], bounded_scp.port)  # DCMTK, 16 KB PDUs
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert len(list((bounded_scp.spool.root / "studies").rglob("*.dcm"))) == 2 and not _dropped(bounded_scp)
+    from pynetdicom import AE, StoragePresentationContexts
+
+    ae = AE(ae_title="PACS")  # an association request over 16 KB (120 contexts of 6 syntaxes): not a P-DATA-TF
+    for context in StoragePresentationContexts:
+        ae.add_requested_context(context.abstract_syntax, [*context.transfer_syntax, "1.2.840.10008.1.2.4.70",
+                                                           "1.2.840.10008.1.2.4.80"])
+    request = []
+    assoc = ae.associate("127.0.0.1", bounded_scp.port, ae_title="SEGRAP",
+                         evt_handlers=[(evt.EVT_PDU_SENT, lambda event: request.append(len(event.pdu.encode())))])
+    assert assoc.is_established and request[0] > 16 * 1024 and not _dropped(bounded_scp)
+    assoc.release()
 
 
 def test_the_deadlines_and_maximum_pdu_are_node_settings_with_sane_bounds(tmp_path):

@@ -125,7 +125,8 @@ def test_the_node_takes_studies_over_mutual_tls_only_and_delivers_with_each_dest
         assert storescu(phantom_studies[0].ct_dir, port).returncode != 0  # plain TCP: nothing gets in
         assert storescu(phantom_studies[0].ct_dir, port, options=client).returncode == 0
         wait_until(lambda: audit_events(spool, "failed"), 240, "the deliveries to be concluded", interval=1)
-        assert audit_events(spool, "started")[0]["tls"] == "mutual"
+        started = audit_events(spool, "started")[0]
+        assert started["tls"] == "mutual" and len(started["destinations_tls"]) == 3  # all but the PACS
         status = subprocess.run([sys.executable, "-m", "SegRapSegmenterLib.cli", "serve", "--status", "--spool",
                                  str(spool)], capture_output=True, text=True, timeout=60)
         assert f"node: running (pid {node.process.pid}" in status.stdout, status.stdout + status.stderr

@@ -66,7 +66,7 @@ class NodeConfig:
     negotiation_s: float = 10.0  # a connection must complete its association request (and TLS handshake) in this
     idle_s: float = 60.0  # an association that completes no PDU for this long (silent or trickling) is closed
     association_s: float = 3600.0  # no association stays open longer
-    max_pdu_kb: float = 256.0  # the largest PDU the SCP receives (announced to peers); a longer one ends it
+    max_pdu_kb: float = 256.0  # the largest P-DATA-TF PDU the SCP receives (announced to peers); a longer one ends it
     audit_max_mb: float = 64.0  # audit.jsonl is rotated before it grows past this (0: never, journald/logrotate do)
     audit_keep: int = 10  # rotated audit files kept, the oldest deleted
     tls_cert: Path | None = None  # with tls_key and tls_ca: the SCP accepts only mutual-TLS peers signed by the CA

@@ -9,8 +9,9 @@ Calling AE titles not on the allow-list are rejected at association (reason: cal
 
 Every connection is bounded, each drop audited with the peer's address: the association request must be
 complete within ``negotiation_s``, an established association that completes no PDU for ``idle_s`` (silent,
-or trickling a PDU a byte at a time) or stays open over ``association_s`` is closed, and a PDU whose length
-field exceeds ``max_pdu_kb`` (the maximum the node announces) is refused before any of it is read.
+or trickling a PDU a byte at a time) or stays open over ``association_s`` is closed, and a P-DATA-TF PDU
+whose length field exceeds ``max_pdu_kb`` (the maximum the node announces; 1 MiB for the other PDUs) is
+refused before any of it is read.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 NEGOTIATION_S = 10.0  # a connection must complete its association request within this (slow senders hold slots)
 IDLE_S = 60.0  # an established association that completes no PDU for this long is closed
 ASSOCIATION_S = 3600.0  # no association stays open longer (a study of thousands of images takes minutes)
-MAX_PDU_KB = 256.0  # the largest PDU received, announced as the maximum length; a longer one ends its association
+MAX_PDU_KB = 256.0  # the largest P-DATA-TF PDU received, announced as the maximum length; a longer one ends it
+OTHER_PDU_BYTES = 1 << 20  # the largest other PDU (an A-ASSOCIATE-RQ of 128 contexts is tens of KB)
+_PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
+              0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
 SOP_CLASS_NOT_SUPPORTED, OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0122, 0xA700, 0xA900, 0xC210
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"  # decoded by pydicom itself, as the pipeline reads it
 # implicit and explicit VR little endian, RLE; not deflate, whose few MB can inflate to GBs in memory
@@ -163,16 +167,24 @@ class StorageScp:
             self._connections[id(assoc)] = conn
         recv, send = transport.recv, transport.send
 
+        header = bytearray(1)  # the type of the PDU being read (pynetdicom reads its 6-byte header, then the rest)
+
         def bounded_recv(nr_bytes: int) -> bytearray:
-            if nr_bytes > self.max_pdu:  # the 4-byte length field of a PDU just read
-                self._drop(conn, f"a PDU of {nr_bytes} bytes announced, over the node's maximum of {self.max_pdu} "
-                           f"(max_pdu_kb {self.max_pdu / 1024:g})")
+            limit = self.max_pdu if header[0] == 0x04 else max(self.max_pdu, OTHER_PDU_BYTES)
+            if nr_bytes > limit:  # the 4-byte length field of the PDU whose header was just read
+                name = _PDU_NAMES.get(header[0], f"0x{header[0]:02X}")
+                why = (f"the node's maximum of {limit} (max_pdu_kb {self.max_pdu / 1024:g})" if header[0] == 0x04
+                       else f"the node's limit of {limit} for a PDU other than P-DATA-TF")
+                self._drop(conn, f"{name} PDU of {nr_bytes} bytes announced, over {why}")
                 return bytearray()  # pynetdicom: "shorter than expected", the connection closes
             conn.reading = True
             try:
-                return recv(nr_bytes)
+                data = recv(nr_bytes)
             finally:
                 conn.reading, conn.progress = False, time.monotonic()
+            if nr_bytes == 6 and data:
+                header[0] = data[0]
+            return data
 
         def timed_send(data: bytes) -> None:
             send(data)

@@ -223,6 +223,7 @@ class Node:
         self.audit.write("started", ae_title=self.config.ae_title, host=self.config.host, port=self.port,
                          tls="mutual" if self.config.tls else None, bundle=f"{bundle.name} {bundle.version}",
                          destinations=[str(d) for d in self.config.destinations],
+                         destinations_tls=[str(d) for d in self.config.destinations if d.tls] or None,
                          allow_ae=list(self.config.allow_ae) or None, settle_s=self.config.settle_s,
                          workers=len(self.runners), pid=os.getpid())
         threads = [threading.Thread(target=self._guarded, args=(f"worker slot {r.slot}", self._worker_loop, r),
