@@ -222,9 +222,10 @@ class StorageScp:
 
     def _drop(self, conn: _Connection, reason: str) -> None:
         """Shut the connection's socket down (its read ends, and the association) and audit why, once."""
-        if conn.dropped:
-            return
-        conn.dropped = True
+        with self._lock:  # the watchdog and the association's own read may both get here
+            if conn.dropped:
+                return
+            conn.dropped = True
         try:
             conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
