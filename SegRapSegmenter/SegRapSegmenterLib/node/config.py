@@ -11,12 +11,10 @@ whatever ``[delivery] tls`` says for the others).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import InputError
-from dataclasses import replace
-
 from .address import Destination, check_ae_title, parse_destination
 from .selection import SelectionRule
 from .tls import TlsFiles, tls_files
