@@ -51,15 +51,17 @@ class AuditLog:
 
         Another process may rotate at the same moment: the file is locked first (POSIX flock) and renamed
         only while the path still names it, so a file is rotated once and the rotated names sort in order.
+        A rotation that fails is a warning on stderr: the line is still written, to the unrotated file.
         """
         if not self.max_bytes:
             return
         try:
             fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return
+        except OSError:
+            return  # no log yet (or unreadable: the write says so)
+        windows = os.name == "nt"  # no flock, and an open file cannot be renamed there: renamed after closing
         try:
-            if os.name != "nt":  # on Windows an open file cannot be renamed: the rename below fails instead
+            if not windows:
                 import fcntl
 
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -68,18 +70,26 @@ class AuditLog:
                 return
             if os.stat(self.path).st_ino != current.st_ino:
                 return  # another process rotated it while we waited
-            now = time.time()
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1e6) % 1000000:06d}Z"
-            os.rename(self.path, self.path.with_name(f"{self.path.name}.{stamp}-{os.getpid()}"))
-        except FileNotFoundError:
+            if not windows:
+                os.rename(self.path, self._rotated_name())
+        except OSError as exc:
+            log.warning("audit log %s not rotated: %s", self.path, exc)
             return
         finally:
             os.close(fd)  # releases the lock
-        for old in rotated_files(self.path)[:-self.keep or None]:
-            try:
-                old.unlink()
-            except FileNotFoundError:
-                pass
+        try:
+            if windows:
+                os.rename(self.path, self._rotated_name())
+            for old in rotated_files(self.path)[:-self.keep or None]:
+                old.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("audit log %s not rotated: %s", self.path, exc)
+
+    def _rotated_name(self) -> Path:
+        """``audit.jsonl.<UTC time to the microsecond>Z-<pid>``: names that sort in time order and do not collide."""
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1e6) % 1000000:06d}Z"
+        return self.path.with_name(f"{self.path.name}.{stamp}-{os.getpid()}")
 
     def write(self, event: str, **fields) -> dict:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
