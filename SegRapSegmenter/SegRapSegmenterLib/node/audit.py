@@ -13,7 +13,11 @@ log = logging.getLogger(__name__)
 
 
 class AuditLog:
-    """Appends events to ``path``; every line is flushed to disk before ``write`` returns."""
+    """Appends events to ``path``; every line is flushed to disk before ``write`` returns.
+
+    Nodes sharing a spool each write their own file (``audit-<node>.jsonl``, see ``spool``): O_APPEND
+    is atomic between processes of one machine, but not between machines on NFS.
+    """
 
     def __init__(self, path: str | Path, echo=None):
         self.path = Path(path)
@@ -24,13 +28,17 @@ class AuditLog:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
                   "event": event, **{k: v for k, v in fields.items() if v is not None}}
         line = json.dumps(record, default=str)
+        data = (line + "\n").encode("utf-8")
         with self._lock:
-            try:
-                with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a",
-                          encoding="utf-8") as f:
-                    f.write(line + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+            try:  # one write() of the whole line with O_APPEND: lines of this process's threads never interleave
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    written = os.write(fd, data)
+                    while written < len(data):  # a regular file writes all of it unless the disk is full
+                        written += os.write(fd, data[written:])
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             except OSError as exc:  # a full disk must not turn an audit line into a crash: say it on stderr
                 log.error("audit log %s not written (%s): %s", self.path, exc.strerror or exc, line)
         if self._echo:
