@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from postgres_peer import postgres_server, postgres_url  # noqa: F401  (fixtures)
-from SegRapSegmenterLib.errors import InputError
+from SegRapSegmenterLib.errors import InputError, OutputError
 from SegRapSegmenterLib.node.queue import redact
 from SegRapSegmenterLib.node.spool import Instance, Spool, open_queue
 
@@ -61,6 +61,16 @@ def test_a_spool_of_the_release_before_schema_versions_is_migrated_and_keeps_its
     again.close()
 
 
+def test_a_spool_database_newer_than_this_segrap_is_refused(tmp_path):
+    Spool(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "node.sqlite")
+    db.execute("INSERT INTO schema_version VALUES (99, 0)")
+    db.commit()
+    db.close()
+    with pytest.raises(OutputError, match="schema version 99, newer than this segrap's 2"):
+        Spool(tmp_path)
+
+
 def test_two_nodes_on_postgresql_claim_different_jobs_and_take_over_only_an_expired_lease(tmp_path, postgres_url):
     a = Spool(tmp_path, postgres_url, node="node-a", lease_s=30)
     b = Spool(tmp_path, postgres_url, node="node-b", lease_s=30)
@@ -82,9 +92,23 @@ def test_two_nodes_on_postgresql_claim_different_jobs_and_take_over_only_an_expi
         assert [r["study_uid"] for r in taken] == [first["study_uid"]] and taken[0]["claimed_by"] == "node-a"
         job = a.job(first["study_uid"])
         assert job["state"] == "queued" and job["attempts"] == 1
-        assert {n["name"]: n["running"] for n in b.nodes()} == {"node-a": 0, "node-b": 1}
+        assert b.claim()["study_uid"] == first["study_uid"]
+        # node-a was only slow: what its late run reports changes nothing of the study node-b now runs
+        assert not a.set_rtstruct(first["study_uid"], "/late.dcm", "7.7")
+        assert not a.fail(first["study_uid"], "late failure", running_here=True)
+        a.requeue(first["study_uid"])
+        job = a.job(first["study_uid"])
+        assert (job["state"], job["claimed_by"], job["rtstruct"]) == ("running", "node-b", None)
+        assert {n["name"]: n["running"] for n in b.nodes()} == {"node-a": 0, "node-b": 2}
         with pytest.raises(InputError, match="node name 'node-a' is in use"):
             Spool(tmp_path, postgres_url, node="node-a").register("host-c", 3, "")
+        # node-b killed and restarted under its name at once: it takes its own running job back, the run not counted
+        restarted = Spool(tmp_path, postgres_url, node="node-b", lease_s=30)
+        restarted.register("host-b", 4, "", gone=lambda row: row["pid"] == 2)
+        back = restarted.take_over(restart=True, now=now + 45)
+        assert sorted(r["study_uid"] for r in back) == ["1.1", "1.2"]
+        assert restarted.job(second["study_uid"])["attempts"] == 0
+        restarted.close()
     finally:
         a.close()
         b.close()
@@ -127,7 +151,7 @@ def test_psycopg_is_imported_only_for_a_postgresql_queue_and_its_absence_is_said
     code = (f"import sys; from SegRapSegmenterLib.node.spool import Spool; Spool({str(tmp_path)!r}).close(); "
             "assert 'psycopg' not in sys.modules, 'psycopg imported for SQLite'; "
             "sys.modules['psycopg'] = None\n"
-            "from SegRapSegmenterLib.errors import InputError\n"
+            "from SegRapSegmenterLib.errors import InputError, OutputError\n"
             "try:\n Spool('x', 'postgresql://u:pw@db.example/q')\n"
             "except InputError as e:\n print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 from ..errors import InputError
 
 DEFAULT_LEASE_S = 60.0
+_HELD = " AND state='running' AND (claimed_by IS NULL OR claimed_by=?)"  # the job is still this node's run
 
 
 def default_node_name() -> str:
@@ -205,10 +206,16 @@ class JobQueue:
                              (time.time(), plain, contrast, ",".join(tasks), notes, study_uid))
             return cur.rowcount == 1
 
-    def fail(self, study_uid: str, reason: str, notes: str | None = None) -> None:
+    def fail(self, study_uid: str, reason: str, notes: str | None = None, running_here: bool = False,
+             received_only: bool = False) -> bool:
+        """-> failed; with ``running_here`` only while this node still holds the running job, with ``received_only``
+        only from ``received`` (no other node got there first). True: it did."""
+        guard, args = (_HELD, (self.node,)) if running_here else (" AND state='received'", ()) if received_only \
+            else ("", ())
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state='failed', finished_at=?, reason=?, notes=COALESCE(?, notes), "
-                       "worker_pid=NULL WHERE study_uid=?", (time.time(), reason, notes, study_uid))
+            return db.execute("UPDATE jobs SET state='failed', finished_at=?, reason=?, notes=COALESCE(?, notes), "
+                              "worker_pid=NULL WHERE study_uid=?" + guard,
+                              (time.time(), reason, notes, study_uid, *args)).rowcount == 1
 
     def claim(self):
         """The oldest queued job, now running on this node with a lease (attempts + 1); None when none is queued."""
@@ -226,21 +233,23 @@ class JobQueue:
         with self._tx() as db:
             db.execute("UPDATE jobs SET worker_pid=? WHERE study_uid=?", (pid, study_uid))
 
-    def set_rtstruct(self, study_uid: str, path: str, sop_uid: str) -> None:
+    def set_rtstruct(self, study_uid: str, path: str, sop_uid: str) -> bool:
+        """The run's RTSTRUCT; False (nothing changed) when this node no longer holds the job (its lease expired
+        and another node took it over)."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET rtstruct=?, rtstruct_uid=?, worker_pid=NULL WHERE study_uid=?",
-                       (path, sop_uid, study_uid))
+            return db.execute("UPDATE jobs SET rtstruct=?, rtstruct_uid=?, worker_pid=NULL WHERE study_uid=?" + _HELD,
+                              (path, sop_uid, study_uid, self.node)).rowcount == 1
 
     def requeue(self, study_uid: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE jobs SET state='queued', worker_pid=NULL, attempts=CASE WHEN attempts>0 THEN "
-                       "attempts-1 ELSE 0 END WHERE study_uid=? AND state='running'", (study_uid,))
+                       "attempts-1 ELSE 0 END WHERE study_uid=?" + _HELD, (study_uid, self.node))
 
     def retry(self, study_uid: str) -> None:
         """running -> queued after a run that died; the run counts (``attempts`` is kept)."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state='queued', queued_at=?, worker_pid=NULL WHERE study_uid=? "
-                       "AND state='running'", (time.time(), study_uid))
+            db.execute("UPDATE jobs SET state='queued', queued_at=?, worker_pid=NULL WHERE study_uid=?" + _HELD,
+                       (time.time(), study_uid, self.node))
 
     def finish(self, study_uid: str) -> None:
         with self._tx() as db:
@@ -284,13 +293,14 @@ class JobQueue:
 
     # ---------------------------------------------------------------- nodes
 
-    def register(self, host: str, pid: int, gpus: str, now: float | None = None) -> None:
-        """This node in ``nodes``; refused while a live node (heartbeat within its lease) has the same name."""
+    def register(self, host: str, pid: int, gpus: str, now: float | None = None, gone=lambda row: False) -> None:
+        """This node in ``nodes``; refused while a live node (heartbeat within its lease, and not ``gone``: e.g. a
+        killed process of this machine) has the same name."""
         now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute("SELECT * FROM nodes WHERE name=?", (self.node,)).fetchone()
             if row is not None and row["stopped"] is None and row["pid"] != pid \
-                    and now - float(row["heartbeat"]) <= float(row["lease_s"]):
+                    and now - float(row["heartbeat"]) <= float(row["lease_s"]) and not gone(row):
                 raise InputError(f"node name {self.node!r} is in use by the live node on {row['host']} (process "
                                  f"{row['pid']}, heartbeat {now - float(row['heartbeat']):.0f} s ago); give each "
                                  f"node its own name (--node-name).")

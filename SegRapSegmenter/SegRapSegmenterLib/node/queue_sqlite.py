@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import OutputError
 from .queue import DEFAULT_LEASE_S, JobQueue
 
 _BASE = """
@@ -89,7 +90,11 @@ class SqliteQueue(JobQueue):
 
     def migrate(self) -> None:
         """Apply the migrations this database has not had, each in its own transaction (the data stays)."""
-        for version in range(self.schema_version() + 1, len(MIGRATIONS) + 1):
+        have = self.schema_version()
+        if have > len(MIGRATIONS):
+            raise OutputError(f"{self.db_path}: the spool's database has schema version {have}, newer than this "
+                              f"segrap's {len(MIGRATIONS)}; update segrap, or give another spool.")
+        for version in range(have + 1, len(MIGRATIONS) + 1):
             with self._tx() as db:
                 MIGRATIONS[version - 1](db)
                 db.execute("INSERT INTO schema_version VALUES (?, ?)", (version, time.time()))

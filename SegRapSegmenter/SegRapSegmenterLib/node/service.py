@@ -68,8 +68,8 @@ def _stop_orphan(pid: int | None) -> bool:
         return False
     try:
         proc = psutil.Process(int(pid))
-        if "SegRapSegmenterLib.worker" not in " ".join(proc.cmdline()):
-            return False
+        if "SegRapSegmenterLib.worker" not in " ".join(proc.cmdline()) or proc.ppid() == os.getpid():
+            return False  # not a worker, or one of this node's own (a pid the dead node's worker had, reused)
         procs = [proc, *proc.children(recursive=True)]
         for p in procs:
             p.kill()
@@ -77,6 +77,17 @@ def _stop_orphan(pid: int | None) -> bool:
         return True
     except psutil.Error:
         return False
+
+
+def _killed_here(row) -> bool:
+    """A node of this machine whose process no longer serves (killed): its name may be taken again at once."""
+    if row["host"] != socket.gethostname():
+        return False
+    try:
+        proc = psutil.Process(int(row["pid"]))
+        return proc.status() == psutil.STATUS_ZOMBIE or "serve" not in proc.cmdline()
+    except (psutil.Error, TypeError, ValueError):
+        return True
 
 
 class Node:
@@ -153,21 +164,23 @@ class Node:
                                        f"over this node's jobs") from exc
 
     def _complete_settled(self) -> None:
+        """Queue (or fail) each settled study; only the node whose change took effect audits it (shared queue)."""
         for study in self.spool.settled(self.config.settle_s):
             job = self.spool.job(study)
             series = self.spool.series_of(study)
             choice = select(series, self.config.selection, self.config.tasks)
             notes = "; ".join(choice.notes)
-            instances = sum(s.instances for s in series)
-            self.audit.write("study_received", study_uid=study, calling_ae=job["calling_ae"], series=len(series),
-                             instances=instances,
-                             receive_s=round(float(job["last_received"]) - float(job["first_received"]), 1))
+            received = dict(study_uid=study, calling_ae=job["calling_ae"], series=len(series),
+                            instances=sum(s.instances for s in series),
+                            receive_s=round(float(job["last_received"]) - float(job["first_received"]), 1))
             if not choice.usable:
                 reason = "no usable CT: " + notes
-                self.spool.fail(study, reason, notes)
-                self.audit.write("failed", study_uid=study, reason=reason)
+                if self.spool.fail(study, reason, notes, received_only=True):
+                    self.audit.write("study_received", **received)
+                    self.audit.write("failed", study_uid=study, reason=reason)
                 continue
             if self.spool.queue(study, choice.plain, choice.contrast, choice.tasks, notes):
+                self.audit.write("study_received", **received)
                 self.audit.write("job_queued", study_uid=study, case_id=job["case_id"], tasks=list(choice.tasks),
                                  ct_series=choice.plain, contrast_series=choice.contrast, selection=notes)
                 self._wake.set()
@@ -233,9 +246,8 @@ class Node:
         bundle = resolve_bundle(self.config.bundle)  # ModelError before listening, not at the first study
         if not self.shared:  # one node per SQLite queue; a shared queue has its nodes table instead
             self._claim_spool()
-        self.spool.register(socket.gethostname(), os.getpid(), ",".join(visible_gpus()
-                                                                         if self.config.device in ("auto", "cuda")
-                                                                         else []))
+        gpus = ",".join(visible_gpus() if self.config.device in ("auto", "cuda") else [])
+        self.spool.register(socket.gethostname(), os.getpid(), gpus, gone=_killed_here)
         self._recover()
         # the workers' run folders and pynetdicom's received data sets go under the spool, which the next start
         # clears: a killed node leaks no temporary folder with images in /tmp
