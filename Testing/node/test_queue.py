@@ -158,3 +158,13 @@ def test_psycopg_is_imported_only_for_a_postgresql_queue_and_its_absence_is_said
     assert out.returncode == 0, out.stderr
     assert "postgresql://u:***@db.example/q: the PostgreSQL queue needs the psycopg package" in out.stdout
     assert "pw@" not in out.stdout
+
+
+def test_serve_with_an_unreachable_queue_exits_3_naming_the_url_without_its_password(tmp_path):
+    url = "postgresql://segrap:s3cret-pw@127.0.0.1:1/queue"
+    for args in (["--spool", str(tmp_path), "--port", "0", "--bundle", "demo"], ["--status"]):
+        out = subprocess.run([sys.executable, "-m", "SegRapSegmenterLib.cli", "serve", "--queue", url, *args],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 3, out.stderr
+        assert "--queue postgresql://segrap:***@127.0.0.1:1/queue: cannot connect" in out.stderr
+        assert "s3cret-pw" not in out.stdout + out.stderr

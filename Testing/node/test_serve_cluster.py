@@ -45,7 +45,9 @@ def test_a_node_killed_while_it_contours_loses_its_study_to_the_other_node_and_e
     tps = storescp_factory(tmp_path / "tps", free_port())
     spool = tmp_path / "spool"  # one folder, as on a network filesystem
     config = tmp_path / "node.toml"
-    config.write_text(f'queue = "{postgres_url}"\nlease = {LEASE_S}\nsettle = 1\nworkers = 1\ntasks = "oar"\n'
+    # a password in the URL (the test server trusts loopback and ignores it): it must never be written anywhere
+    queue = postgres_url.replace("segrap@", "segrap:pw-never-logged@", 1)
+    config.write_text(f'queue = "{queue}"\nlease = {LEASE_S}\nsettle = 1\nworkers = 1\ntasks = "oar"\n'
                       f'destinations = ["{tps.destination}"]\n')
     ports = {"node-a": free_port(), "node-b": free_port()}
     victim, other = phantom_studies
@@ -91,9 +93,11 @@ def test_a_node_killed_while_it_contours_loses_its_study_to_the_other_node_and_e
             "rtstruct_uid"]
 
     status = subprocess.run([sys.executable, "-m", "SegRapSegmenterLib.cli", "serve", "--status", "--queue",
-                             postgres_url], capture_output=True, text=True, timeout=60)
+                             queue], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     lines = {line.split(":")[0]: line for line in status.stdout.splitlines() if line.startswith("node ")}
     assert "GONE" in lines["node node-a"] and "alive" in lines["node node-b"]
     assert f"pid {nodes['node-b'].process.pid}" in lines["node node-b"] and "running jobs 0" in lines["node node-b"]
     assert nodes["node-b"].terminate() == 0
+    written = [status.stdout, (tmp_path / "serve.log").read_text(), *(p.read_text() for p in spool.glob("audit*"))]
+    assert "segrap:***@" in status.stdout and not any("pw-never-logged" in text for text in written)
