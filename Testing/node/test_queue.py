@@ -168,3 +168,14 @@ def test_serve_with_an_unreachable_queue_exits_3_naming_the_url_without_its_pass
         assert out.returncode == 3, out.stderr
         assert "--queue postgresql://segrap:***@127.0.0.1:1/queue: cannot connect" in out.stderr
         assert "s3cret-pw" not in out.stdout + out.stderr
+
+
+def test_a_single_node_refuses_a_spool_that_nodes_of_a_shared_queue_serve_from(tmp_path):
+    from SegRapSegmenterLib.node.config import load_config
+    from SegRapSegmenterLib.node.service import SHARED_MARKER, Node
+
+    tmp_path.joinpath(SHARED_MARKER).write_text("postgresql://segrap:***@db/q\n")  # as a shared node writes it
+    node = Node(load_config(None, spool=tmp_path, port=0, device="cpu", bundle="demo", workers=1))
+    with pytest.raises(InputError, match=r"nodes on the queue postgresql://segrap:\*\*\*@db/q serve from this"):
+        node.run()  # before it clears the temporary folders that hold those nodes' own
+    node.spool.close()

@@ -36,6 +36,7 @@ from .spool import Spool
 
 log = logging.getLogger(__name__)
 
+SHARED_MARKER = "shared-queue.txt"  # in a spool that nodes on a PostgreSQL queue share: the queue's URL, redacted
 PURGE_EVERY_S = 3600.0  # how often finished studies older than keep_days are deleted (and at start)
 
 
@@ -231,6 +232,14 @@ class Node:
         if self._fatal:
             self.stop()
 
+    def _refuse_shared_spool(self) -> None:
+        """A node on the SQLite queue refuses a spool that nodes of a shared queue serve from
+        (``shared-queue.txt``): they keep their own folders there, which this node would clear."""
+        shared = self.spool.root / SHARED_MARKER
+        if not self.shared and shared.is_file():
+            raise InputError(f"--spool {self.spool.root}: nodes on the queue {shared.read_text().strip()} serve "
+                             f"from this folder; give that --queue too, or another spool.")
+
     def _claim_spool(self) -> None:
         """Refuse to share the spool with another running node (its pid is in ``node.pid``)."""
         other = serving_pid(self.spool.root)
@@ -243,9 +252,12 @@ class Node:
         """Serve until stopped; returns 0, or 1 when a loop of the node died (the node never runs half-alive)."""
         from ..inference.bundles import resolve_bundle
 
+        self._refuse_shared_spool()
         bundle = resolve_bundle(self.config.bundle)  # ModelError before listening, not at the first study
         if not self.shared:  # one node per SQLite queue; a shared queue has its nodes table instead
             self._claim_spool()
+        else:
+            (self.spool.root / SHARED_MARKER).write_text(self.spool.where + "\n")
         gpus = ",".join(visible_gpus() if self.config.device in ("auto", "cuda") else [])
         self.spool.register(socket.gethostname(), os.getpid(), gpus, gone=_killed_here)
         self._recover()
