@@ -126,6 +126,10 @@ def test_a_delivery_claimed_by_one_node_is_not_sent_by_another(tmp_path, postgre
         assert claimed["study_uid"] == "1.3"
         assert b.next_delivery("TPS@h:104") is None  # a's courier holds it
         assert b.next_delivery("PACS@h:104")["study_uid"] == "1.3"  # another destination is another row
+        restarted = Spool(tmp_path, postgres_url, node="node-a", lease_s=30)  # node-a killed mid-send, back at once
+        restarted.take_over(restart=True)
+        assert restarted.next_delivery("TPS@h:104")["study_uid"] == "1.3"  # its own send is free to try again
+        restarted.close()
         a.delivery_attempt("1.3", "TPS@h:104", None, rtstruct_uid="9.9")
         assert b.next_delivery("TPS@h:104") is None  # sent: never a second time
         assert b.next_delivery("TPS@h:104", now=claimed["first_received"] + 10**6) is None
@@ -179,3 +183,18 @@ def test_a_single_node_refuses_a_spool_that_nodes_of_a_shared_queue_serve_from(t
     with pytest.raises(InputError, match=r"nodes on the queue postgresql://segrap:\*\*\*@db/q serve from this"):
         node.run()  # before it clears the temporary folders that hold those nodes' own
     node.spool.close()
+
+
+def test_a_single_node_restarted_mid_send_sends_again_at_once(tmp_path):
+    spool = Spool(tmp_path)
+    _queued(spool, "1.4")
+    spool.claim()
+    spool.set_rtstruct("1.4", "/x.dcm", "4.4")
+    spool.to_delivery("1.4")
+    assert spool.next_delivery("TPS@h:104")["study_uid"] == "1.4"
+    assert spool.next_delivery("TPS@h:104") is None  # claimed: the courier is sending it
+    spool.close()
+    restarted = Spool(tmp_path)  # killed mid-send, started again
+    restarted.recover()
+    assert restarted.next_delivery("TPS@h:104")["study_uid"] == "1.4"  # no lease to wait out
+    restarted.close()

@@ -265,6 +265,7 @@ class JobQueue:
             rows = db.execute("SELECT * FROM jobs WHERE state='running'").fetchall()
             db.execute("UPDATE jobs SET state='queued', attempts=CASE WHEN attempts>0 THEN attempts-1 ELSE 0 END "
                        "WHERE state='running'")
+            db.execute("UPDATE deliveries SET lease_until=NULL WHERE lease_until IS NOT NULL")  # sends cut short
             return rows
 
     def take_over(self, restart: bool = False, now: float | None = None) -> list:
@@ -279,6 +280,9 @@ class JobQueue:
                 db.execute("UPDATE jobs SET state='queued', queued_at=?, worker_pid=NULL, lease_until=NULL, "
                            "attempts=CASE WHEN claimed_by=? AND attempts>0 THEN attempts-1 ELSE attempts END "
                            "WHERE study_uid=? AND state='running'", (now, self.node, row["study_uid"]))
+            if restart:  # the sends this node's name had under way when it was killed: free to try again now
+                db.execute("UPDATE deliveries SET lease_until=NULL WHERE claimed_by=? AND lease_until IS NOT NULL",
+                           (self.node,))
             return rows
 
     def heartbeat(self, now: float | None = None) -> None:

@@ -360,7 +360,7 @@ def requeue_study(spool_dir, study_uid: str, redeliver: bool, queue: str | None 
 
     if queue is None and not (Path(spool_dir) / "node.sqlite").is_file():
         raise InputError(f"--spool {spool_dir}: no node database there (node.sqlite); give the spool of a node.")
-    spool = Spool(spool_dir, queue, node=f"{socket.gethostname()}-cli{os.getpid()}")
+    spool = Spool(spool_dir, queue, node=f"{socket.gethostname()}-cli")  # its audit: audit-HOST-cli.jsonl
     try:
         audit = AuditLog(spool.audit_path)
         if redeliver:
