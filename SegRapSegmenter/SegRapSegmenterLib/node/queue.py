@@ -43,7 +43,6 @@ def redact(url: str) -> str:
 class JobQueue:
     """The queue's operations; a backend sets ``_db`` (a connection) and ``_tx`` (one transaction)."""
 
-    kind = "?"
     SKIP_LOCKED = ""  # PostgreSQL: FOR UPDATE SKIP LOCKED, so two nodes never claim the same job
 
     def __init__(self, node: str | None = None, lease_s: float = DEFAULT_LEASE_S):
@@ -61,6 +60,15 @@ class JobQueue:
         raise NotImplementedError
 
     def close(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def where(self) -> str:
+        """Where the queue is, fit to show (a file, or the URL without its password)."""
+        raise NotImplementedError
+
+    def schema_version(self) -> int:
+        """The last migration this database has had."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- receiving

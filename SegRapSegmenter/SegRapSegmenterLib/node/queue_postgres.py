@@ -67,7 +67,6 @@ class _Translating:
 class PostgresQueue(JobQueue):
     """The queue in a PostgreSQL database; safe to use from several threads of one process."""
 
-    kind = "postgresql"
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, node: str | None = None, lease_s: float = DEFAULT_LEASE_S):

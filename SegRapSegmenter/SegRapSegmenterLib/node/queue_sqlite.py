@@ -66,8 +66,6 @@ MIGRATIONS = (_v1_base, _v2_leases_and_nodes)  # version N is MIGRATIONS[N-1]; a
 class SqliteQueue(JobQueue):
     """The queue in ``<spool>/node.sqlite``; safe to use from several threads of one process."""
 
-    kind = "sqlite"
-
     def __init__(self, spool_root: str | Path, node: str | None = None, lease_s: float = DEFAULT_LEASE_S):
         super().__init__(node, lease_s)
         self.db_path = Path(spool_root) / "node.sqlite"
