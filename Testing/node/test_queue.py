@@ -183,6 +183,10 @@ def test_a_single_node_refuses_a_spool_that_nodes_of_a_shared_queue_serve_from(t
     with pytest.raises(InputError, match=r"nodes on the queue postgresql://segrap:\*\*\*@db/q serve from this"):
         node.run()  # before it clears the temporary folders that hold those nodes' own
     node.spool.close()
+    from SegRapSegmenterLib.node.service import status_text
+
+    with pytest.raises(InputError, match=r"give --status --queue postgresql://segrap:\*\*\*@db/q"):
+        status_text(tmp_path)
 
 
 def test_a_single_node_restarted_mid_send_sends_again_at_once(tmp_path):

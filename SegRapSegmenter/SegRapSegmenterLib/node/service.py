@@ -396,6 +396,10 @@ def status_text(spool_dir, queue: str | None = None) -> str:
     from .queue import redact
     from .spool import open_queue
 
+    marker = Path(spool_dir or ".") / SHARED_MARKER
+    if queue is None and marker.is_file():
+        raise InputError(f"--spool {spool_dir}: nodes on a shared queue serve from it; give --status --queue "
+                         f"{marker.read_text().strip()} (with the password, if it has one).")
     if queue is None and not (Path(spool_dir) / "node.sqlite").is_file():
         raise InputError(f"--spool {spool_dir}: no node database there (node.sqlite); give the spool of a node.")
     alive_nodes: set[str] = set()
