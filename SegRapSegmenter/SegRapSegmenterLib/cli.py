@@ -974,6 +974,11 @@ def _add_serve(sub) -> None:
                    "(default 64); an association sending over twice as much for one data set is closed")
     p.add_argument("--keep-days", type=float, help="delete the images and outputs of studies sent or failed more "
                    "than this many days ago (default: keep them)")
+    p.add_argument("--queue", metavar="postgresql://USER@HOST/DB", help="the queue in PostgreSQL, shared by several "
+                   "nodes on one spool folder (default: SQLite in the spool, one node; docs/cluster.md)")
+    p.add_argument("--node-name", help="this node's name in the shared queue (default HOST-PORT)")
+    p.add_argument("--lease", type=float, help="seconds after a node's last heartbeat before another node takes "
+                   "over its running jobs (default 60)")
     _add_tls(p, "every calling peer (scanner, PACS)")
     p.set_defaults(func=_cmd_serve)
 
@@ -985,22 +990,25 @@ def _cmd_serve(args) -> int:
     from .node.config import load_config
     from .node.service import Node, requeue_study, status_text
 
+    queue = args.queue or (load_config(args.config, spool=args.spool or ".").queue if args.config else None)
     if args.rerun or args.redeliver:
         if args.spool is None or (args.rerun and args.redeliver):
             raise InputError("--rerun or --redeliver STUDY_UID (one of them) needs --spool DIR (the node's spool).")
-        print(requeue_study(args.spool, args.rerun or args.redeliver, redeliver=bool(args.redeliver)))
+        print(requeue_study(args.spool, args.rerun or args.redeliver, redeliver=bool(args.redeliver), queue=queue))
         return EXIT_OK
     if args.status:
-        if args.spool is None:
-            raise InputError("--status needs --spool DIR (the node's spool folder).")
-        print(status_text(args.spool))
+        if args.spool is None and queue is None:
+            raise InputError("--status needs --spool DIR (the node's spool folder) or --queue URL (nodes sharing "
+                             "a PostgreSQL queue).")
+        print(status_text(args.spool, queue=queue))
         return EXIT_OK
     config = load_config(args.config, spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port,
                          destinations=args.destination, allow_ae=args.allow_ae, settle=args.settle,
                          bundle=args.bundle, device=args.device, tasks=args.tasks, contour_holes=args.contour_holes,
                          workers=args.workers, threads=args.threads, python=args.python,
                          min_free_mb=args.min_free_mb, max_instance_mb=args.max_instance_mb,
-                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, keep_days=args.keep_days)
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, keep_days=args.keep_days,
+                         queue=args.queue, node_name=args.node_name, lease=args.lease)
     node = Node(config, echo=lambda line: print(line, file=sys.stderr, flush=True))
     signal.signal(signal.SIGTERM, node.stop)
     signal.signal(signal.SIGINT, node.stop)

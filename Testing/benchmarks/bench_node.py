@@ -1,6 +1,7 @@
 """Load on the DICOM node: N studies sent at once by parallel storescu processes, each RTSTRUCT delivered once.
 
     python Testing/benchmarks/bench_node.py [--studies 10] [--settle 5] [--workers 1] [--device cpu]
+    python Testing/benchmarks/bench_node.py --nodes 1,2,3 [--queue postgresql://USER@HOST/DB] [--studies 6]
 
 Writes N small phantom studies (CT + contrast CT, 96 instances each), starts DCMTK's storescp as
 the planning system and ``segrap serve`` (demo bundle) on loopback ports, sends every study with
@@ -8,6 +9,13 @@ its own storescu process at the same moment, and waits until every study is sent
 study, the seconds from its first received instance to the destination's confirmation (the
 node's audit log), how many RTSTRUCTs each study got (must be 1), and the node's peak memory
 (resident set of the node process, and of the node with its worker processes, sampled every 0.2 s).
+
+With ``--nodes``, for each count N given: N ``segrap serve`` processes on one spool folder and one
+PostgreSQL queue (a fresh database per round: on the server of ``--queue``, whose user needs
+CREATEDB, or on a throwaway server this script starts like the tests' fixture), one CPU worker
+each with its own thread budget (``--threads``, default the CPUs divided by N); the studies go
+round-robin to the nodes' ports at once. Prints studies per hour and the scaling efficiency
+(rate with N nodes / (N x the rate with one)); every study must reach the destination once.
 """
 
 from __future__ import annotations
@@ -78,6 +86,110 @@ class MemorySampler(threading.Thread):
             self.done.wait(0.2)
 
 
+def _database(server_url: str | None, name: str, own: list) -> str:
+    """A new, empty database for one round: on the --queue server, or on a PostgreSQL this script starts."""
+    if server_url is None:
+        if not own:
+            sys.path.insert(0, str(ROOT / "Testing"))
+            import postgres_peer
+
+            bin_dir = postgres_peer.postgres_bin_dir()
+            if bin_dir is None:
+                sys.exit("PostgreSQL is not installed (Debian package postgresql); or give --queue URL")
+            own.append(postgres_peer._start(bin_dir))
+        return own[0].create_database(name)
+    import psycopg
+    from urllib.parse import urlsplit
+
+    with psycopg.connect(server_url, autocommit=True) as db:
+        db.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + "/" + name if urlsplit(server_url).path else server_url + "/" + name
+
+
+def _cluster_round(n: int, studies, args, queue: str, work: Path, env: dict, storescu: str, storescp: str) -> float:
+    """N nodes on one spool and queue; returns studies per hour (first send to the last RTSTRUCT confirmed)."""
+    import psycopg
+
+    round_dir = work / f"nodes{n}"
+    tps_port, spool, tps = free_port(), round_dir / "spool", round_dir / "tps"
+    tps.mkdir(parents=True)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // n)
+    procs = [subprocess.Popen([storescp, "-aet", "TPS", "-od", str(tps), str(tps_port)])]
+    ports = [free_port() for _ in range(n)]
+    try:
+        log = open(round_dir / "serve.log", "w")
+        for i, port in enumerate(ports):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "SegRapSegmenterLib.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                 "--spool", str(spool), "--queue", queue, "--node-name", f"bench-{i}", "--bundle", "demo",
+                 "--device", args.device, "--settle", str(args.settle), "--workers", "1", "--threads", str(threads),
+                 "--destination", f"TPS@127.0.0.1:{tps_port}"], stdout=log, stderr=log, env=env))
+        while not all((spool / f"audit-bench-{i}.jsonl").is_file() and "\"started\"" in
+                      (spool / f"audit-bench-{i}.jsonl").read_text() for i in range(n)):
+            if any(p.poll() is not None for p in procs[1:]):
+                sys.exit(f"segrap serve exited: {(round_dir / 'serve.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        t0 = time.time()
+        senders = [subprocess.Popen([storescu, "-aet", "SCANNER", "-aec", "SEGRAP", "+sd", "+r", "127.0.0.1",
+                                     str(ports[i % n]), str(s.ct_dir), str(s.contrast_dir)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for i, s in enumerate(studies)]
+        failed_senders = sum(p.wait() != 0 for p in senders)
+        with psycopg.connect(queue) as db:
+            while True:
+                states = Counter(r[0] for r in db.execute("SELECT state FROM jobs").fetchall())
+                if states["sent"] + states["failed"] >= len(studies) or time.time() - t0 > args.timeout:
+                    break
+                time.sleep(1.0)
+        total = time.time() - t0
+        files = Counter(str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
+                        for p in tps.iterdir() if p.is_file())
+        once = all(files.get(s.study_uid) == 1 for s in studies)
+        rate = states["sent"] / total * 3600
+        print(f"{n} node(s), {threads} thread(s) each: {states['sent']}/{len(studies)} studies sent in {total:.1f} s "
+              f"= {rate:.1f} studies/hour; failed {states['failed']}, sender errors {failed_senders}, "
+              f"each delivered once: {'yes' if once else 'NO'}", flush=True)
+        return rate if once else float("nan")
+    finally:
+        for p in procs[1:]:
+            p.send_signal(signal.SIGTERM)
+        for p in procs[1:]:
+            try:
+                p.wait(120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        procs[0].kill()
+        procs[0].wait()
+
+
+def cluster_main(args) -> int:
+    """--nodes: studies per hour for each node count, and the scaling efficiency against one node."""
+    storescu, storescp = dcmtk("storescu"), dcmtk("storescp")
+    work = Path(tempfile.mkdtemp(prefix="bench-nodes-"))
+    own: list = []
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "SegRapSegmenter"))
+    try:
+        studies = [write_variant("standard", work / f"study{i}", index=i) for i in range(args.studies)]
+        counts = [int(c) for c in args.nodes.split(",")]
+        rates = {}
+        for n in counts:
+            queue = _database(args.queue, f"segrap_bench_{n}_{os.getpid()}", own)
+            rates[n] = _cluster_round(n, studies, args, queue, work, env, storescu, storescp)
+        base = rates.get(1)
+        for n, rate in rates.items():
+            efficiency = f"{rate / (n * base):.2f}" if base else "n/a (no 1-node round)"
+            print(f"nodes {n}: {rate:.1f} studies/hour, scaling efficiency {efficiency}")
+        print(f"machine: {os.cpu_count()} CPUs; shared with other work, the numbers are a lower bound")
+        return 0 if all(r == r for r in rates.values()) else 1
+    finally:
+        if own:
+            sys.path.insert(0, str(ROOT / "Testing"))
+            import postgres_peer
+
+            postgres_peer._stop(own[0])
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=10)
@@ -85,7 +197,14 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    parser.add_argument("--nodes", help="node counts to compare on one PostgreSQL queue, e.g. 1,2,3")
+    parser.add_argument("--queue", help="postgresql://USER@HOST/DB whose server gets a database per round "
+                        "(default: a throwaway PostgreSQL this script starts)")
+    parser.add_argument("--threads", type=int, help="--nodes: CPU threads of each node's worker "
+                        "(default: the CPUs divided by the node count)")
     args = parser.parse_args()
+    if args.nodes:
+        return cluster_main(args)
     storescu, storescp = dcmtk("storescu"), dcmtk("storescp")
     work = Path(tempfile.mkdtemp(prefix="bench-node-"))
     procs: list[subprocess.Popen] = []

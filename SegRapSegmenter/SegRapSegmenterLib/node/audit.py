@@ -37,7 +37,11 @@ def rotated_files(path: str | Path) -> list[Path]:
 
 
 class AuditLog:
-    """Appends events to ``path``; every line is flushed to disk before ``write`` returns."""
+    """Appends events to ``path``; every line is flushed to disk before ``write`` returns.
+
+    Nodes sharing a spool each write their own file (``audit-<node>.jsonl``, see ``spool``): O_APPEND
+    is atomic between processes of one machine, but not between machines on NFS.
+    """
 
     def __init__(self, path: str | Path, echo=None, max_mb: float = MAX_MB, keep: int = KEEP):
         self.path = Path(path)

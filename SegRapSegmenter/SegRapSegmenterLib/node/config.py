@@ -70,6 +70,9 @@ class NodeConfig:
     tls_cert: Path | None = None  # with tls_key and tls_ca: the SCP accepts only mutual-TLS peers signed by the CA
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    queue: str | None = None  # None: SQLite in the spool (one node); postgresql://USER@HOST/DB: nodes share it
+    node_name: str | None = None  # this node in the queue's nodes table (default: host and port)
+    lease_s: float = 60.0  # a running job or delivery is another node's to take over this long after its heartbeat
 
     @property
     def tls(self) -> TlsFiles | None:
@@ -91,7 +94,7 @@ def _read_toml(path: Path) -> dict:
         raise InputError(f"--config {path}: not valid TOML ({exc}).") from exc
 
 
-_RENAMED = {"settle": "settle_s", "destination": "destinations"}
+_RENAMED = {"settle": "settle_s", "destination": "destinations", "lease": "lease_s"}
 
 
 def _table(cls, data: dict, where: str):
@@ -204,6 +207,17 @@ def _checked(values: dict) -> NodeConfig:
     if v["audit_max_mb"] < 0 or (0 < v["audit_max_mb"] < 0.01) or v["audit_keep"] < 0:
         raise InputError(f"audit_max_mb = {v['audit_max_mb']:g}, audit_keep = {v['audit_keep']}: megabytes, 0 (no "
                          f"rotation) or 0.01 or more; files, 0 or more.")
+    try:
+        v["lease_s"] = float(v.get("lease_s", 60.0))
+    except (TypeError, ValueError):
+        raise InputError(f"--lease {v.get('lease_s')!r}: seconds, a number.") from None
+    if v["lease_s"] < 1:
+        raise InputError(f"--lease {v['lease_s']}: seconds, at least 1 (the heartbeat renews it every third of it).")
+    if v.get("queue") is not None and not str(v["queue"]).startswith(("postgresql://", "postgres://")):
+        from .queue import redact
+
+        raise InputError(f"--queue {redact(str(v['queue']))}: give a postgresql://USER@HOST/DATABASE URL (leave it "
+                         f"out for SQLite in the spool).")
     if v["max_instance_mb"] <= 0:
         raise InputError(f"--max-instance-mb {v['max_instance_mb']}: megabytes, more than 0.")
     if not 0 <= v["port"] < 65536:

@@ -29,6 +29,10 @@ class Requeued(Exception):
     """The job was stopped by a node shutdown and goes back to the queue."""
 
 
+class LeaseLost(Exception):
+    """This node's lease on the job expired and another node took it over: the run's result is dropped."""
+
+
 class WorkerDied(Exception):
     """The worker ended without a final event (killed by the OS, e.g. out of memory): worth another run."""
 
@@ -87,6 +91,9 @@ class JobRunner:
         except Requeued:
             self.spool.requeue(study)
             self.audit.write("job_requeued", study_uid=study, reason="node stopping")
+        except LeaseLost:
+            self.audit.write("job_lost", study_uid=study, reason="this node's lease expired; another node took the "
+                             "study over, this run's RTSTRUCT is not used")
         except WorkerDied as exc:
             runs = int(job["attempts"])
             if runs < MAX_RUNS:
@@ -94,11 +101,17 @@ class JobRunner:
                 self.audit.write("job_retry", study_uid=study, attempt=runs, reason=str(exc))
             else:
                 reason = f"the worker died in {runs} runs (last: {exc})"
-                self.spool.fail(study, reason)
-                self.audit.write("failed", study_uid=study, kind="WorkerError", reason=reason)
+                self._fail_run(study, "WorkerError", reason)
         except SegRapError as exc:
-            self.spool.fail(study, str(exc))
-            self.audit.write("failed", study_uid=study, kind=type(exc).__name__, reason=str(exc))
+            self._fail_run(study, type(exc).__name__, str(exc))
+
+    def _fail_run(self, study: str, kind: str, reason: str) -> None:
+        """Fail the study this slot ran, unless another node took it over meanwhile (then that is audited)."""
+        if self.spool.fail(study, reason, running_here=True):
+            self.audit.write("failed", study_uid=study, kind=kind, reason=reason)
+        else:
+            self.audit.write("job_lost", study_uid=study, kind=kind, reason=f"this node's lease expired; another "
+                             f"node took the study over, so this run's failure ({reason}) does not fail it")
 
     def _segment(self, job) -> str:
         study = job["study_uid"]
@@ -136,7 +149,8 @@ class JobRunner:
             raise WorkerError(f"{final.get('kind', 'error')}: {final.get('message', 'the worker failed')}")
         path = final["outputs"]["rtstruct"]
         uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-        self.spool.set_rtstruct(study, path, uid)
+        if not self.spool.set_rtstruct(study, path, uid):
+            raise LeaseLost()
         self.audit.write("job_finished", study_uid=study, rtstruct_uid=uid, seconds=round(time.time() - started, 1),
                          warnings=len(outcome.warnings))
         return path

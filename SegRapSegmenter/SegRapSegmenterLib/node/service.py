@@ -5,6 +5,10 @@ with the series the selection rule picked (or failed, when it has no usable CT).
 GPU takes queued jobs one at a time; one courier thread per destination sends the RTSTRUCTs. At
 start-up, jobs a killed node left running go back to the queue (their orphaned worker processes are
 stopped first, the interrupted run is not counted), so every study is finished after a crash.
+
+With a PostgreSQL queue (``--queue``) several nodes share the queue and the spool folder: each claims
+jobs with a lease that its heartbeat thread renews every third of ``lease_s``, and takes over only the
+running jobs whose lease expired (a killed node's), at start-up and every cycle (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +36,7 @@ from .spool import Spool
 
 log = logging.getLogger(__name__)
 
+SHARED_MARKER = "shared-queue.txt"  # in a spool that nodes on a PostgreSQL queue share: the queue's URL, redacted
 PURGE_EVERY_S = 3600.0  # how often finished studies older than keep_days are deleted (and at start)
 
 
@@ -63,8 +69,8 @@ def _stop_orphan(pid: int | None) -> bool:
         return False
     try:
         proc = psutil.Process(int(pid))
-        if "SegRapSegmenterLib.worker" not in " ".join(proc.cmdline()):
-            return False
+        if "SegRapSegmenterLib.worker" not in " ".join(proc.cmdline()) or proc.ppid() == os.getpid():
+            return False  # not a worker, or one of this node's own (a pid the dead node's worker had, reused)
         procs = [proc, *proc.children(recursive=True)]
         for p in procs:
             p.kill()
@@ -74,6 +80,17 @@ def _stop_orphan(pid: int | None) -> bool:
         return False
 
 
+def _killed_here(row) -> bool:
+    """A node of this machine whose process no longer serves (killed): its name may be taken again at once."""
+    if row["host"] != socket.gethostname():
+        return False
+    try:
+        proc = psutil.Process(int(row["pid"]))
+        return proc.status() == psutil.STATUS_ZOMBIE or "serve" not in proc.cmdline()
+    except (psutil.Error, TypeError, ValueError):
+        return True
+
+
 class Node:
     """The running node; ``run`` blocks until ``stop`` (the CLI calls it from SIGTERM / SIGINT)."""
 
@@ -81,7 +98,10 @@ class Node:
         self.config = config
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per C-STORE otherwise
         os.umask(0o077)  # what the node and its workers write (images, RTSTRUCTs, logs) is the node user's only
-        self.spool = Spool(config.spool)
+        self.name = config.node_name or (f"{socket.gethostname()}-{config.port}" if config.port
+                                         else f"{socket.gethostname()}-pid{os.getpid()}")
+        self.spool = Spool(config.spool, config.queue, self.name, config.lease_s)
+        self.shared = config.queue is not None  # several nodes may serve from this queue and spool
         self.audit = AuditLog(self.spool.audit_path, echo=echo, max_mb=config.audit_max_mb, keep=config.audit_keep)
         self.stop_event = threading.Event()
         self._wake = threading.Event()
@@ -117,30 +137,53 @@ class Node:
         restarted = self.spool.restart_settle_clocks()
         if restarted:  # a study cut by the downtime gets a full settle time for its sender to resend
             self.audit.write("settle_restarted", studies=restarted, settle_s=self.config.settle_s)
-        for job in self.spool.recover():
-            killed = _stop_orphan(job["worker_pid"])
-            self.audit.write("job_recovered", study_uid=job["study_uid"], attempt=int(job["attempts"]),
-                             orphan_worker_stopped=killed or None,
-                             rtstruct_kept=bool(job["rtstruct"]) or None)
+        for job in (self.spool.take_over(restart=True) if self.shared else self.spool.recover()):
+            self._recovered(job)
         if removed:
             self.audit.write("spool_cleaned", partial_files=removed)
 
+    def _recovered(self, job) -> None:
+        """Audit a job taken back into the queue; its worker is stopped when it ran on this machine."""
+        here = not self.shared or job["claimed_by"] in {n["name"] for n in self.spool.nodes()
+                                                        if n["host"] == socket.gethostname()}
+        killed = _stop_orphan(job["worker_pid"]) if here else False
+        self.audit.write("job_recovered", study_uid=job["study_uid"], attempt=int(job["attempts"]),
+                         orphan_worker_stopped=killed or None, rtstruct_kept=bool(job["rtstruct"]) or None,
+                         from_node=job["claimed_by"] if self.shared else None)
+
+    def _heartbeat_loop(self) -> None:
+        """Renew this node's leases every third of ``lease_s``; a node that cannot for a whole lease stops (its
+        jobs are the other nodes' by then)."""
+        renewed = time.time()
+        while not self.stop_event.wait(self.config.lease_s / 3):
+            try:
+                self.spool.heartbeat()
+                renewed = time.time()
+            except Exception as exc:  # noqa: BLE001 - the database away for a moment: retried, said in the audit
+                self.audit.write("heartbeat_failed", error=f"{type(exc).__name__}: {exc}",
+                                 seconds_since_renewal=round(time.time() - renewed, 1))
+                if time.time() - renewed > self.config.lease_s:
+                    raise RuntimeError(f"no heartbeat for {self.config.lease_s:g} s (the lease); other nodes take "
+                                       f"over this node's jobs") from exc
+
     def _complete_settled(self) -> None:
+        """Queue (or fail) each settled study; only the node whose change took effect audits it (shared queue)."""
         for study in self.spool.settled(self.config.settle_s):
             job = self.spool.job(study)
             series = self.spool.series_of(study)
             choice = select(series, self.config.selection, self.config.tasks)
             notes = "; ".join(choice.notes)
-            instances = sum(s.instances for s in series)
-            self.audit.write("study_received", study_uid=study, calling_ae=job["calling_ae"], series=len(series),
-                             instances=instances,
-                             receive_s=round(float(job["last_received"]) - float(job["first_received"]), 1))
+            received = dict(study_uid=study, calling_ae=job["calling_ae"], series=len(series),
+                            instances=sum(s.instances for s in series),
+                            receive_s=round(float(job["last_received"]) - float(job["first_received"]), 1))
             if not choice.usable:
                 reason = "no usable CT: " + notes
-                self.spool.fail(study, reason, notes)
-                self.audit.write("failed", study_uid=study, reason=reason)
+                if self.spool.fail(study, reason, notes, received_only=True):
+                    self.audit.write("study_received", **received)
+                    self.audit.write("failed", study_uid=study, reason=reason)
                 continue
             if self.spool.queue(study, choice.plain, choice.contrast, choice.tasks, notes):
+                self.audit.write("study_received", **received)
                 self.audit.write("job_queued", study_uid=study, case_id=job["case_id"], tasks=list(choice.tasks),
                                  ct_series=choice.plain, contrast_series=choice.contrast, selection=notes)
                 self._wake.set()
@@ -191,6 +234,14 @@ class Node:
         if self._fatal:
             self.stop()
 
+    def _refuse_shared_spool(self) -> None:
+        """A node on the SQLite queue refuses a spool that nodes of a shared queue serve from
+        (``shared-queue.txt``): they keep their own folders there, which this node would clear."""
+        shared = self.spool.root / SHARED_MARKER
+        if not self.shared and shared.is_file():
+            raise InputError(f"--spool {self.spool.root}: nodes on the queue {shared.read_text().strip()} serve "
+                             f"from this folder; give that --queue too, or another spool.")
+
     def _claim_spool(self) -> None:
         """Refuse to share the spool with another running node (its pid is in ``node.pid``)."""
         other = serving_pid(self.spool.root)
@@ -203,8 +254,14 @@ class Node:
         """Serve until stopped; returns 0, or 1 when a loop of the node died (the node never runs half-alive)."""
         from ..inference.bundles import resolve_bundle
 
+        self._refuse_shared_spool()
         bundle = resolve_bundle(self.config.bundle)  # ModelError before listening, not at the first study
-        self._claim_spool()
+        if not self.shared:  # one node per SQLite queue; a shared queue has its nodes table instead
+            self._claim_spool()
+        else:
+            (self.spool.root / SHARED_MARKER).write_text(self.spool.where + "\n")
+        gpus = ",".join(visible_gpus() if self.config.device in ("auto", "cuda") else [])
+        self.spool.register(socket.gethostname(), os.getpid(), gpus, gone=_killed_here)
         self._recover()
         # the workers' run folders and pynetdicom's received data sets go under the spool, which the next start
         # clears: a killed node leaks no temporary folder with images in /tmp
@@ -225,9 +282,13 @@ class Node:
                          destinations=[str(d) for d in self.config.destinations],
                          destinations_tls=[str(d) for d in self.config.destinations if d.tls] or None,
                          allow_ae=list(self.config.allow_ae) or None, settle_s=self.config.settle_s,
-                         workers=len(self.runners), pid=os.getpid())
+                         workers=len(self.runners), pid=os.getpid(), node=self.name,
+                         queue=self.spool.where if self.shared else None,
+                         lease_s=self.config.lease_s if self.shared else None)
         threads = [threading.Thread(target=self._guarded, args=(f"worker slot {r.slot}", self._worker_loop, r),
                                     name=f"segrap-worker-{r.slot}", daemon=True) for r in self.runners]
+        threads.append(threading.Thread(target=self._guarded, args=("heartbeat", self._heartbeat_loop),
+                                        name="segrap-heartbeat", daemon=True))
         threads += [threading.Thread(target=self._guarded, args=(f"courier to {c.dest}", c.run),
                                      name=f"segrap-courier-{c.dest}", daemon=True) for c in self.couriers]
         for t in threads:
@@ -236,6 +297,10 @@ class Node:
             purged_at = 0.0
             while not self.stop_event.is_set():
                 try:
+                    if self.shared:  # a killed node's jobs, once its lease expired
+                        for job in self.spool.take_over():
+                            self._recovered(job)
+                            self._wake.set()
                     self._complete_settled()
                     if self.config.keep_days is not None and time.time() - purged_at > PURGE_EVERY_S:
                         purged_at = time.time()
@@ -253,7 +318,12 @@ class Node:
             for t in threads:
                 t.join(timeout=60)
             self.audit.write("stopped", exit_code=EXIT_ERROR if self._fatal else None)
-            self.spool.close()
+            try:
+                self.spool.unregister()
+            except Exception:  # noqa: BLE001 - the queue is away: the node shows as gone once its heartbeat ages
+                log.exception("cannot mark node %s stopped in the queue", self.name)
+            finally:
+                self.spool.close()
         if self._fatal:
             print(f"segrap serve: {self._fatal}; the node stopped (see the audit log and the lines above).",
                   file=sys.stderr)
@@ -287,13 +357,13 @@ def _liveness(spool: Spool) -> str:
     return f"node: NOT RUNNING{last}; studies shown running were interrupted and are queued again at its next start"
 
 
-def requeue_study(spool_dir, study_uid: str, redeliver: bool) -> str:
+def requeue_study(spool_dir, study_uid: str, redeliver: bool, queue: str | None = None) -> str:
     """``--rerun`` / ``--redeliver``: change one finished study in the spool's queue; a running node picks it up."""
     from pathlib import Path
 
-    if not (Path(spool_dir) / "node.sqlite").is_file():
+    if queue is None and not (Path(spool_dir) / "node.sqlite").is_file():
         raise InputError(f"--spool {spool_dir}: no node database there (node.sqlite); give the spool of a node.")
-    spool = Spool(spool_dir)
+    spool = Spool(spool_dir, queue, node=f"{socket.gethostname()}-cli")  # its audit: audit-HOST-cli.jsonl
     try:
         audit = AuditLog(spool.audit_path)
         if redeliver:
@@ -308,17 +378,47 @@ def requeue_study(spool_dir, study_uid: str, redeliver: bool) -> str:
         spool.close()
 
 
-def status_text(spool_dir) -> str:
-    """The queue as a table: one line per study, its deliveries under it."""
+def _node_lines(queue, now: float) -> tuple[list[str], set[str]]:
+    """One line per node of a shared queue (alive, gone: heartbeat older than its lease, or stopped); the live."""
+    lines, alive = [], set()
+    for n in queue.nodes():
+        age = now - float(n["heartbeat"])
+        state = "stopped" if n["stopped"] is not None else "GONE" if age > float(n["lease_s"]) else "alive"
+        if state == "alive":
+            alive.add(n["name"])
+        lines.append(f"node {n['name']}: {state}  host {n['host']}  pid {n['pid']}  heartbeat {age:.0f} s ago  "
+                     f"lease {float(n['lease_s']):g} s  GPUs {n['gpus'] or 'none'}  running jobs {n['running']}")
+    return lines, alive
+
+
+def status_text(spool_dir, queue: str | None = None) -> str:
+    """The queue as a table: its nodes (a shared queue), then one line per study, its deliveries under it."""
+    import tempfile
     from pathlib import Path
 
-    if not (Path(spool_dir) / "node.sqlite").is_file():
+    from .queue import redact
+    from .spool import open_queue
+
+    marker = Path(spool_dir or ".") / SHARED_MARKER
+    if queue is None and marker.is_file():
+        raise InputError(f"--spool {spool_dir}: nodes on a shared queue serve from it; give --status --queue "
+                         f"{marker.read_text().strip()} (with the password, if it has one).")
+    if queue is None and not (Path(spool_dir) / "node.sqlite").is_file():
         raise InputError(f"--spool {spool_dir}: no node database there (node.sqlite); give the spool of a node.")
-    spool = Spool(spool_dir)
+    alive_nodes: set[str] = set()
+    if queue is not None:  # the queue holds everything --status shows; the spool folder is not needed
+        spool = open_queue(queue, tempfile.gettempdir())
+    else:
+        spool = Spool(spool_dir)
     try:
         jobs = spool.jobs()
-        alive = serving_pid(spool.root) is not None
-        lines = [f"spool {spool.root}: {len(jobs)} studies", _liveness(spool)]
+        if queue is not None:
+            node_lines, alive_nodes = _node_lines(spool, time.time())
+            lines = [f"queue {redact(queue)}: {len(jobs)} studies, {len(node_lines)} nodes", *node_lines]
+            alive = True
+        else:
+            alive = serving_pid(spool.root) is not None
+            lines = [f"spool {spool.root}: {len(jobs)} studies", _liveness(spool)]
         counts: dict[str, int] = {}
         for job in jobs:
             counts[job["state"]] = counts.get(job["state"], 0) + 1
@@ -330,7 +430,10 @@ def status_text(spool_dir) -> str:
                          f"tasks {job['tasks'] or '-'}  runs {job['attempts']}"
                          + (f"  late instances {job['late_instances']}" if job["late_instances"] else "")
                          + ("  (interrupted: the node is not running)" if job["state"] == "running" and not alive
-                            else ""))
+                            else "")
+                         + (f"  on {job['claimed_by']}" + ("" if job["claimed_by"] in alive_nodes else
+                                                             " (gone: another node takes it over)")
+                            if queue is not None and job["state"] == "running" else ""))
             if job["reason"]:
                 lines.append(f"         reason: {job['reason']}")
             for d in spool.deliveries(job["study_uid"]):
