@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from node_peers import NodeProcess, StoreScp, audit_events, dcmtk, free_port, st
 from SegRapSegmenterLib.phantom.dicom_series import write_variant
 
 SLICES = 12  # a thin slab of the small phantom: the demo contours it in seconds, every slice referenced
+SETTLE_S = 4  # longer than a restart and a resend take on a loaded machine
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
@@ -104,7 +106,7 @@ def test_ten_faults_kills_restarts_and_a_flapping_destination_leave_every_study_
     config.write_text(f"""
 destinations = ["TPS@127.0.0.1:{tps_port}"]
 tasks = ["oar"]
-settle = 4  # longer than a restart and a resend take on a loaded machine
+settle = {SETTLE_S}
 
 [delivery]
 attempts = 500
@@ -163,6 +165,7 @@ timeout_s = 3
         worker_of(node, 1)
         cut(2, node.kill)
         orphans = node.orphans
+        time.sleep(SETTLE_S)  # down for longer than the settle time: the restart must not take study 2 as complete
         node = start_node()
         assert storescu(studies[2].ct_dir, port).returncode == 0  # the scanner sends study 2 again
         # 6: the rerun's worker of study 1 SIGKILLed too
@@ -184,6 +187,9 @@ timeout_s = 3
         wait_until(lambda: retries(uids[2]) and retries(uids[3]), 120, "studies 2 and 3 waiting for the destination")
         tps.start()  # outage 3 ends
         wait_until(lambda: sent(uids[2]) and sent(uids[3]), 30, "studies 2 and 3 delivered")
+        # the node process itself holds no model: it imported torch for the start-up bundle check (700 MiB)
+        node_rss = psutil.Process(node.process.pid).memory_info().rss
+        assert node_rss < 400 * 2**20, f"the node process holds {node_rss / 2**20:.0f} MiB"
         status = subprocess.run([sys.executable, "-m", "SegRapSegmenterLib.cli", "serve", "--status", "--spool",
                                  str(spool)], capture_output=True, text=True, timeout=60)
         assert node.terminate() == 0
@@ -203,6 +209,7 @@ timeout_s = 3
     # nothing left received, queued, running or delivering (the node's own --status)
     assert status.returncode == 0, status.stderr
     assert status.stdout.splitlines()[2] == "  4 sent", status.stdout
+    assert status.stdout.count(f"-> TPS@127.0.0.1:{tps_port}: sent after") == 4
 
     # the audit tells each fault
     for i in range(4):  # 1, 6, 9, 10: one retry per study, naming the signal
@@ -212,6 +219,7 @@ timeout_s = 3
         assert all(e["destination"] == f"TPS@127.0.0.1:{tps_port}" for e in _of(spool, "delivery_retry", uids[i]))
     assert [e["last_event"] for e in audit_events(spool, "unclean_stop")] == ["delivery_retry", "association"]  # 3, 5
     assert _of(spool, "job_recovered", uids[1])  # 5: study 1's job back in the queue, its run not counted
+    assert [e["attempt"] for e in _of(spool, "job_started", uids[1])] == [1, 1, 2]  # the kill's run, 6's, the last
     assert orphans and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans)
     assert [e["reason"] for e in audit_events(spool, "stopping")] == ["signal", "signal"]  # 7 and the end
     assert _of(spool, "job_requeued", uids[2])  # 7: the running job back in the queue, its run not counted
@@ -219,5 +227,7 @@ timeout_s = 3
     aborted = [e for e in audit_events(spool, "association_closed") if e["how"] == "EVT_ABORTED"]
     assert len(aborted) == 1 and aborted[0]["stored"] >= SLICES // 2  # 7: the sender's association, aborted
     assert [e["studies"] for e in audit_events(spool, "settle_restarted")] == [1, 1]  # 5, 7: a full settle again
+    # so the halves that 5 and 7 cut off were never taken for whole studies
+    assert [e["instances"] for e in audit_events(spool, "study_received")] == [SLICES] * 4
     assert Counter(e["study_uid"] for e in audit_events(spool, "sent")) == Counter(uids)
     assert not audit_events(spool, "failed") and not audit_events(spool, "internal_error")
