@@ -30,7 +30,7 @@ from .anatomy.review import (OUTSIDE_REVIEW_ABOVE, REMOVED_REVIEW_ABOVE, review_
 from .arrays import CroppedMasks, uint8_image
 from .console import StageEstimate
 from .errors import DicomError, InputError, OutputError
-from .formats.identity import check_pair, identity_of_folder
+from .formats.identity import check_identity_of_files, check_pair, identity_of_folder
 from .formats.imaging import VolumeSource, check_volume_header, contrast_on_ct_grid, read_volume
 from .inference.body import THRESHOLD_HU as BODY_THRESHOLD_HU
 from .inference.body import body_of_image
@@ -261,6 +261,9 @@ def _check_identity(req: SegmentRequest, tasks: tuple[str, ...]) -> tuple[dict, 
     """The inputs' identity record and warnings (``identity.check_pair``), from the DICOM headers alone, before the
     model: InputError for two patients. Image files have none; a caller's own record (Slicer's) stands for them."""
     contrast_path = req.contrast_ct if "gtv" in tasks else None
+    if req.identity_files is not None:
+        return check_identity_of_files(req.identity_files, contrast_path is not None, req.register,
+                                        req.patient_values_in_errors)
 
     def of(path: str | None, series: str | None):
         return identity_of_folder(path, series) if path and Path(path).is_dir() else None

@@ -78,7 +78,10 @@ class SegmentRequest:
     keep_largest_component: bool = True
     fill_holes: bool = False
     staging_dir: str | None = None  # chosen by the caller, so it can clean up after a killed worker
-    identity: dict | None = None  # the inputs' identity as the caller checked it (Slicer: its DICOM database)
+    identity: dict | None = None  # the inputs' identity as the caller checked it, for image files it wrote itself
+    # the DICOM files behind image inputs the caller wrote (Slicer: what its DICOM database names for each volume):
+    # {"ct"/"contrast_ct": {"label": "volume 'CT'", "files": [...]} or None}; the worker reads their headers
+    identity_files: dict | None = None
     patient_values_in_errors: bool = True  # False: an error naming two patients does not quote their values (node)
 
     @classmethod

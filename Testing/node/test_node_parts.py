@@ -228,6 +228,7 @@ def test_the_full_node_configuration_in_docs_loads(tmp_path):
     config = load_config(tmp_path / "node.toml", spool=tmp_path / "spool")
     assert [str(d) for d in config.destinations] == ["TPS@10.0.0.5:104", "PACS@10.0.0.7:104"]
     assert config.device == "cuda" and config.delivery.first_delay_s == 10 and config.selection.min_slices == 10
+    assert (config.idle_s, config.association_s, config.max_pdu_kb, config.audit_max_mb) == (60, 3600, 256, 64)
 
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"

@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+import pydicom
+
+from ..errors import DicomError, InputError
 from .dicom import Patient, SeriesInfo, choose_ct_series, discover_series, one_patient
 
 PATIENT_ATTRIBUTES = ("PatientID", "PatientName", "PatientBirthDate")
@@ -49,6 +51,28 @@ def identity_of_folder(path: str | Path, series_uid: str | None = None) -> Input
     """The identity of the CT series that ``read_volume`` would read from a DICOM folder."""
     info = choose_ct_series(path, discover_series(path), series_uid)
     return identity_of_series(path, info)
+
+
+IDENTITY_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
+                 "FrameOfReferenceUID")
+
+
+def identity_of_files(where: str, files: list[str | Path]) -> InputIdentity:
+    """The identity of an image made from these DICOM files (Slicer's volume: the files its DICOM database names),
+    from their headers only; DicomError when the files name two patients or one cannot be read."""
+    headers = []
+    for path in files:
+        try:
+            headers.append((pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(IDENTITY_TAGS)),
+                            Path(path).name))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise DicomError(f"{where}: cannot read the DICOM header of {path} ({exc}); import the series into the "
+                             f"DICOM database again.") from exc
+    if not headers:
+        raise DicomError(f"{where}: no DICOM file was given for it.")
+    patient = one_patient([(Patient.of(ds), name) for ds, name in headers], where)
+    first = headers[0][0]
+    return InputIdentity(where, patient, *(str(first.get(k, "") or "").strip() for k in IDENTITY_TAGS[3:]))
 
 
 IMAGE_FILES = "image files (NIfTI, NRRD or MetaImage), which carry no patient identity"
@@ -106,4 +130,27 @@ def check_pair(ct: InputIdentity | None, contrast: InputIdentity | None, *, ct_p
             warnings.append(f"The contrast CT {contrast_path} is from {' and '.join(what)}: it was put on the CT's grid "
                             f"as if both were aligned in patient space. Check the GTVs against the contrast CT, or run "
                             f"again with --register to align them by rigid registration.")
+    return record, warnings
+
+
+NOT_FROM_DICOM = "not loaded from Slicer's DICOM database, so its patient is not known"
+
+
+def check_identity_of_files(sources: dict, with_contrast: bool, register: bool,
+                            patient_values: bool = True) -> tuple[dict, list[str]]:
+    """``check_pair`` for image files a caller wrote from DICOM volumes (Slicer): ``sources`` names, per input
+    ("ct", "contrast_ct"), a label and the DICOM files behind it (None: not from DICOM). The worker calls it, so
+    that the caller's GUI thread reads no header."""
+    def of(key: str):
+        source = sources.get(key)
+        if not source:
+            return None, None
+        files = source.get("files")
+        return (identity_of_files(source["label"], files) if files else None), source["label"]
+
+    ct, ct_label = of("ct")
+    contrast, contrast_label = of("contrast_ct") if with_contrast else (None, None)
+    record, warnings = check_pair(ct, contrast, ct_path=ct_label, contrast_path=contrast_label, register=register,
+                                  patient_values=patient_values, no_identity=NOT_FROM_DICOM)
+    record["checked_in"] = "the worker, on the headers of the DICOM files the caller's database names"
     return record, warnings

@@ -5,16 +5,22 @@ drive paths, no links); sizes are checked against the limits (and the free disk)
 is written: a zip's declared sizes, its records lying apart (no shared bytes), each large entry's
 compression ratio and the ratio over all entries together, a folder's file sizes, a download's
 announced length, and every byte as it arrives. Downloads are https (plain http only when asked),
-follow redirects only to the same scheme and host, and stop at a size cap and a deadline.
+follow redirects only to the same scheme and host, and stop at a size cap and a deadline that
+covers the connection, the TLS handshake and the headers as well as the body.
 """
 
 from __future__ import annotations
 
+import errno
+import http.client
 import json
 import os
+import select
 import shutil
+import socket
 import stat
 import struct
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -260,12 +266,117 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
 Report = Callable[[str, "float | None"], None]  # message, fraction done (None: not known)
 
 
+class _Watch:
+    """A download's watchdog: past the deadline or on ``should_stop()``, it shuts its connections' sockets down.
+
+    urllib bounds each socket operation by its timeout only, so a server that accepts and then sends
+    its headers slowly (or never) outlasts any deadline, and a cancel is not looked at until the body.
+    Every connection of the download is made here (``connect``), polled while it is being made, and
+    shut down by the watchdog thread, which ends whatever read or handshake is waiting on it.
+    """
+
+    def __init__(self, deadline: float, should_stop: Callable[[], bool] | None):
+        self.deadline, self.should_stop = deadline, should_stop
+        self.reason: str | None = None  # "cancelled" or "deadline" once the watchdog acted
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="segrap-download-watch", daemon=True)
+
+    def __enter__(self) -> "_Watch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(5)
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+    def due(self) -> str | None:
+        """Why the download must stop now (None: it may go on)."""
+        if self.should_stop is not None and self.should_stop():
+            return "cancelled"
+        return "deadline" if time.monotonic() > self.deadline else None
+
+    def _run(self) -> None:
+        while not self._done.wait(0.1):
+            reason = self.due()
+            if reason:
+                with self._lock:
+                    self.reason = reason
+                    for sock in self._sockets:
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                return
+
+    def connect(self, address, timeout=None, source_address=None, *args, **kwargs) -> socket.socket:
+        """``socket.create_connection`` whose connecting is polled, and whose socket the watchdog can shut down."""
+        host, port = address[:2]
+        error: OSError | None = None
+        for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            try:
+                if source_address:
+                    sock.bind(source_address)
+                sock.setblocking(False)
+                if sock.connect_ex(addr) not in (0, *_IN_PROGRESS):
+                    raise OSError(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), f"cannot connect to {addr}")
+                while not any(select.select([], [sock], [sock], 0.1)[1:]):  # Windows: a failure is exceptional
+                    if self.reason or self.due():
+                        raise OSError(f"connecting to {host}:{port} stopped ({self.reason or self.due()})")
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise OSError(code, f"{os.strerror(code)} ({host}:{port})")
+                sock.settimeout(timeout)
+                with self._lock:
+                    if self.reason:
+                        raise OSError(f"connecting to {host}:{port} stopped ({self.reason})")
+                    self._sockets.append(sock.dup())  # a TLS wrap detaches ``sock``; its duplicate stays ours
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error or OSError(f"{host}:{port}: no address")
+
+
+_IN_PROGRESS = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, 10035}  # 10035: WSAEWOULDBLOCK (Windows)
+
+
+class _WatchedConnections:
+    """A urllib handler whose HTTP(S) connections are made by a ``_Watch``."""
+
+    def __init__(self, watch: _Watch, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watch = watch
+
+    def do_open(self, http_class, req, **http_conn_args):
+        def connection(host, **kwargs):
+            conn = http_class(host, **kwargs)
+            conn._create_connection = self.watch.connect  # http.client's hook for making the socket
+            return conn
+
+        return super().do_open(connection, req, **http_conn_args)
+
+
+class _WatchedHTTP(_WatchedConnections, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPS(_WatchedConnections, urllib.request.HTTPSHandler):
+    pass
+
+
 def download(url: str, target: Path, limits: Limits, allow_http: bool = False, report: Report | None = None,
              should_stop: Callable[[], bool] | None = None) -> None:
     """Download ``url`` to ``target``: https (http if ``allow_http``) or file, within the size cap and deadline.
 
     ``report(message, fraction)`` hears about the bytes so far; ``should_stop()`` returning True stops the
-    download with ``Cancelled`` at its next block.
+    download with ``Cancelled`` within a tenth of a second, connecting, waiting for headers or reading.
+    ``limits.download_s`` bounds it all, from the connection to the last byte.
     """
     scheme = urllib.parse.urlparse(url).scheme.lower()
     if scheme == "http" and not allow_http:
@@ -273,37 +384,48 @@ def download(url: str, target: Path, limits: Limits, allow_http: bool = False, r
                          f"in the same download); use https, or pass --allow-http on a network you trust.")
     if scheme not in ("https", "http", "file"):
         raise ModelError(f"{url}: unsupported URL scheme {scheme!r}; use https.")
-    opener = urllib.request.build_opener(_SameOriginRedirects)
-    deadline = time.monotonic() + limits.download_s
+    with _Watch(time.monotonic() + limits.download_s, should_stop) as watch:
+        try:
+            _fetch(url, target, limits, watch, report)
+        except (ModelError, Cancelled):
+            raise
+        except (OSError, ValueError, urllib.error.URLError, http.client.HTTPException) as exc:
+            if (watch.reason or watch.due()) == "cancelled":
+                raise Cancelled(f"{url}: download cancelled.") from None
+            if watch.reason or watch.due():
+                raise ModelError(f"{url}: download took longer than {limits.download_s:g} s (connecting, the "
+                                 f"headers and the body); refused.") from None
+            raise ModelError(f"{url}: download failed ({exc}).") from exc
+
+
+def _fetch(url: str, target: Path, limits: Limits, watch: _Watch, report: Report | None) -> None:
+    """The download itself, its connections made and watched by ``watch``."""
+    opener = urllib.request.build_opener(_SameOriginRedirects, _WatchedHTTP(watch), _WatchedHTTPS(watch))
     cap = min(limits.bundle_bytes, _free_bytes(target.parent))
     written = 0
-    try:
-        with opener.open(url, timeout=min(limits.read_timeout_s, limits.download_s)) as response, \
-                open(target, "wb") as fh:
-            length = response.headers.get("Content-Length") if hasattr(response, "headers") else None
-            if length is not None and length.isdigit() and int(length) > cap:
-                raise ModelError(f"{url}: refused: the server announces {int(length) / GiB:.2f} GiB, over the "
-                                 f"limit of {cap / GiB:.2f} GiB (bundle limit or free disk).")
-            read = getattr(response, "read1", response.read)
-            total = int(length) if length is not None and length.isdigit() else None
-            while True:
-                if should_stop is not None and should_stop():
-                    raise Cancelled(f"{url}: download cancelled.")
-                if time.monotonic() > deadline:
-                    raise ModelError(f"{url}: download took longer than {limits.download_s:.0f} s "
-                                     f"({written} bytes received); refused.")
-                block = read(1 << 16)  # what has arrived, so a trickling body still meets the deadline
-                if not block:
-                    break
-                written += len(block)
-                if written > cap:
-                    raise ModelError(f"{url}: refused: the download passed {cap / GiB:.2f} GiB (bundle limit or "
-                                     f"free disk) and was stopped.")
-                fh.write(block)
-                if report is not None and (written - len(block)) >> 20 != written >> 20:  # once a MiB
-                    size = f" of {total / 2**20:.0f}" if total else ""
-                    report(f"Downloading: {written / 2**20:.0f}{size} MiB", written / total if total else None)
-    except (ModelError, Cancelled):
-        raise
-    except (OSError, ValueError, urllib.error.URLError) as exc:
-        raise ModelError(f"{url}: download failed ({exc}).") from exc
+    with opener.open(url, timeout=min(limits.read_timeout_s, limits.download_s)) as response, \
+            open(target, "wb") as fh:
+        length = response.headers.get("Content-Length") if hasattr(response, "headers") else None
+        if length is not None and length.isdigit() and int(length) > cap:
+            raise ModelError(f"{url}: refused: the server announces {int(length) / GiB:.2f} GiB, over the "
+                             f"limit of {cap / GiB:.2f} GiB (bundle limit or free disk).")
+        read = getattr(response, "read1", response.read)
+        total = int(length) if length is not None and length.isdigit() else None
+        while True:
+            reason = watch.due()
+            if reason == "cancelled":
+                raise Cancelled(f"{url}: download cancelled.")
+            if reason:
+                raise ModelError(f"{url}: download took longer than {limits.download_s:g} s "
+                                 f"({written} bytes received); refused.")
+            block = read(1 << 16)  # what has arrived, so a trickling body still meets the deadline
+            if not block:
+                break
+            written += len(block)
+            if written > cap:
+                raise ModelError(f"{url}: refused: the download passed {cap / GiB:.2f} GiB (bundle limit or "
+                                 f"free disk) and was stopped.")
+            fh.write(block)
+            if report is not None and (written - len(block)) >> 20 != written >> 20:  # once a MiB
+                size = f" of {total / 2**20:.0f}" if total else ""
+                report(f"Downloading: {written / 2**20:.0f}{size} MiB", written / total if total else None)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import InputError
+from .tls import TlsFiles
 
 
 def check_ae_title(title: str, what: str = "AE title") -> str:
@@ -17,11 +18,12 @@ def check_ae_title(title: str, what: str = "AE title") -> str:
 
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer to C-STORE to (or to listen as)."""
+    """A DICOM peer to C-STORE to (or to listen as); ``tls``: the files of mutual TLS to it (None: plain TCP)."""
 
     ae_title: str
     host: str
     port: int
+    tls: TlsFiles | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"

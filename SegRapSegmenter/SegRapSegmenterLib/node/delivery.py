@@ -36,8 +36,7 @@ class Courier:
     def check_reachable(self) -> None:
         """At start-up: a C-ECHO to the destination; one that does not answer is a warning in the audit, not a stop."""
         try:
-            echo(self.dest, self.config.ae_title, timeout=min(10.0, self.config.delivery.timeout_s),
-                 tls=self.config.tls if self.config.delivery.tls else None)
+            echo(self.dest, self.config.ae_title, timeout=min(10.0, self.config.delivery.timeout_s), tls=self.dest.tls)
         except (DicomNetworkError, OSError) as exc:
             self.audit.write("destination_unreachable", destination=str(self.dest), error=str(exc),
                              note="RTSTRUCTs for it wait and are retried")
@@ -67,7 +66,7 @@ class Courier:
         study, dest, uid, delivery = job["study_uid"], str(self.dest), job["rtstruct_uid"], self.config.delivery
         try:
             send_files([job["rtstruct"]], self.dest, self.config.ae_title, timeout=delivery.timeout_s,
-                       tls=self.config.tls if delivery.tls else None)
+                       tls=self.dest.tls)  # the destination's own TLS files, the node's, or None
         except DicomRefusedError as exc:  # retrying cannot help: this destination fails at once
             attempts = self.spool.delivery_attempt(study, dest, str(exc), give_up=True, rtstruct_uid=uid)
             self.audit.write("delivery_failed", study_uid=study, destination=dest, attempt=attempts, permanent=True,

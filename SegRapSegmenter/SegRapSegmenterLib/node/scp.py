@@ -6,6 +6,12 @@ A CT instance that cannot be decoded is refused with 0xC210 (cannot understand);
 UIDs, geometry or pixel data of a CT image with 0xA900 (data set does not match SOP class); one the spool
 cannot take (free space below the watermark, a full disk or database) with 0xA700 (out of resources).
 Calling AE titles not on the allow-list are rejected at association (reason: calling AE title not recognised).
+
+Every connection is bounded, each drop audited with the peer's address: the association request must be
+complete within ``negotiation_s``, an established association that completes no PDU for ``idle_s`` (silent,
+or trickling a PDU a byte at a time) or stays open over ``association_s`` is closed, and a P-DATA-TF PDU
+whose length field exceeds ``max_pdu_kb`` (the maximum the node announces; 1 MiB for the other PDUs) is
+refused before any of it is read.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import logging
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
@@ -29,7 +37,12 @@ log = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 NEGOTIATION_S = 10.0  # a connection must complete its association request within this (slow senders hold slots)
-IDLE_S = 60.0
+IDLE_S = 60.0  # an established association that completes no PDU for this long is closed
+ASSOCIATION_S = 3600.0  # no association stays open longer (a study of thousands of images takes minutes)
+MAX_PDU_KB = 256.0  # the largest P-DATA-TF PDU received, announced as the maximum length; a longer one ends it
+OTHER_PDU_BYTES = 1 << 20  # the largest other PDU (an A-ASSOCIATE-RQ of 128 contexts is tens of KB)
+_PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
+              0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
 SOP_CLASS_NOT_SUPPORTED, OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0122, 0xA700, 0xA900, 0xC210
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"  # decoded by pydicom itself, as the pipeline reads it
 # implicit and explicit VR little endian, RLE; not deflate, whose few MB can inflate to GBs in memory
@@ -89,16 +102,35 @@ def _value_length(ds: Dataset, tag: int) -> int:
     return int(elem.length) if value is None else len(value)
 
 
+@dataclass
+class _Connection:
+    """What the watchdog knows of one connection: since when it is open and when it last completed a PDU."""
+
+    assoc: object
+    sock: socket.socket
+    address: str
+    opened: float
+    progress: float  # monotonic time of the last complete PDU (or header) read, or PDU sent
+    reading: bool = False  # a read is under way: the peer owes us bytes
+    busy: int = 0  # our handlers are working on its request: the peer waits for us
+    dropped: bool = False
+
+
 class StorageScp:
     """The listening side of the node: ``start`` (non-blocking) and ``stop``."""
 
     def __init__(self, ae_title: str, host: str, port: int, spool: Spool, audit: AuditLog,
                  allow_ae: tuple[str, ...] = (), on_study: Callable[[str, str], None] | None = None,
                  min_free_mb: float = 0.0, negotiation_s: float = NEGOTIATION_S, max_instance_mb: float = 64.0,
-                 tls: TlsFiles | None = None):
+                 tls: TlsFiles | None = None, idle_s: float = IDLE_S, association_s: float = ASSOCIATION_S,
+                 max_pdu_kb: float = MAX_PDU_KB):
         self.ae_title, self.host, self.port = ae_title, host, port
         self.tls = tls
         self.min_free_mb, self.negotiation_s, self.max_instance_mb = min_free_mb, negotiation_s, max_instance_mb
+        self.idle_s, self.association_s, self.max_pdu = idle_s, association_s, int(max_pdu_kb * 1024)
+        self._connections: dict[int, _Connection] = {}
+        self._watchdog: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._receiving: dict[int, int] = {}  # bytes received per association since its last C-STORE
         self.spool, self.audit, self.allow_ae = spool, audit, allow_ae
         self.on_study = on_study or (lambda study_uid, state: None)
@@ -118,31 +150,87 @@ class StorageScp:
             counts[key] = counts.get(key, 0) + 1
 
     def _on_connection(self, event) -> None:
-        """Start the negotiation deadline of a new connection (it holds an association slot until it ends)."""
-        assoc = event.assoc
-        timer = threading.Timer(self.negotiation_s, self._drop_if_not_negotiated, (assoc, assoc.dul.socket.socket))
-        timer.daemon = True
-        timer.start()
+        """Watch a new connection (it holds an association slot until it ends) and bound its PDUs' length.
 
-    def _drop_if_not_negotiated(self, assoc, sock: socket.socket) -> None:
-        """Close a connection that has not completed its A-ASSOCIATE negotiation within ``negotiation_s``.
-
-        pynetdicom reads a PDU to its end before it looks at any timer, and bounds only each recv by
-        the network timeout: a peer sending one byte now and then would hold its slot for ever.
-        Shutting the socket down ends that read, and the association with it.
+        pynetdicom reads a PDU to its end before it looks at any timer, bounding only each recv by the
+        network timeout, and reads a PDU's whole announced length into memory: a peer sending one byte
+        now and then would hold its slot for ever, and a length field of 4 GB would be read as such.
+        The association's socket reads go through ``_bounded_recv``, which refuses a length over the
+        maximum and times each read for the watchdog (``_watch``), which shuts down the socket of a
+        connection over its deadlines: that ends the read, and the association with it.
         """
-        if assoc.is_established or assoc.is_rejected or assoc.is_aborted or assoc.is_released:
-            return
+        assoc = event.assoc
+        transport = assoc.dul.socket
+        now = time.monotonic()
+        conn = _Connection(assoc, transport.socket, "{}:{}".format(*event.address[:2]), now, now)
+        with self._lock:
+            self._connections[id(assoc)] = conn
+        recv, send = transport.recv, transport.send
+
+        header = bytearray(1)  # the type of the PDU being read (pynetdicom reads its 6-byte header, then the rest)
+
+        def bounded_recv(nr_bytes: int) -> bytearray:
+            limit = self.max_pdu if header[0] == 0x04 else max(self.max_pdu, OTHER_PDU_BYTES)
+            if nr_bytes > limit:  # the 4-byte length field of the PDU whose header was just read
+                name = _PDU_NAMES.get(header[0], f"0x{header[0]:02X}")
+                why = (f"the node's maximum of {limit} (max_pdu_kb {self.max_pdu / 1024:g})" if header[0] == 0x04
+                       else f"the node's limit of {limit} for a PDU other than P-DATA-TF")
+                self._drop(conn, f"{name} PDU of {nr_bytes} bytes announced, over {why}")
+                return bytearray()  # pynetdicom: "shorter than expected", the connection closes
+            conn.reading = True
+            try:
+                data = recv(nr_bytes)
+            finally:
+                conn.reading, conn.progress = False, time.monotonic()
+            if nr_bytes == 6 and data:
+                header[0] = data[0]
+            return data
+
+        def timed_send(data: bytes) -> None:
+            send(data)
+            conn.progress = time.monotonic()
+
+        transport.recv, transport.send = bounded_recv, timed_send
+
+    def _overdue(self, conn: _Connection, now: float) -> str | None:
+        """Why a connection must be closed now (None: it may go on)."""
+        assoc = conn.assoc
+        if assoc.is_rejected or assoc.is_aborted or assoc.is_released:
+            return None
+        if not assoc.is_established:
+            if now - conn.opened > self.negotiation_s:
+                return f"no complete association request within {self.negotiation_s:g} s"
+            return None
+        if now - conn.opened > self.association_s:
+            return f"association open over {self.association_s:g} s (association_s)"
+        if not conn.busy and now - conn.progress > self.idle_s:
+            if conn.reading:
+                return f"a PDU trickling in: not complete after {self.idle_s:g} s (idle_s)"
+            return f"idle for {self.idle_s:g} s (idle_s)"
+        return None
+
+    def _watch(self) -> None:
+        """The watchdog thread: every quarter second, close the connections over a deadline."""
+        while not self._stopping.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                conns = list(self._connections.values())
+            for conn in conns:
+                reason = None if conn.dropped else self._overdue(conn, now)
+                if reason:
+                    self._drop(conn, reason)
+
+    def _drop(self, conn: _Connection, reason: str) -> None:
+        """Shut the connection's socket down (its read ends, and the association) and audit why, once."""
+        with self._lock:  # the watchdog and the association's own read may both get here
+            if conn.dropped:
+                return
+            conn.dropped = True
         try:
-            address = "{}:{}".format(*sock.getpeername()[:2])
-        except OSError:
-            address = "?"
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
+            conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             return  # already closed
-        self.audit.write("association_dropped", address=address,
-                         reason=f"no complete association request within {self.negotiation_s:g} s")
+        self.audit.write("association_dropped", address=conn.address, reason=reason)
 
     def _on_data(self, event) -> None:
         """Count a PDU's bytes; an association sending far more than the cap for one data set is closed."""
@@ -174,9 +262,14 @@ class StorageScp:
 
     def _on_closed(self, event) -> None:
         with self._lock:
+            self._connections.pop(id(event.assoc), None)
             counts = self._counts.pop(id(event.assoc), {"stored": 0, "refused": 0})
             self._receiving.pop(id(event.assoc), None)
         self.audit.write("association_closed", **self._peer(event), how=event.event.name, **counts)
+
+    def _on_connection_closed(self, event) -> None:
+        with self._lock:
+            self._connections.pop(id(event.assoc), None)
 
     def _on_echo(self, event) -> int:
         return 0x0000
@@ -188,6 +281,18 @@ class StorageScp:
         return _status(code, reason)
 
     def _on_store(self, event) -> Dataset:
+        """Store a C-STORE's data set; while it runs the peer waits for us and is not idle."""
+        conn = self._connections.get(id(event.assoc))
+        if conn is not None:
+            conn.busy += 1
+        try:
+            return self._store(event)
+        finally:
+            if conn is not None:
+                conn.busy -= 1
+                conn.progress = time.monotonic()
+
+    def _store(self, event) -> Dataset:
         request = event.request
         sop_class = str(request.AffectedSOPClassUID)
         sop_uid = str(request.AffectedSOPInstanceUID)
@@ -246,9 +351,10 @@ class StorageScp:
 
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = 16
+        ae.maximum_pdu_size = self.max_pdu  # announced to the peers as the most they may send in one PDU
         ae.acse_timeout = self.negotiation_s  # ARTIM: between the connection and the A-ASSOCIATE-RQ
-        ae.network_timeout = IDLE_S  # an established association idle this long is aborted
-        ae.dimse_timeout = IDLE_S
+        # pynetdicom's own idle abort comes after the watchdog's, which audits why
+        ae.network_timeout = ae.dimse_timeout = self.idle_s + 5
         syntaxes = accepted_syntaxes()
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, syntaxes)
@@ -259,10 +365,14 @@ class StorageScp:
                     (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed)]
+                    (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed),
+                    (evt.EVT_CONN_CLOSE, self._on_connection_closed)]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
                                        ssl_context=server_context(self.tls) if self.tls else None)
         self.port = self._server.server_address[1]
+        self._stopping.clear()
+        self._watchdog = threading.Thread(target=self._watch, name="segrap-scp-watchdog", daemon=True)
+        self._watchdog.start()
         return self.port
 
     def stop(self) -> None:
@@ -273,3 +383,7 @@ class StorageScp:
             for assoc in server.active_associations:  # a sender mid-transfer gets an A-ABORT now, not C-STORE
                 assoc.abort()  # refusals once the spool has closed (its stored images are kept)
                 assoc.join(timeout=10)
+        self._stopping.set()
+        if self._watchdog is not None:
+            self._watchdog.join(5)
+            self._watchdog = None

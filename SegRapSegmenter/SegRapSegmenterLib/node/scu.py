@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
 _BASE_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # explicit, implicit VR little endian
+# OpenSSL's reasons when one side's certificate is not trusted by the other: the same files fail the same way again
+_TLS_UNTRUSTED = re.compile(r"\[SSL: (CERTIFICATE_VERIFY_FAILED|(?:SSLV3|TLSV1|TLSV13)_ALERT_"
+                            r"(?:UNKNOWN_CA|BAD_CERTIFICATE|CERTIFICATE_\w+|UNSUPPORTED_CERTIFICATE|ACCESS_DENIED))\]")
 
 
 @dataclass
@@ -143,6 +147,12 @@ def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str,
     if assoc.is_established:
         return assoc
     detail = "; ".join(line for line in errors.lines if line.startswith(("Result", "Reason")))
+    untrusted = [m.group(1) for line in errors.lines for m in [_TLS_UNTRUSTED.search(line)] if m]
+    if tls is not None and untrusted:
+        whose = ("its certificate is not signed by our CA (tls_ca)" if untrusted[0] == "CERTIFICATE_VERIFY_FAILED"
+                 else "it did not accept our certificate (tls_cert)")
+        raise DicomRefusedError(f"{dest}: the TLS handshake failed, {whose}: {untrusted[0]}. Check the TLS files "
+                                f"for this destination; retrying with the same files cannot help.")
     unreachable = [line for line in errors.lines if "connect" in line.lower() or "TCP" in line]
     if unreachable:
         raise DicomNetworkError(f"{dest}: no DICOM connection ({unreachable[-1]}). Check the host, the port and "

@@ -82,12 +82,14 @@ class Node:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per C-STORE otherwise
         os.umask(0o077)  # what the node and its workers write (images, RTSTRUCTs, logs) is the node user's only
         self.spool = Spool(config.spool)
-        self.audit = AuditLog(self.spool.audit_path, echo=echo)
+        self.audit = AuditLog(self.spool.audit_path, echo=echo, max_mb=config.audit_max_mb, keep=config.audit_keep)
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self.scp = StorageScp(config.ae_title, config.host, config.port, self.spool, self.audit,
                               config.allow_ae, on_study=self._on_study, min_free_mb=config.min_free_mb,
-                              max_instance_mb=config.max_instance_mb, tls=config.tls)
+                              max_instance_mb=config.max_instance_mb, tls=config.tls,
+                              negotiation_s=config.negotiation_s, idle_s=config.idle_s,
+                              association_s=config.association_s, max_pdu_kb=config.max_pdu_kb)
         self.couriers = [Courier(config, self.spool, self.audit, dest, self.stop_event) for dest in config.destinations]
         self.runners = [JobRunner(config, self.spool, self.audit, self.stop_event, env, slot, self._wake_couriers)
                         for slot, env in enumerate(worker_slots(config))]
@@ -228,6 +230,7 @@ class Node:
         self.audit.write("started", ae_title=self.config.ae_title, host=self.config.host, port=self.port,
                          tls="mutual" if self.config.tls else None, bundle=f"{bundle.name} {bundle.version}",
                          destinations=[str(d) for d in self.config.destinations],
+                         destinations_tls=[str(d) for d in self.config.destinations if d.tls] or None,
                          allow_ae=list(self.config.allow_ae) or None, settle_s=self.config.settle_s,
                          workers=len(self.runners), pid=os.getpid())
         threads = [threading.Thread(target=self._guarded, args=(f"worker slot {r.slot}", self._worker_loop, r),
@@ -308,11 +311,11 @@ def serving_pid(spool_root) -> int | None:
 
 def _liveness(spool: Spool) -> str:
     """One line: is a node serving from this spool, and its last audit event."""
-    from .audit import read_events
+    from .audit import last_event
 
     pid = serving_pid(spool.root)
-    events = read_events(spool.audit_path)
-    last = f"; last event {events[-1]['event']!r} at {events[-1]['time']}" if events else ""
+    event = last_event(spool.audit_path)  # the end of the newest file, however long the log (it is rotated)
+    last = f"; last event {event['event']!r} at {event['time']}" if event else ""
     if pid is not None:
         return f"node: running (pid {pid}{last})"
     return f"node: NOT RUNNING{last}; studies shown running were interrupted and are queued again at its next start"

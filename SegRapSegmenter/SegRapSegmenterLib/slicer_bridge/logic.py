@@ -331,7 +331,8 @@ class SegmentationLogic:
         reference = ctNode if ctNode is not None else contrastCtNode
         if reference is None:
             raise InputError("Select a CT volume.")
-        identity = self.checkIdentity(ctNode, contrastCtNode if "gtv" in tasks else None, register)
+        # the files only (database lookups): the worker reads their headers and refuses two patients before the model
+        identity_files = self.identityFiles(ctNode, contrastCtNode if "gtv" in tasks else None)
         if isinstance(folds, str):
             folds = tuple(f.strip() for f in folds.split(",") if f.strip()) or None
         workdir = Path(tempfile.mkdtemp(prefix="segrap-slicer-"))
@@ -345,7 +346,7 @@ class SegmentationLogic:
                 tasks=tasks, structures=tuple(structures) if structures is not None else None, device=device,
                 folds=tuple(str(f) for f in folds) if folds else None, mirror=mirror, tile_step_size=tile_step_size,
                 threads=threads, low_memory=lowMemory, register=register,
-                identity=identity)  # staging: inside out_dir
+                identity_files=identity_files)  # staging: inside out_dir
             from .dependencies import startup_environment
 
             worker = WorkerRun(request, python=self.python or default_python(), startup_env=startup_environment())
@@ -373,23 +374,30 @@ class SegmentationLogic:
             run.scheduler_handle = scheduler(run.poll)
         return segmentationNode
 
-    def checkIdentity(self, ctNode, contrastCtNode, register: bool = False) -> dict:
-        """The two volumes' identity record (``formats.identity``); InputError when they are of two patients.
+    def identityFiles(self, ctNode, contrastCtNode) -> dict:
+        """The DICOM files behind each volume (``self.dicomDatabase``, or Slicer's), for the worker's identity check.
 
-        Volumes loaded from DICOM are compared through the DICOM database (``self.dicomDatabase``, or
-        Slicer's); the worker sees NRRD files only, so this record travels in the request.
+        Only database lookups: the headers are read in the worker, so the GUI thread reads no file. A volume not
+        loaded from DICOM has no files; the worker records its patient as not checked.
         """
-        from ..formats.identity import check_pair
         from . import scene as SC
 
         database = self.dicomDatabase if self.dicomDatabase is not None else SC.slicer_dicom_database()
-        label = lambda node: f"volume {node.GetName()!r}" if node is not None else None  # noqa: E731
-        record, warnings = check_pair(
-            SC.volume_identity(ctNode, database) if ctNode is not None else None,
-            SC.volume_identity(contrastCtNode, database) if contrastCtNode is not None else None,
-            ct_path=label(ctNode), contrast_path=label(contrastCtNode), register=register,
-            no_identity="not loaded from Slicer's DICOM database, so its patient is not known")
-        record["checked_in"] = "Slicer (DICOM database)"
+
+        def source(node):
+            if node is None:
+                return None
+            return {"label": f"volume {node.GetName()!r}", "files": SC.volume_dicom_files(node, database)}
+
+        return {"ct": source(ctNode), "contrast_ct": source(contrastCtNode)}
+
+    def checkIdentity(self, ctNode, contrastCtNode, register: bool = False) -> dict:
+        """The two volumes' identity record (``formats.identity``) as the worker makes it; InputError when they are
+        of two patients. Reads the files' headers: for scripts (``segment`` leaves that to the worker)."""
+        from ..formats.identity import check_identity_of_files
+
+        record, warnings = check_identity_of_files(self.identityFiles(ctNode, contrastCtNode),
+                                                    contrastCtNode is not None, register, True)
         record["warnings"] = warnings
         return record
 

@@ -528,24 +528,12 @@ def ct_dicom_files(volume_node, database: DicomDatabase | None) -> list[Path]:
     return files
 
 
-def volume_identity(volume_node, database: DicomDatabase | None):
-    """The patient and UIDs of a volume loaded from DICOM, from its files' headers; None when it was not
-    loaded from DICOM or no database is open (the identity cannot be known then)."""
-    import pydicom
-
-    from ..formats.dicom import Patient, one_patient
-    from ..formats.identity import InputIdentity
-
+def volume_dicom_files(volume_node, database: DicomDatabase | None) -> list[str] | None:
+    """The DICOM files a volume was loaded from, as the database names them (no file is read: the worker reads
+    their headers to check the patient); None when it was not loaded from DICOM or no database is open."""
     if not (volume_node.GetAttribute(INSTANCE_UIDS_ATTRIBUTE) or "").split() or database is None:
         return None
-    tags = ["PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
-            "FrameOfReferenceUID"]
-    headers = [(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags), path.name)
-               for path in ct_dicom_files(volume_node, database)]
-    where = f"Volume {volume_node.GetName()!r}"
-    patient = one_patient([(Patient.of(ds), name) for ds, name in headers], where)
-    first = headers[0][0]
-    return InputIdentity(where, patient, *(str(first.get(k, "") or "").strip() for k in tags[3:]))
+    return [str(path) for path in ct_dicom_files(volume_node, database)]
 
 
 def link_ct_files(files: list[Path], workdir: str | Path):

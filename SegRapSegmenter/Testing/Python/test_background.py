@@ -119,6 +119,36 @@ class BackgroundDownloadTest(unittest.TestCase):
         self.assertEqual(calls, [])  # stopped before the first block
 
 
+class CancelBeforeTheHeadersTest(unittest.TestCase):
+    """Cancel reaches a download whose server accepted the connection and never answers (no body to stop at)."""
+
+    def setUp(self):
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))  # accepted by the system, never answered
+        self.store = Path(tempfile.mkdtemp(prefix="segrap-store-"))
+
+    def tearDown(self):
+        self.listener.close()
+
+    def test_cancel_while_waiting_for_the_headers_ends_the_download_thread(self):
+        from SegRapSegmenterLib.inference import bundles
+
+        url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/bundle.zip"
+        done = []
+        task = BackgroundTask("install", lambda report, should_stop: bundles.install_bundle(
+            url, store=self.store, allow_http=True, report=report, should_stop=should_stop),
+            done=done.append, passes_control=True).start()
+        time.sleep(0.5)  # connected, waiting for the headers (a 60 s timeout on each read)
+        self.assertTrue(task.poll())
+        task.cancel()
+        self.assertFalse(task.poll())
+        self.assertTrue(task.cancelled)
+        task._thread.join(2)  # the download's watchdog shuts its socket down within a tenth of a second
+        self.assertFalse(task._thread.is_alive(), "the download thread still waits for the server's headers")
+        self.assertEqual(list(self.store.iterdir()), [])
+
+
 class BackgroundProbeTest(unittest.TestCase):
     """The probe of a Python (it imports torch there: seconds) runs off the polling thread."""
 

@@ -1,5 +1,6 @@
-"""The Slicer logic refuses a CT and a contrast CT of two patients (found through the DICOM database) before any
-worker starts, and records what it checked; real MRML scenes (slicer-core headless, or Slicer's own)."""
+"""A CT and a contrast CT of two patients (their files found through the DICOM database) are refused by the worker
+before the model, the scene left as it was; the GUI thread only looks the files up and reads no header. Real MRML
+scenes (slicer-core headless, or Slicer's own) and a real worker process."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pydicom
 import slicer  # noqa: F401 - the MRML classes the scene module uses
-from SegRapSegmenterLib.errors import InputError
+from SegRapSegmenterLib.errors import DicomError, InputError
 from SegRapSegmenterLib.formats.dicom import read_ct_series
+from SegRapSegmenterLib.formats.identity import check_identity_of_files
 from SegRapSegmenterLib.formats.pydicom_compat import save_file
 from SegRapSegmenterLib.phantom import cases as phantom
 from SegRapSegmenterLib.phantom.dicom_series import write_phantom_dicom
@@ -60,13 +62,27 @@ class LogicIdentityTest(unittest.TestCase):
         self.logic.dicomDatabase = SC.FolderDicomIndex(self.root)
         self.ct = _as_loaded_from_dicom(self.scene, self.pair.ct_dir, "CT")
 
-    def test_a_contrast_ct_of_another_patient_is_refused_before_any_worker_starts(self):
+    def test_a_contrast_ct_of_another_patient_is_refused_by_the_worker_and_the_scene_is_left_as_it_was(self):
         other = _as_loaded_from_dicom(self.scene, self.other, "Other CE")
         count = self.scene.GetNumberOfNodes()
         with self.assertRaisesRegex(InputError, "two patients.*'SOMEONE-ELSE'"):
-            self.logic.segment(self.ct, other, tasks=("oar", "gtv"), bundle="demo", device="cpu")
-        self.assertIsNone(self.logic.run)  # no worker was started
-        self.assertEqual(self.scene.GetNumberOfNodes(), count)  # no segmentation node was added
+            self.logic.segment(self.ct, other, tasks=("oar", "gtv"), bundle="demo", device="cpu", wait=True)
+        self.assertEqual(self.scene.GetNumberOfNodes(), count)  # the segmentation node made for it was removed
+        self.assertFalse(self.logic.running)
+
+    def test_the_gui_thread_only_looks_the_files_up_and_the_worker_reads_their_headers(self):
+        contrast = _as_loaded_from_dicom(self.scene, self.pair.contrast_dir, "CE")
+        broken = self.root / "broken"
+        shutil.copytree(self.pair.contrast_dir, broken)
+        self.logic.dicomDatabase = SC.FolderDicomIndex(broken)
+        first = sorted(broken.iterdir())[0]
+        first.write_bytes(b"not a DICOM file")  # a header read now would fail
+        sources = self.logic.identityFiles(None, contrast)
+        self.assertIsNone(sources["ct"])
+        self.assertEqual(sources["contrast_ct"]["label"], "volume 'CE'")
+        self.assertIn(str(first), sources["contrast_ct"]["files"])
+        with self.assertRaisesRegex(DicomError, f"volume 'CE'.*{first.name}"):
+            check_identity_of_files({"ct": None, **sources}, True, False)
 
     def test_one_patients_pair_is_recorded_as_checked(self):
         contrast = _as_loaded_from_dicom(self.scene, self.pair.contrast_dir, "CE")
