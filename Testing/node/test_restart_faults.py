@@ -3,16 +3,17 @@
 One real node (restarted after each of its deaths), the demo model, DCMTK's storescp as the planning
 system (``+uf``: every copy it receives is a file of its own, so a second delivery would show) and
 real senders (pynetdicom, to cut a transfer at a chosen image; DCMTK's storescu to resend). The
-faults: a worker SIGKILLed (twice), the node SIGKILLed mid-receive, mid-job, while a delivery waits
-and after everything was sent, SIGTERM mid-transfer while a job runs, and the destination down and
-up again three times. At the end every study's RTSTRUCT is at the destination exactly once and
-references every slice the sender sent, no study is left queued or running, and the audit log
-tells each fault.
+ten faults, numbered as in the test: workers SIGKILLed (1, 6, 9, 10), the node SIGKILLed while an
+RTSTRUCT waits for the destination (3) and while a worker runs and a study is half received (5),
+SIGTERM while a worker runs and a study is half received (7), and the destination down and up
+again three times (2, 4, 8). Deliveries made before a node death are not repeated after it. At
+the end every study's RTSTRUCT is at the destination exactly once and references every slice the
+sender sent, no study is left received, queued, running or delivering, and the audit log tells
+each fault.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import psutil
 import pydicom
-import pytest
 from node_peers import NodeProcess, StoreScp, audit_events, dcmtk, free_port, storescu, wait_until
 from SegRapSegmenterLib.phantom.dicom_series import write_variant
 
