@@ -1,14 +1,22 @@
-"""Load on the DICOM node: N studies sent at once by parallel storescu processes, each RTSTRUCT delivered once.
+"""Load on the DICOM node: N studies sent at once, quietly and then under attack; each RTSTRUCT delivered once.
 
     python Testing/benchmarks/bench_node.py [--studies 10] [--settle 5] [--workers 1] [--device cpu]
+        [--tricklers 20] [--trickle-s 3] [--oversized 6] [--max-instance-mb 8] [--no-hostile]
     python Testing/benchmarks/bench_node.py --nodes 1,2,3 [--queue postgresql://USER@HOST/DB] [--studies 6]
 
-Writes N small phantom studies (CT + contrast CT, 96 instances each), starts DCMTK's storescp as
-the planning system and ``segrap serve`` (demo bundle) on loopback ports, sends every study with
-its own storescu process at the same moment, and waits until every study is sent. Prints, per
-study, the seconds from its first received instance to the destination's confirmation (the
-node's audit log), how many RTSTRUCTs each study got (must be 1), and the node's peak memory
-(resident set of the node process, and of the node with its worker processes, sampled every 0.2 s).
+Writes 2 x N small phantom studies (CT + contrast CT, 96 instances each), starts DCMTK's storescp
+as the planning system (``+uf``: every copy it receives is a file of its own) and one ``segrap
+serve`` (demo bundle) on loopback ports. Quiet phase: N studies, each sent by its own storescu
+process at the same moment. Hostile phase, same node: the other N studies sent the same way while
+``--tricklers`` connections each trickle a valid A-ASSOCIATE-RQ one byte per ``--trickle-s``
+seconds (reconnecting whenever the node drops them) and a pynetdicom sender C-STOREs
+``--oversized`` CT data sets over ``--max-instance-mb`` (alternately 1.5 and 3 times the cap). A
+storescu whose association is rejected (the node's 16 slots taken) tries again after a second, as
+a scanner's queue would. Prints, per study and phase, the seconds from its first received instance
+to the destination's confirmation (the node's audit log) and how many RTSTRUCTs the destination
+received for it (must be 1), the node's peak memory in each phase (psutil's resident set of the
+node process alone, and of the node with its worker processes, sampled every 0.2 s), and what the
+node did with the attack (its audit: associations dropped and rejected, instances refused).
 
 With ``--nodes``, for each count N given: N ``segrap serve`` processes on one spool folder and one
 PostgreSQL queue (a fresh database per round: on the server of ``--queue``, whose user needs
@@ -23,9 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -84,6 +94,182 @@ class MemorySampler(threading.Thread):
                 tree = node = 0
             self.peak_node, self.peak_tree = max(self.peak_node, node), max(self.peak_tree, tree)
             self.done.wait(0.2)
+
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def associate_rq(called: str = "SEGRAP", calling: str = "TRICKLER") -> bytes:
+    """A valid A-ASSOCIATE-RQ PDU (CT Image Storage, implicit VR little endian), as a scanner opens with."""
+    def item(kind: int, body: bytes) -> bytes:
+        return bytes([kind, 0]) + struct.pack(">H", len(body)) + body
+
+    context = item(0x10, b"1.2.840.10008.3.1.1.1")
+    presentation = item(0x20, bytes([1, 0, 0, 0]) + item(0x30, CT_IMAGE_STORAGE.encode())
+                        + item(0x40, b"1.2.840.10008.1.2"))
+    user = item(0x50, item(0x51, struct.pack(">I", 16384)))
+    body = (struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16) + bytes(32)
+            + context + presentation + user)
+    return b"\x01\x00" + struct.pack(">I", len(body)) + body
+
+
+class Trickler(threading.Thread):
+    """One connection sending an A-ASSOCIATE-RQ a byte at a time; reconnects when the node drops it."""
+
+    def __init__(self, port: int, every_s: float, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.port, self.every_s, self.stop = port, every_s, stop
+        self.connections = self.dropped = self.completed = 0
+
+    def run(self) -> None:
+        pdu = associate_rq()
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                    self.connections += 1
+                    for i in range(len(pdu)):
+                        if self.stop.wait(self.every_s if i else 0):
+                            return
+                        if select.select([sock], [], [], 0)[0] and not sock.recv(4096):
+                            break  # the node closed it
+                        sock.sendall(pdu[i:i + 1])
+                    else:
+                        self.completed += 1  # the whole request went through: the node did not drop it
+                        continue
+                    self.dropped += 1
+            except OSError:
+                self.dropped += 1
+                self.stop.wait(0.2)
+
+
+def oversized_ct(template: Path, megabytes: float) -> pydicom.Dataset:
+    """A CT data set of about ``megabytes`` (a phantom slice's header, a larger zero image, new UIDs)."""
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(template)
+    columns = 2048
+    rows = int(megabytes * 1e6 / (columns * 2)) + 1
+    ds.Rows, ds.Columns = rows, columns
+    ds.PixelData = bytes(rows * columns * 2)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return ds
+
+
+def send_oversized(port: int, template: Path, count: int, cap_mb: float, results: Counter) -> None:
+    """C-STORE ``count`` data sets over the cap, alternately 1.5 and 3 times it; tallies what became of them."""
+    from pynetdicom import AE
+
+    for k in range(count):
+        ds = oversized_ct(template, cap_mb * (1.5 if k % 2 == 0 else 3.0))
+        ae = AE(ae_title="BIGSENDER")
+        ae.add_requested_context(CT_IMAGE_STORAGE, str(ds.file_meta.TransferSyntaxUID))
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        for _ in range(30):  # rejected while the tricklers hold the slots: try again, as a sender would
+            assoc = ae.associate("127.0.0.1", port, ae_title="SEGRAP")
+            if assoc.is_established:
+                break
+            results["association rejected, retried"] += 1
+            time.sleep(1.0)
+        else:
+            results["never associated"] += 1
+            continue
+        reply = assoc.send_c_store(ds)
+        status = int(reply.Status) if "Status" in reply else None
+        results["stored (wrong)" if status == 0 else f"refused 0x{status:04X}" if status is not None
+                else "association dropped"] += 1
+        if assoc.is_established:
+            assoc.release()
+
+
+def send_study(storescu: str, port: int, study, attempts: int = 60) -> int:
+    """Send a study with storescu, trying again after a second when it fails; returns the failed attempts."""
+    for failed in range(attempts):
+        run = subprocess.run([storescu, "-aet", "SCANNER", "-aec", "SEGRAP", "+sd", "+r", "127.0.0.1", str(port),
+                              str(study.ct_dir), str(study.contrast_dir)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if run.returncode == 0:
+            return failed
+        time.sleep(1.0)
+    return attempts
+
+
+def run_phase(name: str, studies, node: subprocess.Popen, storescu: str, node_port: int, spool: Path,
+              tps: Path, timeout: float, hostile: dict | None = None) -> dict:
+    """Send ``studies`` at once (with the attack when ``hostile``) and wait for their deliveries."""
+    uids = {s.study_uid for s in studies}
+    stop = threading.Event()
+    tricklers: list[Trickler] = []
+    oversize = Counter()
+    threads: list[threading.Thread] = []
+    events_before = {kind: len(events(spool, kind)) for kind in
+                     ("association_dropped", "association_rejected", "instance_refused")}
+    sampler = MemorySampler(node.pid)
+    sampler.start()
+    if hostile:
+        tricklers = [Trickler(node_port, hostile["trickle_s"], stop) for _ in range(hostile["tricklers"])]
+        for t in tricklers:
+            t.start()
+        time.sleep(1.0)  # the slots are taken before the studies come
+        template = sorted(studies[0].ct_dir.glob("*.dcm"))[0]
+        threads.append(threading.Thread(target=send_oversized, daemon=True, args=(
+            node_port, template, hostile["oversized"], hostile["max_instance_mb"], oversize)))
+    t0 = time.time()
+    retries: list[int] = []
+    threads += [threading.Thread(target=lambda s=s: retries.append(send_study(storescu, node_port, s)), daemon=True)
+                for s in studies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sent_all = time.time() - t0
+    while len({e["study_uid"] for e in events(spool, "finished") + events(spool, "failed")} & uids) < len(uids):
+        if time.time() - t0 > timeout or node.poll() is not None:
+            break
+        time.sleep(1.0)
+    total = time.time() - t0
+    stop.set()
+    sampler.done.set()
+    sampler.join()
+    copies = Counter(str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
+                     for p in tps.iterdir() if p.is_file())
+    latency = {e["study_uid"]: e["received_to_sent_s"] for e in events(spool, "sent") if e["study_uid"] in uids}
+    return {"name": name, "sent_all_s": sent_all, "total_s": total, "retries": sum(retries),
+            "latency": [latency.get(s.study_uid, float("nan")) for s in studies],
+            "copies": [copies.get(s.study_uid, 0) for s in studies],
+            "sent_events": Counter(e["study_uid"] for e in events(spool, "sent") if e["study_uid"] in uids),
+            "peak_node_mib": sampler.peak_node / 2**20, "peak_tree_mib": sampler.peak_tree / 2**20,
+            "tricklers": {"connections": sum(t.connections for t in tricklers),
+                          "dropped": sum(t.dropped for t in tricklers),
+                          "completed": sum(t.completed for t in tricklers)} if hostile else None,
+            "oversized": dict(oversize) if hostile else None,
+            "audit": {kind: len(events(spool, kind)) - n for kind, n in events_before.items()}}
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def report(phases: list[dict], studies: int) -> bool:
+    """Print the phases side by side; True when every study of every phase got exactly one RTSTRUCT."""
+    print(f"{'study':>6} " + " ".join(f"{p['name'] + ' received->delivered s':>32} {'copies':>6}" for p in phases))
+    for i in range(studies):
+        print(f"{i:>6} " + " ".join(f"{p['latency'][i]:>32.1f} {p['copies'][i]:>6}" for p in phases))
+    ok = True
+    for p in phases:
+        once = all(c == 1 for c in p["copies"]) and all(n == 1 for n in p["sent_events"].values()) \
+            and len(p["sent_events"]) == studies
+        ok = ok and once
+        lat = p["latency"]
+        print(f"{p['name']}: delivered exactly once: {'yes' if once else 'NO'}; received->delivered min "
+              f"{min(lat):.1f} s, median {_median(lat):.1f} s, max {max(lat):.1f} s; all instances in after "
+              f"{p['sent_all_s']:.1f} s (storescu retries {p['retries']}), all delivered after {p['total_s']:.1f} s; "
+              f"peak RSS: node process {p['peak_node_mib']:.0f} MiB, node with its workers "
+              f"{p['peak_tree_mib']:.0f} MiB")
+        if p["tricklers"] is not None:
+            print(f"  attack: trickling connections {p['tricklers']}, oversized C-STOREs {p['oversized']}")
+        print(f"  node's audit in this phase: {p['audit']}")
+    return ok
 
 
 def _database(server_url: str | None, name: str, own: list) -> str:
@@ -196,7 +382,12 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="give up on a phase after this many seconds")
+    parser.add_argument("--tricklers", type=int, default=20)
+    parser.add_argument("--trickle-s", type=float, default=3.0, help="seconds between a trickler's bytes")
+    parser.add_argument("--oversized", type=int, default=6)
+    parser.add_argument("--max-instance-mb", type=float, default=8.0)
+    parser.add_argument("--no-hostile", action="store_true", help="the quiet phase only")
     parser.add_argument("--nodes", help="node counts to compare on one PostgreSQL queue, e.g. 1,2,3")
     parser.add_argument("--queue", help="postgresql://USER@HOST/DB whose server gets a database per round "
                         "(default: a throwaway PostgreSQL this script starts)")
@@ -209,15 +400,17 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-node-"))
     procs: list[subprocess.Popen] = []
     try:
-        studies = [write_variant("standard", work / f"study{i}", index=i) for i in range(args.studies)]
+        phases = 1 if args.no_hostile else 2
+        studies = [write_variant("standard", work / f"study{i}", index=i) for i in range(phases * args.studies)]
         tps_port, node_port, spool = free_port(), free_port(), work / "spool"
-        procs.append(subprocess.Popen([storescp, "-aet", "TPS", "-od", str(work / "tps"), str(tps_port)]))
         (work / "tps").mkdir()
+        procs.append(subprocess.Popen([storescp, "-aet", "TPS", "+uf", "-od", str(work / "tps"), str(tps_port)]))
         env = dict(os.environ, PYTHONPATH=str(ROOT / "SegRapSegmenter"))
         log = open(work / "serve.log", "w")
         node = subprocess.Popen([sys.executable, "-m", "SegRapSegmenterLib.cli", "serve", "--host", "127.0.0.1",
                                  "--port", str(node_port), "--spool", str(spool), "--bundle", "demo", "--device",
                                  args.device, "--settle", str(args.settle), "--workers", str(args.workers),
+                                 "--max-instance-mb", str(args.max_instance_mb),
                                  "--destination", f"TPS@127.0.0.1:{tps_port}"], stdout=log, stderr=log, env=env)
         procs.append(node)
         while not events(spool, "started"):
@@ -225,47 +418,18 @@ def main() -> int:
                 sys.exit(f"segrap serve exited: {(work / 'serve.log').read_text()[-2000:]}")
             time.sleep(0.2)
         time.sleep(1.0)
-        sampler = MemorySampler(node.pid)
-        sampler.start()
-        t0 = time.time()
-        senders = [subprocess.Popen([storescu, "-aet", "SCANNER", "-aec", "SEGRAP", "+sd", "+r", "127.0.0.1",
-                                     str(node_port), str(s.ct_dir), str(s.contrast_dir)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for s in studies]
-        failed_senders = sum(p.wait() != 0 for p in senders)
-        sent_all = time.time() - t0
-        while len(events(spool, "finished")) + len(events(spool, "failed")) < len(studies):
-            if time.time() - t0 > args.timeout or node.poll() is not None:
-                break
-            time.sleep(1.0)
-        total = time.time() - t0
-        sampler.done.set()
-        sampler.join()
+        n = args.studies
+        results = [run_phase("quiet", studies[:n], node, storescu, node_port, spool, work / "tps", args.timeout)]
+        if not args.no_hostile:
+            results.append(run_phase("hostile", studies[n:], node, storescu, node_port, spool, work / "tps",
+                                     args.timeout, {"tricklers": args.tricklers, "trickle_s": args.trickle_s,
+                                                    "oversized": args.oversized,
+                                                    "max_instance_mb": args.max_instance_mb}))
         node.send_signal(signal.SIGTERM)
         node.wait(120)
-
-        sent = events(spool, "sent")
-        per_study = Counter(e["study_uid"] for e in sent)
-        files = Counter(str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
-                        for p in (work / "tps").iterdir() if p.is_file())
-        started = {e["study_uid"]: e for e in events(spool, "job_started")}
-        print(f"studies: {len(studies)} sent by {len(studies)} parallel storescu processes "
-              f"({failed_senders} failed), all instances received after {sent_all:.1f} s")
-        print(f"{'study':>6} {'received->delivered s':>22} {'segmentation s':>15} {'RTSTRUCTs at TPS':>17}")
-        finished = {e["study_uid"]: e for e in events(spool, "job_finished")}
-        times = []
-        for i, s in enumerate(studies):
-            e = next((e for e in sent if e["study_uid"] == s.study_uid), None)
-            seconds = e["received_to_sent_s"] if e else float("nan")
-            times.append(seconds)
-            print(f"{i:>6} {seconds:>22.1f} {finished.get(s.study_uid, {}).get('seconds', float('nan')):>15.1f} "
-                  f"{files.get(s.study_uid, 0):>17}")
-        ok = all(per_study[s.study_uid] == 1 and files.get(s.study_uid) == 1 for s in studies)
-        print(f"delivered exactly once: {'yes' if ok else 'NO'} ({sum(files.values())} RTSTRUCT files for "
-              f"{len(started)} studies started)")
-        print(f"received->delivered: min {min(times):.1f} s, median {sorted(times)[len(times) // 2]:.1f} s, "
-              f"max {max(times):.1f} s; all done after {total:.1f} s")
-        print(f"peak memory: node process {sampler.peak_node / 2**20:.0f} MiB, node with its worker "
-              f"{sampler.peak_tree / 2**20:.0f} MiB")
+        print(f"{n} studies per phase, each sent by its own storescu process at the same moment; one node "
+              f"({args.workers} worker(s), {args.device}), settle {args.settle:g} s")
+        ok = report(results, n)
         return 0 if ok else 1
     finally:
         for p in procs:

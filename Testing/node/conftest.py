@@ -43,3 +43,10 @@ def phantom_studies(tmp_path_factory) -> list[DicomPhantom]:
     """Two phantom studies (CT + contrast CT each, different UIDs), small size."""
     root = tmp_path_factory.mktemp("node_studies")
     return [write_variant("standard", root / f"study{i}", index=i) for i in range(2)]
+
+
+@pytest.fixture(scope="session")
+def thin_studies(tmp_path_factory) -> list[DicomPhantom]:
+    """Two phantom studies of 12 slices (CT + contrast CT each): the demo contours one in seconds."""
+    root = tmp_path_factory.mktemp("node_thin_studies")
+    return [write_variant("standard", root / f"study{i}", index=i, slices=12) for i in range(2)]

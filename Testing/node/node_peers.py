@@ -153,14 +153,16 @@ class NodeProcess:
 class StoreScp:
     """DCMTK's storescp as the treatment planning system: every received file lands in ``folder``."""
 
-    def __init__(self, folder: Path, port: int, ae_title: str = "TPS"):
-        self.folder, self.port, self.ae_title = folder, port, ae_title
+    def __init__(self, folder: Path, port: int, ae_title: str = "TPS", options: tuple[str, ...] = ()):
+        """``options``: more storescp options, e.g. ``("+uf",)`` to keep every received copy in a file of its own."""
+        self.folder, self.port, self.ae_title, self.options = folder, port, ae_title, options
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "StoreScp":
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen([dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder),
-                                         str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen([dcmtk("storescp"), "-aet", self.ae_title, *self.options, "-od",
+                                         str(self.folder), str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: self._listening(), 30, "storescp to listen")
         return self
 

@@ -641,3 +641,22 @@ def test_the_temporary_files_a_killed_node_left_in_its_spool_are_removed_at_the_
     before = tempfile.tempdir
     node.stop()
     assert node.run() == 0 and tempfile.tempdir == before  # run() points tempfile at spool/tmp only while it runs
+
+
+def test_a_start_tells_a_run_that_ended_without_stopped_from_a_clean_stop(tmp_path):
+    from SegRapSegmenterLib.node.service import _unclean_end
+
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    assert _unclean_end(audit.path) is None  # a new spool: no earlier run
+    audit.write("started")
+    audit.write("stopped")
+    audit.write("association_closed", how="EVT_ABORTED")  # a straggler after the clean stop
+    assert _unclean_end(audit.path) is None
+    audit.write("started")
+    audit.write("job_started", study_uid="1.2.3")
+    with open(audit.path, "a") as f:
+        f.write('{"time": "2026-12-06T00:00:00Z", "event": "sen')  # the line the SIGKILL cut
+    assert _unclean_end(audit.path)["event"] == "job_started"
+    for i in range(300):  # a run of months: its 'started' is beyond the tail that is read
+        audit.write("association", calling_ae=f"SCANNER{i}")
+    assert _unclean_end(audit.path, tail_bytes=4096)["event"] == "association"

@@ -631,23 +631,26 @@ def remove_bundle(name: str, store: Path | None = None) -> Path:
     return folder
 
 
-def resolve_bundle(ref: str | Path | None, store: Path | None = None) -> Bundle:
-    """The bundle a user means: a folder path, an installed name, ``demo``, or (None) the only installed one."""
+def resolve_bundle(ref: str | Path | None, store: Path | None = None, check_network: bool = True) -> Bundle:
+    """The bundle a user means: a folder path, an installed name, ``demo``, or (None) the only installed one.
+
+    ``check_network=False``: the manifest and files only, not the plans' network (which imports torch).
+    """
     store = store or store_root()
     if ref is not None:
         text = str(ref)
         if (store / text / MANIFEST_NAME).is_file():
-            return load_bundle(store / text)
+            return load_bundle(store / text, check_network)
         if text == DEMO_BUNDLE_NAME:
-            return load_bundle(DEMO_BUNDLE_PATH)
+            return load_bundle(DEMO_BUNDLE_PATH, check_network)
         path = Path(text).expanduser()
         if path.is_dir():
-            return load_bundle(path)
+            return load_bundle(path, check_network)
         installed = ", ".join(b.name for b in list_bundles(store)) or "none"
         raise ModelError(f"Model bundle {text!r} is not installed (installed in {store}: {installed}). "
                          f"Install it with `segrap models install PATH_OR_URL`, or use --bundle demo for the "
                          f"phantom-trained demo model.")
-    installed = list_bundles(store)
+    installed = list_bundles(store, check_network)
     if len(installed) == 1:
         return installed[0]
     if not installed:

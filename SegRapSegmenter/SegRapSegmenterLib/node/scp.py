@@ -376,10 +376,13 @@ class StorageScp:
         return self.port
 
     def stop(self) -> None:
-        """Stop accepting associations and close the listening socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        """Stop accepting associations, abort the ones still open and close the listening socket."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            for assoc in server.active_associations:  # a sender mid-transfer gets an A-ABORT now, not C-STORE
+                assoc.abort()  # refusals once the spool has closed (its stored images are kept)
+                assoc.join(timeout=10)
         self._stopping.set()
         if self._watchdog is not None:
             self._watchdog.join(5)

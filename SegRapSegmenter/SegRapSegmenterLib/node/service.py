@@ -133,6 +133,11 @@ class Node:
     # ------------------------------------------------------------------ the loops
 
     def _recover(self) -> None:
+        last = _unclean_end(self.spool.audit_path)
+        if last is not None:  # killed (SIGKILL, the OOM killer, a power cut) or crashed
+            self.audit.write("unclean_stop", last_event=last.get("event"), last_event_time=last.get("time"),
+                             note="the previous node process ended without stopping; what it was doing is "
+                             "recovered below")
         removed = self.spool.clear_incoming() + self.spool.clear_temp()
         restarted = self.spool.restart_settle_clocks()
         if restarted:  # a study cut by the downtime gets a full settle time for its sender to resend
@@ -255,7 +260,9 @@ class Node:
         from ..inference.bundles import resolve_bundle
 
         self._refuse_shared_spool()
-        bundle = resolve_bundle(self.config.bundle)  # ModelError before listening, not at the first study
+        # ModelError before listening, not at the first study; the plans' network is checked by each worker (and
+        # was at install): checking it here imported torch into the node, 700 MiB resident instead of ~100
+        bundle = resolve_bundle(self.config.bundle, check_network=False)
         if not self.shared:  # one node per SQLite queue; a shared queue has its nodes table instead
             self._claim_spool()
         else:
@@ -329,6 +336,33 @@ class Node:
                   file=sys.stderr)
             return EXIT_ERROR
         return 0
+
+
+def _unclean_end(path, tail_bytes: int = 1 << 20) -> dict | None:
+    """The last event of a node run that ended without ``stopped`` (killed or crashed); None after a clean stop.
+
+    Only the log's tail is read (it grows for months); the run's ``started`` may lie before it.
+    """
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    last = None
+    for line in reversed(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:  # a line cut by the kill, or the first partial line of the tail
+            continue
+        last = last or event
+        if event.get("event") == "stopped":
+            return None
+        if event.get("event") == "started":
+            break
+    return last
 
 
 def serving_pid(spool_root) -> int | None:
