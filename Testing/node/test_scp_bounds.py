@@ -87,6 +87,25 @@ def test_established_associations_trickling_a_pdu_are_closed_after_idle_s_and_fr
     assert all(e["reason"] == "a PDU trickling in: not complete after 4 s (idle_s)" for e in dropped)
 
 
+@pytest.mark.parametrize("bounded_scp", [{"negotiation_s": 60}], indirect=True)
+def test_connections_that_never_finish_their_request_cannot_lock_senders_out(bounded_scp):
+    # twenty connections each send the first byte of an A-ASSOCIATE-RQ and then nothing, more than the node's
+    # sixteen slots; a real sender must still get through at once, long before the negotiation deadline
+    tricklers = [socket.create_connection(("127.0.0.1", bounded_scp.port)) for _ in range(20)]
+    try:
+        for sock in tricklers:
+            sock.sendall(b"\x01")
+        started = time.monotonic()
+        assert _echoscu(bounded_scp.port) == 0  # before: A-ASSOCIATE-RJ, local limit exceeded, for 60 s
+        assert time.monotonic() - started < 10
+        room = [e for e in _dropped(bounded_scp) if "the oldest makes room" in e["reason"]]
+        assert len(room) >= 20 - bounded_scp.max_negotiating and all(e["address"].startswith("127.0.0.1:")
+                                                                      for e in room)
+    finally:
+        for sock in tricklers:
+            sock.close()
+
+
 def test_a_silent_association_is_closed_after_idle_s(bounded_scp):
     assoc = _associate(bounded_scp.port)
     wait_until(lambda: not assoc.is_established, 6, "the node to close the idle association")
