@@ -410,7 +410,10 @@ def test_connections_trickling_an_association_request_are_dropped_and_do_not_loc
         stop.set()
         server.stop()
     dropped = [e for e in read_events(spool.audit_path) if e["event"] == "association_dropped"]
-    assert len(dropped) == 20 and all("within 3 s" in e["reason"] for e in dropped)
+    # beyond the 8 connections that may negotiate at once, each new one closes the oldest; the rest wait out 3 s
+    room = [e for e in dropped if "the oldest makes room" in e["reason"]]
+    assert len(dropped) == 20 and len(room) >= 20 - server.max_negotiating
+    assert all("within 3 s" in e["reason"] for e in dropped if e not in room)
     spool.close()
 
 
