@@ -636,7 +636,8 @@ def _cmd_evaluate(args) -> int:
         def f(v):
             return "-" if v is None else f"{v:.3f}"
         print(f"review flag: AUC {f(flag['auc'])} for DSC < 0.5, sensitivity {f(flag['sensitivity'])}, false flags "
-              f"{f(flag['false_flags'])} ({flag['dsc_below_0.5']} of {flag['structures']} structures below 0.5)")
+              f"{f(flag['false_flags'])} ({flag['dsc_below_0.5']} of {flag['structures']} structures below 0.5)"
+              f"{evaluate.left_out_of_review(flag)}")
     for note in result.notes:
         print(f"note: {note}")
     print(f"report: {result.files['report']}")

@@ -30,7 +30,8 @@ from .anatomy.review import (OUTSIDE_REVIEW_ABOVE, REMOVED_REVIEW_ABOVE, review_
 from .arrays import CroppedMasks, uint8_image
 from .console import StageEstimate
 from .errors import DicomError, InputError, OutputError
-from .formats.identity import check_identity_of_files, check_pair, identity_of_folder
+from .formats.dicom import SeriesInfo, choose_ct_series, discover_series, series_case_id, study_case_id
+from .formats.identity import check_identity_of_files, check_pair, identity_of_series
 from .formats.imaging import VolumeSource, check_volume_header, contrast_on_ct_grid, read_volume
 from .inference.body import THRESHOLD_HU as BODY_THRESHOLD_HU
 from .inference.body import body_of_image
@@ -84,16 +85,32 @@ def _check_request(req: SegmentRequest) -> tuple[str, ...]:
     return tasks
 
 
-def request_case_id(req: SegmentRequest, named: str | None = None) -> str:
+def request_case_id(req: SegmentRequest, named: str | None = None,
+                    dicom: dict[str, SeriesInfo] | None = None) -> str:
     """The case id of a request: ``--case-id``; for a DICOM input, its study's (``formats.dicom.study_case_id``, as
-    the node names cases, so a folder ``.../CT`` is not named after its parent); else from the input file's name."""
+    the node names cases, so a folder ``.../CT`` is not named after its parent); else from the input file's name.
+
+    ``dicom``: the inputs' series as ``discover_dicom`` found them (the study of the CT series read); without it the
+    first matching file's header is read."""
     named = named or request_paths(req)[0]
-    source, series = (req.ct, req.ct_series) if req.ct else (req.contrast_ct, req.contrast_series)
+    role, source, series = ("ct", req.ct, req.ct_series) if req.ct else ("contrast", req.contrast_ct,
+                                                                         req.contrast_series)
     if req.case_id or not source or not Path(source).is_dir():
         return named
-    from .formats.dicom import series_case_id
+    found = (dicom or {}).get(role)
+    study = (study_case_id(found.study_uid) if found.study_uid else None) if found else series_case_id(source, series)
+    return check_case_id(study or named, "the case id taken from the DICOM study")
 
-    return check_case_id(series_case_id(source, series) or named, "the case id taken from the DICOM study")
+
+def discover_dicom(req: SegmentRequest, tasks: tuple[str, ...]) -> dict[str, SeriesInfo]:
+    """The CT series of each DICOM folder the run reads (``ct``; ``contrast`` when Task 2 runs), each file's header
+    read once: the case id, the identity check and the reader all take the series from here."""
+    found = {}
+    for role, path, series, wanted in (("ct", req.ct, req.ct_series, True),
+                                       ("contrast", req.contrast_ct, req.contrast_series, "gtv" in tasks)):
+        if wanted and path and Path(path).is_dir():
+            found[role] = choose_ct_series(path, discover_series(path), series)
+    return found
 
 
 def _check_inputs(req: SegmentRequest, tasks: tuple[str, ...]) -> None:
@@ -257,18 +274,21 @@ def _input_record(source: VolumeSource) -> dict:
     return record
 
 
-def _check_identity(req: SegmentRequest, tasks: tuple[str, ...]) -> tuple[dict, list[str]]:
+def _check_identity(req: SegmentRequest, tasks: tuple[str, ...],
+                    dicom: dict[str, SeriesInfo] | None = None) -> tuple[dict, list[str]]:
     """The inputs' identity record and warnings (``identity.check_pair``), from the DICOM headers alone, before the
-    model: InputError for two patients. Image files have none; a caller's own record (Slicer's) stands for them."""
+    model: InputError for two patients. Image files have none; a caller's own record (Slicer's) stands for them.
+    ``dicom``: the series ``discover_dicom`` found (discovered here when not given)."""
     contrast_path = req.contrast_ct if "gtv" in tasks else None
     if req.identity_files is not None:
         return check_identity_of_files(req.identity_files, contrast_path is not None, req.register,
                                         req.patient_values_in_errors)
+    dicom = discover_dicom(req, tasks) if dicom is None else dicom
 
-    def of(path: str | None, series: str | None):
-        return identity_of_folder(path, series) if path and Path(path).is_dir() else None
+    def of(role: str, path: str | None):
+        return identity_of_series(path, dicom[role]) if role in dicom else None
 
-    record, warnings = check_pair(of(req.ct, req.ct_series), of(contrast_path, req.contrast_series),
+    record, warnings = check_pair(of("ct", req.ct), of("contrast", contrast_path),
                                   ct_path=req.ct, contrast_path=contrast_path, register=req.register,
                                   patient_values=req.patient_values_in_errors)
     if req.identity and record.get("patient", "").startswith("not checked"):
@@ -288,15 +308,16 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
     t_start = time.perf_counter()
     tasks = _check_request(req)
     case_id, staging = request_paths(req)
-    case_id = request_case_id(req, case_id)
     _check_inputs(req, tasks)
-    identity = _check_identity(req, tasks)  # one patient: refused here, before the model and any output
+    dicom = discover_dicom(req, tasks)  # each DICOM file's header read once, for all that follows
+    case_id = request_case_id(req, case_id, dicom)
+    identity = _check_identity(req, tasks, dicom)  # one patient: refused here, before the model and any output
     pick_device(req.device)
     _check_out_dir(Path(req.out_dir))
     lock = acquire_case_lock(req.out_dir, case_id, staging)
     succeeded = False
     try:
-        result = _segment(req, tasks, case_id, staging, t_start, progress, warn, identity)
+        result = _segment(req, tasks, case_id, staging, t_start, progress, warn, identity, dicom)
         succeeded = True
         return result
     finally:
@@ -304,7 +325,8 @@ def run(req: SegmentRequest, progress: Progress | None = None, warn: Warn | None
 
 
 def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging: Path, t_start: float,
-             progress: Progress | None, warn: Warn | None, identity: tuple[dict, list[str]]) -> SegmentResult:
+             progress: Progress | None, warn: Warn | None, identity: tuple[dict, list[str]],
+             dicom: dict[str, SeriesInfo]) -> SegmentResult:
     """``run``'s work once its checks passed and it holds the case's lock."""
     progress = progress or (lambda stage, fraction, message: None)
     warnings: list[str] = []
@@ -332,10 +354,10 @@ def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging:
 
     progress("read", 0.02, "reading the images")
     t0 = time.perf_counter()
-    ct = read_volume(req.ct, "CT", req.ct_series) if req.ct else None
+    ct = read_volume(req.ct, "CT", req.ct_series, dicom.get("ct")) if req.ct else None
     contrast = None
     if "gtv" in tasks and ct is None:
-        contrast = read_volume(req.contrast_ct, "Contrast CT", req.contrast_series)
+        contrast = read_volume(req.contrast_ct, "Contrast CT", req.contrast_series, dicom.get("contrast"))
     # (the contrast CT's header was checked with the CT's; its voxels are read when Task 2 starts, so they are
     # not held while Task 1 runs)
     reference = ct.image if ct is not None else contrast.image
@@ -368,7 +390,7 @@ def _segment(req: SegmentRequest, tasks: tuple[str, ...], case_id: str, staging:
         if task == "gtv" and contrast is None:
             progress("read", lo, "reading the contrast CT")
             t0 = time.perf_counter()
-            contrast = read_volume(req.contrast_ct, "Contrast CT", req.contrast_series)
+            contrast = read_volume(req.contrast_ct, "Contrast CT", req.contrast_series, dicom.get("contrast"))
             give_back_freed_memory()
             timings["read"] += time.perf_counter() - t0
         progress(f"{task}-model", lo, f"loading the {task} model")

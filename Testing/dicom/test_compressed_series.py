@@ -2,8 +2,10 @@
 
 The phantom's CT is transcoded by DCMTK (dcmcjpeg, dcmcjpls: encoders independent of the decoder,
 python-gdcm) where DCMTK is installed, and by GDCM itself for JPEG 2000 (DCMTK's free toolkit has
-no JPEG 2000 codec) and when it is not. `segrap segment` runs once on the uncompressed series and
-once per syntax; every run must give the same labels.
+no JPEG 2000 codec) and when it is not. Every syntax reads to the uncompressed series' volume (the same
+HU and grid: what `segrap segment` reads from a folder, so its labels are a function of it) and serves as
+export-rtstruct's reference; `segrap segment` itself runs once on the uncompressed series and once on a
+compressed one (JPEG-LS, DCMTK-encoded where DCMTK is there), and the two runs give the same labels.
 """
 
 from __future__ import annotations
@@ -66,17 +68,24 @@ def transcode(src_dir: Path, dst_dir: Path, name: str, peer=None) -> Path:
 def plain(tmp_path_factory):
     """The uncompressed phantom CT series (few slices) and its HU volume."""
     written = write_variant("standard", tmp_path_factory.mktemp("plain"), slices=SLICES)
-    return written, sitk.GetArrayFromImage(read_ct_series(written.ct_dir).image)
+    return written, read_ct_series(written.ct_dir).image
+
+
+def _same_volume(image: sitk.Image, plain: sitk.Image) -> bool:
+    """The same HU voxels on the same grid (size, spacing, origin, direction)."""
+    return (np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(plain))
+            and image.GetSize() == plain.GetSize() and image.GetSpacing() == plain.GetSpacing()
+            and image.GetOrigin() == plain.GetOrigin() and image.GetDirection() == plain.GetDirection())
 
 
 @pytest.mark.parametrize("name", sorted(SYNTAXES))
 def test_gdcm_encoded_series_reads_to_the_same_hounsfield_units(plain, tmp_path, name):
     """Cheap, and needs no peer: the decoders (python-gdcm, a core dependency) give the stored values back."""
-    written, hu = plain
+    written, image = plain
     folder = transcode(written.ct_dir, tmp_path / name, name)
     volume = read_ct_series(folder)
     assert volume.series.transfer_syntax == SYNTAXES[name][0]
-    assert np.array_equal(sitk.GetArrayFromImage(volume.image), hu)
+    assert _same_volume(volume.image, image)
 
 
 def _segment(ct_dir: Path, out: Path, capsys) -> dict[str, np.ndarray]:
@@ -100,17 +109,26 @@ def plain_labels(plain, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(SYNTAXES))
-def test_segment_and_export_rtstruct_on_a_compressed_series(plain, plain_labels, tmp_path, capsys, dciodvfy, peer,
-                                                            name):
-    written, _ = plain
+def test_a_peer_encoded_series_reads_to_the_same_volume_and_is_an_rtstruct_reference(plain, plain_labels, tmp_path,
+                                                                                     dciodvfy, peer, name):
+    written, image = plain
     folder = transcode(written.ct_dir, tmp_path / name, name, peer)
-    labels = _segment(folder, tmp_path / "out", capsys)
+    volume = read_ct_series(folder)  # the reader `segrap segment` runs on a folder: same volume, same labels
+    assert volume.series.transfer_syntax == SYNTAXES[name][0]
+    assert _same_volume(volume.image, image)
     seg_path, expected = plain_labels
-    assert set(labels) == set(expected)
-    assert all(np.array_equal(labels[n], expected[n]) for n in expected), "labels differ from the uncompressed run"
     # the compressed series as export-rtstruct's reference: headers only, any syntax
     rs = tmp_path / "RS.dcm"
     assert cli.main(["export-rtstruct", str(seg_path), "--reference-ct", str(folder), "-o", str(rs)]) == 0
     assert dciodvfy(rs) == []
     back = read_rtstruct(rs, read_ct_series(written.ct_dir))
     assert all(np.array_equal(back[n], expected[n]) for n in expected)
+
+
+def test_segment_on_a_compressed_series_gives_the_uncompressed_labels(plain, plain_labels, tmp_path, capsys, peer):
+    written, _ = plain
+    folder = transcode(written.ct_dir, tmp_path / "jpeg-ls", "jpeg-ls-lossless", peer)
+    labels = _segment(folder, tmp_path / "out", capsys)
+    _, expected = plain_labels
+    assert set(labels) == set(expected)
+    assert all(np.array_equal(labels[n], expected[n]) for n in expected), "labels differ from the uncompressed run"

@@ -65,22 +65,42 @@ def test_batch_mode_refuses_a_case_folder_whose_name_is_not_plain(tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("staging", ["{victim}", "{out}", "{out}/sub/.segrap-partial-x", "{out}/../victim",
-                                     "{out}/not-ours"])
-def test_worker_refuses_a_staging_dir_that_is_not_its_own_and_deletes_nothing(tmp_path, victim, staging):
+STAGING_NOT_OURS = ["{victim}", "{out}", "{out}/sub/.segrap-partial-x", "{out}/../victim", "{out}/not-ours"]
+
+
+def _staging_request(tmp_path: Path, victim: Path, staging: str) -> SegmentRequest:
+    """A request whose staging_dir is ``staging``, beside an earlier result and a staging-like folder deeper down."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "earlier.seg.nrrd").write_text("an earlier result")
     (out / "sub" / ".segrap-partial-x").mkdir(parents=True)
-    request = SegmentRequest(ct=str(tmp_path / "ct.nii.gz"), out_dir=str(out), case_id="case",
-                             staging_dir=staging.format(victim=victim, out=out))
+    return SegmentRequest(ct=str(tmp_path / "ct.nii.gz"), out_dir=str(out), case_id="case",
+                          staging_dir=staging.format(victim=victim, out=out))
+
+
+def _nothing_deleted(tmp_path: Path, victim: Path) -> bool:
+    out = tmp_path / "out"
+    return _intact(victim) and (out / "earlier.seg.nrrd").is_file() and (out / "sub" / ".segrap-partial-x").is_dir()
+
+
+@pytest.mark.parametrize("staging", STAGING_NOT_OURS)
+def test_a_staging_dir_that_is_not_the_runs_own_is_refused(tmp_path, victim, staging):
+    """Each way a staging folder is not ours (outside, the output folder itself, deeper, through .., another name):
+    ``request_paths``, which the worker calls before it remembers a folder to delete, refuses it."""
+    with pytest.raises(InputError, match="staging_dir .* refused"):
+        request_paths(_staging_request(tmp_path, victim, staging))
+    assert _nothing_deleted(tmp_path, victim)
+
+
+def test_worker_refuses_a_staging_dir_that_is_not_its_own_and_deletes_nothing(tmp_path, victim):
+    """The real worker process on one of those requests (each of them is refused in the same call, above)."""
     path = tmp_path / "request.json"
-    path.write_text(json.dumps(asdict(request)))
+    path.write_text(json.dumps(asdict(_staging_request(tmp_path, victim, STAGING_NOT_OURS[0]))))
     proc = subprocess.run([sys.executable, "-m", "SegRapSegmenterLib.worker", "--request", str(path)],
                           capture_output=True, text=True, timeout=300)
     event = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 3 and event["event"] == "error" and "staging_dir" in event["message"]
-    assert _intact(victim) and (out / "earlier.seg.nrrd").is_file() and (out / "sub" / ".segrap-partial-x").is_dir()
+    assert _nothing_deleted(tmp_path, victim)
 
 
 def test_the_default_staging_folder_is_inside_the_output_folder_and_unique_per_run(tmp_path):

@@ -6,8 +6,8 @@ Shrunk so that it runs on a CPU within the CI budget: the network keeps the plan
 (``RESENC_L_ISO``: residual encoder, 6 stages, 1-3-4-6-6-6 blocks, 3x3x3 kernels, stride 2 in every
 axis from stage 2) but has 2-4-8-8-8-8 features instead of 32-64-128-256-320-320, the patch is
 32 x 64 x 64 instead of 192^3, and it trains on the small phantom at 3 x 2 x 2 mm (the nnUNetPlans
-preprocessing, reused) instead of 1 mm isotropic. A checkpoint of another topology is refused before
-nnU-Net starts.
+preprocessing of the session's ``planned_oar``, which the smoke run trains on too) instead of 1 mm isotropic.
+A checkpoint of another topology is refused before nnU-Net starts (in this process: nothing of nnU-Net runs).
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from SegRapSegmenterLib import cli
 from SegRapSegmenterLib.errors import EXIT_MODEL
 from SegRapSegmenterLib.formats.segfile import read_seg_nrrd
 from SegRapSegmenterLib.phantom import cases as phantom
-from SegRapSegmenterLib.training.convert import convert_release
 from SegRapSegmenterLib.training.pretrained import RESENC_L_ISO, network_from_plans
+from training_helpers import PLANNED_DATASET as DATASET
+from training_helpers import planned_copy
 
-DATASET = 702
 PLANS = "nnUNetResEncUNetLPlansTiny"
+TRAINER = "SegRapStagedTrainer_noMirroring"
 TINY_FEATURES = [2, 4, 8, 8, 8, 8]
 PATCH = [32, 64, 64]
 
@@ -77,31 +77,21 @@ def _train(args, env):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_resenc_l_checkpoint_fine_tunes_exports_with_its_checksum_and_segments(phantom_release, tmp_path,
-                                                                               monkeypatch):
-    root, _ = phantom_release
-    dirs = {name: tmp_path / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for name, path in dirs.items():
-        monkeypatch.setenv(name, str(path))
-    monkeypatch.setenv("SEGRAP_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("nnUNet_def_n_proc", "1")
-    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+def test_resenc_l_checkpoint_fine_tunes_exports_with_its_checksum_and_segments(planned_oar, tmp_path, monkeypatch,
+                                                                               capsys):
+    dirs = planned_copy(planned_oar, tmp_path, monkeypatch)
     env = dict(os.environ)
-    dataset_dir = convert_release(root, dirs["nnUNet_raw"], "oar", DATASET).dataset_dir
-    planned = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET),
-                              "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env=env, capture_output=True, text=True,
-                             timeout=300)
-    assert planned.returncode == 0, planned.stdout[-2000:] + planned.stderr[-2000:]
+    dataset_dir = dirs["nnUNet_raw"] / planned_oar[2]
     preprocessed = dirs["nnUNet_preprocessed"] / dataset_dir.name
     base = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     (preprocessed / f"{PLANS}.json").write_text(json.dumps(_resenc_plans(base)))
 
     # another topology (fewer residual blocks): refused before nnU-Net starts, nothing trained
     other = _checkpoint(tmp_path, _resenc_plans(base, blocks=[1, 2, 2, 2, 2, 2]), "other")
-    refused = _train([str(DATASET), "3d_fullres", "all", "-p", PLANS, "--pretrained", str(other), "--device", "cpu",
-                      "--epochs", "3", "--stage-epochs", "1", "1", "--iterations", "2"], env)
-    assert refused.returncode == EXIT_MODEL, refused.stderr[-2000:]
-    message = " ".join(refused.stderr.split())
+    capsys.readouterr()
+    assert cli.main(["train", "run", str(DATASET), "3d_fullres", "all", "-p", PLANS, "--pretrained", str(other),
+                     "--device", "cpu", "--epochs", "3", "--stage-epochs", "1", "1", "--iterations", "2"]) == EXIT_MODEL
+    message = " ".join(capsys.readouterr().err.split())
     assert "refused: its architecture differs from the network of the plans" in message
     # residual blocks of two convolutions, plus a 1x1 projection where a stage changes the features
     assert "Checkpoint encoder: 6 stages, features [2, 4, 8, 8, 8, 8], convolutions per stage [2, 5, 5, 4, 4, 4]" \
@@ -112,11 +102,13 @@ def test_resenc_l_checkpoint_fine_tunes_exports_with_its_checksum_and_segments(p
 
     # the same topology, 10 "pre-training" classes: body loaded, heads re-initialised for the 55 outputs
     pretrained = _checkpoint(tmp_path, _resenc_plans(base), "resenc")
-    trained = _train([str(DATASET), "3d_fullres", "all", "-p", PLANS, "--pretrained", str(pretrained), "--device",
-                      "cpu", "--epochs", "3", "--stage-epochs", "1", "1", "--iterations", "2", "--val-iterations", "1"],
-                     env)
+    # a heads-only epoch, then one of the whole network; without mirroring, so that nnU-Net's final validation
+    # predicts each case once, not eight times (mirroring is the smoke run's, test_training_smoke_run.py)
+    trained = _train([str(DATASET), "3d_fullres", "all", "-p", PLANS, "-tr", TRAINER, "--pretrained", str(pretrained),
+                      "--device", "cpu", "--epochs", "2", "--stage-epochs", "1", "0", "--iterations", "2",
+                      "--val-iterations", "1"], env)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-    result = dirs["nnUNet_results"] / dataset_dir.name / f"SegRapStagedTrainer__{PLANS}__3d_fullres"
+    result = dirs["nnUNet_results"] / dataset_dir.name / f"{TRAINER}__{PLANS}__3d_fullres"
     report = json.loads((result / "fold_all" / "pretrained_weights.json").read_text())
     sha = hashlib.sha256(pretrained.read_bytes()).hexdigest()
     assert report["sha256"] == sha and report["loaded"] and not report["heads_loaded"]

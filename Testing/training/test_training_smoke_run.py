@@ -1,6 +1,7 @@
 """The whole recipe on the CPU in minutes: convert, plan, preprocess, staged training, bundle, segment.
 
-Three small phantom cases, nnU-Net's own planning and preprocessing, then a plans edit to a tiny
+Two small phantom cases, nnU-Net's own planning and preprocessing (the session's ``planned_oar``, which
+test_finetune_resenc trains on too: planning twice proved nothing more), then a plans edit to a tiny
 network (features 2-16, patch 16 x 64 x 64) and 3 epochs of 2 iterations (1 heads-only, 1 warm-up,
 1 poly) with the staged trainer started from a checkpoint trained for another class count. The
 model learns nothing; the test checks that every step of the recipe runs and hands over to the next.
@@ -19,10 +20,9 @@ import torch
 from SegRapSegmenterLib import cli
 from SegRapSegmenterLib.formats.segfile import read_seg_nrrd
 from SegRapSegmenterLib.phantom import cases as phantom
-from SegRapSegmenterLib.training.convert import convert_release
 from SegRapSegmenterLib.training.pretrained import check_pretrained, network_from_plans
-
-DATASET = 701
+from training_helpers import PLANNED_DATASET as DATASET
+from training_helpers import planned_copy
 SMOKE_ARCH = {
     "n_stages": 4, "features_per_stage": [2, 4, 8, 16],
     "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
@@ -37,23 +37,14 @@ def _run(cmd, env, timeout=240):
     return proc
 
 
-def test_recipe_from_phantom_release_to_segmenting_with_the_installed_bundle(phantom_release, tmp_path, monkeypatch):
+def test_recipe_from_phantom_release_to_segmenting_with_the_installed_bundle(planned_oar, tmp_path, monkeypatch):
+    # 1. convert, then nnU-Net's own planning and preprocessing (planned_oar, asserted there); a copy of our own
     t0 = time.monotonic()
-    root, _ = phantom_release
-    env_dirs = {name: tmp_path / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for name, path in env_dirs.items():
-        monkeypatch.setenv(name, str(path))
-    monkeypatch.setenv("SEGRAP_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("nnUNet_def_n_proc", "1")  # one export/metrics worker in nnU-Net's validation
-    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    env_dirs = planned_copy(planned_oar, tmp_path, monkeypatch)
     env = dict(os.environ)
-
-    # 1. convert, then nnU-Net's own planning and preprocessing
-    dataset_dir = convert_release(root, env_dirs["nnUNet_raw"], "oar", DATASET).dataset_dir
-    _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "3d_fullres", "-np", "1", "-npfp", "1",
-          "--verify_dataset_integrity"], env)
+    dataset_dir = env_dirs["nnUNet_raw"] / planned_oar[2]
     plans = env_dirs["nnUNet_preprocessed"] / dataset_dir.name / "nnUNetPlans.json"
-    print(f"smoke run: converted, planned, preprocessed at {time.monotonic() - t0:.0f} s")
+    print(f"smoke run: converted, planned, preprocessed (copied) at {time.monotonic() - t0:.0f} s")
 
     # 2. a tiny configuration inheriting the preprocessed 3d_fullres data
     arch = [f"{k}={json.dumps(v)}" for k, v in SMOKE_ARCH.items()]

@@ -1,10 +1,14 @@
-"""Plain helpers of the training tests: a tiny nnU-Net plan and the dataset.json of a task."""
+"""Plain helpers of the training tests: a tiny nnU-Net plan, the dataset.json of a task, a planned dataset copied."""
 
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 
 from SegRapSegmenterLib.anatomy import structures as S
+
+PLANNED_DATASET = 701  # the id of conftest's planned_oar
 
 TINY_ARCH = {
     "n_stages": 3,
@@ -54,3 +58,22 @@ def dataset_json(task: str = "oar") -> dict:
     """The dataset.json the conversion writes, for a task."""
     labels = S.class_labels() if task == "oar" else S.gtv_class_labels()
     return {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 3, "file_ending": ".nii.gz"}
+
+
+def planned_copy(planned: tuple[Path, Path, str], tmp_path: Path, monkeypatch) -> dict[str, Path]:
+    """A test's own copy of ``planned_oar`` (its plans edits stay its own) with an empty nnUNet_results, set in the
+    environment with a SEGRAP_HOME of its own; nnU-Net's three folders by name."""
+    raw, preprocessed, name = planned
+    dirs = {"nnUNet_raw": tmp_path / "nnUNet_raw", "nnUNet_preprocessed": tmp_path / "nnUNet_preprocessed",
+            "nnUNet_results": tmp_path / "nnUNet_results"}
+    shutil.copytree(raw / name, dirs["nnUNet_raw"] / name)
+    shutil.copytree(preprocessed / name, dirs["nnUNet_preprocessed"] / name)
+    dirs["nnUNet_results"].mkdir()
+    for key, path in dirs.items():
+        monkeypatch.setenv(key, str(path))
+    monkeypatch.setenv("SEGRAP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")  # one export/metrics worker in nnU-Net's validation
+    # set, then removed: monkeypatch then also undoes the folder that an in-process `segrap train run` registers there
+    monkeypatch.setenv("nnUNet_extTrainer", "")
+    monkeypatch.delenv("nnUNet_extTrainer")
+    return dirs

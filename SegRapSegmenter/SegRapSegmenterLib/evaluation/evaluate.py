@@ -75,6 +75,7 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     reviewed: list[Reviewed] = field(default_factory=list)  # each scored structure's confidence and review flag
+    unreadable_provenance: dict[str, str] = field(default_factory=dict)  # case -> why its review flags are left out
 
     def structures(self) -> list[str]:
         """Structures scored in at least one case, in catalogue order."""
@@ -129,13 +130,16 @@ class Evaluation:
         return summary
 
     def _review_summary(self) -> dict | None:
-        """How the runs' confidence and review flag ranked against the DSC (None: no run recorded them)."""
-        if not self.reviewed:
+        """How the runs' confidence and review flag ranked against the DSC, and the cases whose provenance could not
+        be read (so left out); None when no run recorded them and no provenance was unreadable."""
+        if not self.reviewed and not self.unreadable_provenance:
             return None
         return {**review_figures(self.reviewed),
+                "unreadable_provenance": dict(self.unreadable_provenance),
                 "definition": "auc: P(confidence of a structure with DSC < 0.5 < that of one with DSC >= 0.5); "
                               "sensitivity: share of DSC < 0.5 flagged; false_flags: share of DSC >= 0.9 flagged; "
-                              "structures absent from both reference and prediction left out (docs/quality.md)"}
+                              "structures absent from both reference and prediction left out (docs/quality.md); "
+                              "unreadable_provenance: cases left out of these figures, with why"}
 
     def _group(self, names: list[str], per_structure: dict) -> dict:
         per_case: dict[str, dict[str, list[float]]] = {}
@@ -266,7 +270,14 @@ def evaluate(prediction: str | Path, reference: str | Path, task: str | None = N
         result.formats["prediction"].add(pred.format)
         rows = score_case(ref, pred, task, result.notes)
         result.rows.extend(rows)
-        review = review_of(preds[case_id].path, case_id)
+        try:
+            review = review_of(preds[case_id].path, case_id)
+        except InputError as exc:
+            review = None
+            result.unreadable_provenance[case_id] = str(exc)
+            warning = f"{case_id}: its review flags are left out of the review-flag figures: {exc}"
+            log.warning("%s", warning)
+            result.notes.append(warning)
         if review:
             result.reviewed += [Reviewed(case_id, r.structure, r.score.dsc_exact, *review[r.structure],
                                          absent=r.score.reference_voxels == 0 and r.score.prediction_voxels == 0)
@@ -359,7 +370,8 @@ def report_markdown(evaluation: Evaluation, summary: dict, montages: dict[str, s
             return "-" if v is None else f"{v:.3f}"
         lines += ["", f"Review flag of the runs (docs/quality.md): AUC of the confidence for DSC < 0.5 {f(flag['auc'])}, "
                       f"sensitivity {f(flag['sensitivity'])}, false flags among DSC >= 0.9 {f(flag['false_flags'])}, "
-                      f"over {flag['structures']} structures ({flag['dsc_below_0.5']} with DSC < 0.5)."]
+                      f"over {flag['structures']} structures ({flag['dsc_below_0.5']} with DSC < 0.5)"
+                      + left_out_of_review(flag) + "."]
     cd = summary.get("class_dice_54")
     if cd:
         lines += ["", f"54-class Dice (Task 1 label maps, mean over classes as in the DKFZ poster): "
@@ -385,6 +397,12 @@ def report_markdown(evaluation: Evaluation, summary: dict, montages: dict[str, s
     if evaluation.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in evaluation.notes]
     return "\n".join(lines) + "\n"
+
+
+def left_out_of_review(flag: dict) -> str:
+    """The review-flag line's mention of the cases whose provenance could not be read ('' when none)."""
+    cases = sorted(flag.get("unreadable_provenance") or {})
+    return f"; left out, their provenance unreadable (see Notes): {', '.join(cases)}" if cases else ""
 
 
 def _montage_rows(ref: F.CaseSource, pred: F.CaseSource, rows: list[CaseScore], worst: int) -> list:

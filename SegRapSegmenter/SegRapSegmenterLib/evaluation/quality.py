@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
+
 BAD_DSC, GOOD_DSC = 0.5, 0.9
 
 
@@ -66,14 +68,33 @@ def provenance_of(prediction: Path, case_id: str) -> Path | None:
 
 
 def review_of(prediction: Path, case_id: str) -> dict[str, tuple[float, bool]] | None:
-    """Per structure the run's (confidence, review flag), from its provenance; None when it recorded none."""
+    """Per structure the run's (confidence, review flag), from its provenance; None when there is no provenance or it
+    recorded none (a run before the flag existed).
+
+    A provenance file that is there but cannot be read (no permission, not JSON, not the layout ``segrap segment``
+    writes) is an InputError naming it, so the caller says which case's figures are missing instead of dropping them.
+    """
     path = provenance_of(prediction, case_id)
     if path is None:
         return None
     try:
-        structures = json.loads(path.read_text()).get("structures") or {}
-    except (OSError, ValueError, AttributeError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"The provenance {path} cannot be read ({exc.__class__.__name__}: {exc}).") from exc
+    except ValueError as exc:
+        raise InputError(f"The provenance {path} is not valid JSON ({exc}).") from exc
+    if not isinstance(record, dict):
+        raise InputError(f"The provenance {path} holds a JSON {type(record).__name__}, not the object segrap segment "
+                         f"writes.")
+    structures = record.get("structures")
+    if structures is None:
         return None
-    found = {name: (float(e["confidence"]), bool(e["review"])) for name, e in structures.items()
-             if isinstance(e, dict) and "confidence" in e and "review" in e}
+    if not isinstance(structures, dict):
+        raise InputError(f"The provenance {path} holds 'structures' as {type(structures).__name__}, not an object "
+                         f"of structure names.")
+    try:
+        found = {name: (float(e["confidence"]), bool(e["review"])) for name, e in structures.items()
+                 if isinstance(e, dict) and "confidence" in e and "review" in e}
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"The provenance {path} holds a confidence that is not a number ({exc}).") from exc
     return found or None

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+PIXEL_DATA_TAG = 0x7FE00010
 
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines
 POSITION_TOLERANCE_MM = 0.01  # duplicate slices, in-plane offsets (gantry tilt)
@@ -550,8 +551,20 @@ def _untilt(folder: Path, slices: list[_Slice], hu: np.ndarray, row: np.ndarray,
     return out
 
 
-def read_ct_series(folder: str | Path, series_uid: str | None = None, *, pixels: bool = True) -> DicomVolume:
+def _without_pixels(ds: Dataset) -> Dataset:
+    """A slice's attributes without its pixel data (the series' header), from the data set already read."""
+    header = Dataset({tag: ds[tag] for tag in ds.keys() if tag != PIXEL_DATA_TAG})
+    if getattr(ds, "file_meta", None) is not None:
+        header.file_meta = ds.file_meta
+    return header
+
+
+def read_ct_series(folder: str | Path, series_uid: str | None = None, *, pixels: bool = True,
+                   info: SeriesInfo | None = None) -> DicomVolume:
     """Read the CT series in ``folder`` (or the one ``series_uid`` names) into HU with its geometry and UIDs.
+
+    ``info``: the series as ``choose_ct_series`` already picked it from this folder's ``discover_series`` (a caller
+    that checked the headers before, as the pipeline does), so the headers are not read a second time for discovery.
 
     ``pixels=False`` reads the headers only (no pixel data is decoded, so any transfer syntax
     works): the image then has the series' grid with zero voxels, which is all that placing
@@ -559,7 +572,8 @@ def read_ct_series(folder: str | Path, series_uid: str | None = None, *, pixels:
     RTSTRUCT on it is refused.
     """
     folder = Path(folder)
-    info = choose_ct_series(folder, discover_series(folder), series_uid)
+    if info is None:
+        info = choose_ct_series(folder, discover_series(folder), series_uid)
     slices, notes = _load_slices(info, pixels)
     if not slices:
         raise DicomError(f"{folder}: series {info.series_uid} holds no axial CT images (only localizers).")
@@ -586,8 +600,8 @@ def read_ct_series(folder: str | Path, series_uid: str | None = None, *, pixels:
     image.SetOrigin(tuple(float(v) for v in slices[0].ipp))
     image.SetDirection(tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()))
 
-    header = pydicom.dcmread(slices[0].path, stop_before_pixels=True, force=True)
     first = slices[0].ds
+    header = _without_pixels(first)
     series = CtSeries(
         folder=folder, study_uid=_text(first, "StudyInstanceUID"), series_uid=info.series_uid,
         frame_of_reference_uid=_text(first, "FrameOfReferenceUID"), description=info.description,

@@ -11,12 +11,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import GeometryError, InputError
 from .limits import check_detached_data, check_size, check_spacing
+
+if TYPE_CHECKING:  # the DICOM reader (pydicom) is imported only when a DICOM folder is read
+    from .dicom import SeriesInfo
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +129,10 @@ def check_volume_header(path: str | Path, role: str = "CT") -> None:
     _check_one_scalar_volume(reader.GetNumberOfComponents(), reader.GetDimension(), path, role)
 
 
-def read_volume(path: str | Path, role: str = "CT", series_uid: str | None = None) -> VolumeSource:
-    """Read a CT from an image file or a DICOM folder and check it (3D, scalar, finite, HU)."""
+def read_volume(path: str | Path, role: str = "CT", series_uid: str | None = None,
+                series: SeriesInfo | None = None) -> VolumeSource:
+    """Read a CT from an image file or a DICOM folder and check it (3D, scalar, finite, HU); ``series``: the folder's
+    CT series as the caller discovered it (a ``dicom.SeriesInfo``), so its headers are not discovered again."""
     path = Path(path)
     check_volume_header(path, role)
     if path.is_dir():
@@ -134,7 +140,7 @@ def read_volume(path: str | Path, role: str = "CT", series_uid: str | None = Non
             from .dicom import read_ct_series
         except ImportError as exc:  # pragma: no cover - the dicom module ships with the package
             raise InputError(f"{role} {path}: DICOM folders need the dicom module ({exc}).") from exc
-        volume = read_ct_series(path, series_uid)
+        volume = read_ct_series(path, series_uid, info=series)
         source = VolumeSource(volume.image, path, "dicom", list(getattr(volume, "notes", [])), volume)
     else:
         # the completeness check decompresses the whole file once more (0.3 s for a 512 x 512 x 126

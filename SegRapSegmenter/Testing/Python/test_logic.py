@@ -8,6 +8,7 @@ run on a small CT crop. They use the packaged demo bundle, or an untrained devel
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -43,6 +44,12 @@ BUNDLE = test_bundle()
 MISSING_FOR_RUNS = missing_here((*WORKER_IMPORTS, "psutil"))
 
 
+@functools.lru_cache(maxsize=None)
+def small_case(seed: int) -> phantom.PhantomCase:
+    """Phantom case 0 of a cohort, small size: deterministic, so made once per seed (1-2 s each) and shared."""
+    return phantom.make_case(0, seed=seed, size="small")
+
+
 def fresh_scene():
     """Slicer's scene, cleared, inside Slicer; a new headless scene with slicer-core."""
     if hasattr(slicer, "app"):
@@ -70,7 +77,7 @@ class LogicInputsTest(unittest.TestCase):
 
     def setUp(self):
         self.scene = fresh_scene()
-        self.ct = SC.add_volume_node(self.scene, phantom.make_case(0, seed=0, size="small").ct, "CT")
+        self.ct = SC.add_volume_node(self.scene, small_case(0).ct, "CT")
 
     def test_gtvs_without_a_contrast_ct_are_refused(self):
         before = node_ids(self.scene)
@@ -104,7 +111,7 @@ class LogicWorkerRunTest(unittest.TestCase):
         self.scene = fresh_scene()
 
     def test_cancel_on_the_first_inference_progress_leaves_the_scene_unchanged(self):
-        case = phantom.make_case(0, seed=0, size="small")
+        case = small_case(0)
         ct = SC.add_volume_node(self.scene, case.ct, "CT")
         contrast = SC.add_volume_node(self.scene, case.contrast_ct, "Contrast CT")
         before = node_ids(self.scene)
@@ -141,7 +148,7 @@ class LogicWorkerRunTest(unittest.TestCase):
             run.result()
 
     def test_a_complete_run_fills_a_new_segmentation_node_with_the_chosen_structures(self):
-        case = phantom.make_case(0, seed=0, size="small")
+        case = small_case(0)
         crop = case.ct[0:40, 20:60, 14:30]  # small, with air around the head: seconds, not a minute
         ct = SC.add_volume_node(self.scene, crop, "Small CT")
         before = set(node_ids(self.scene))
@@ -171,7 +178,7 @@ class LogicWorkerRunTest(unittest.TestCase):
 
     def test_stop_ends_the_worker_at_once_and_calls_nothing_back(self):
         # what cleanup() does on module reload and Slicer exit: no later timer tick will finish the run
-        ct = SC.add_volume_node(self.scene, phantom.make_case(0, seed=0, size="small").ct, "CT")
+        ct = SC.add_volume_node(self.scene, small_case(0).ct, "CT")
         before = node_ids(self.scene)
         called = []
         logic = SegmentationLogic(scheduler=lambda poll: None)
@@ -188,7 +195,7 @@ class LogicWorkerRunTest(unittest.TestCase):
 
     def test_a_run_that_ends_after_its_scene_was_cleared_fails_cleanly(self):
         # Close Scene while the worker runs: the result has nowhere to go, and nothing raises into the timer
-        crop = phantom.make_case(0, seed=0, size="small").ct[0:40, 20:60, 14:30]
+        crop = small_case(0).ct[0:40, 20:60, 14:30]
         ct = SC.add_volume_node(self.scene, crop, "Small CT")
         polls, finished = [], []
         logic = SegmentationLogic(scheduler=polls.append)
@@ -222,7 +229,7 @@ class LogicWorkerRunTest(unittest.TestCase):
         manifest["files"]["oar/dataset.json"] = models.sha256_file(dataset_path)
         (bundle / models.MANIFEST_NAME).write_text(json.dumps(manifest))
         try:
-            ct = SC.add_volume_node(self.scene, phantom.make_case(0, seed=99, size="small").ct, "CT")
+            ct = SC.add_volume_node(self.scene, small_case(99).ct, "CT")
             logic = SegmentationLogic()
             logic.segment(ct, None, tasks=("oar",), structures=["Mandible_L", "Mandible_R"], bundle=str(bundle),
                           device="cpu", show3D=False)

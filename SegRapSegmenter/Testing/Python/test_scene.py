@@ -257,6 +257,26 @@ class WorkerResultToSegmentationNodeTest(unittest.TestCase):
         self.assertEqual(int(mask.sum()), 8 * int(box.sum()))  # each coarse voxel covers 2 x 2 x 2 CT voxels
 
 
+_OBLIQUE: dict = {}
+
+
+def oblique_dicom():
+    """The oblique phantom's CT written as DICOM (24 slices), its series read back, and its 47 masks: made once for
+    the module (tearDownModule removes it), since both RTSTRUCT classes only read it."""
+    if not _OBLIQUE:
+        tmp = tempfile.TemporaryDirectory()
+        case = phantom_dicom.variant_case("oblique", size="small", slices=24)
+        written = phantom_dicom.write_phantom_dicom(case, Path(tmp.name) / "dicom", variant="oblique")
+        _OBLIQUE.update(tmp=tmp, value=(written, dicom.read_ct_series(written.ct_dir), all_masks(written.case)))
+    return _OBLIQUE["value"]
+
+
+def tearDownModule():
+    if _OBLIQUE:
+        _OBLIQUE.pop("tmp").cleanup()
+        _OBLIQUE.clear()
+
+
 @unittest.skipIf(NO_PYNRRD, PYNRRD_REASON)
 class EditedSegmentationToRtStructTest(unittest.TestCase):
     """An edited segmentation node becomes an RTSTRUCT on the CT's original DICOM files, edit included."""
@@ -265,10 +285,7 @@ class EditedSegmentationToRtStructTest(unittest.TestCase):
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
         cls.root = Path(cls.tmp.name)
-        case = phantom_dicom.variant_case("oblique", size="small", slices=24)
-        cls.written = phantom_dicom.write_phantom_dicom(case, cls.root / "dicom", variant="oblique")
-        cls.series = dicom.read_ct_series(cls.written.ct_dir)
-        cls.truth = all_masks(cls.written.case)
+        cls.written, cls.series, cls.truth = oblique_dicom()
         cls.result = segfile.write_seg_nrrd(cls.root / "case.seg.nrrd", cls.truth, cls.series.image,
                                             provenance={"bundle": "segrap-demo", "version": "1.2.0"})
 
@@ -329,10 +346,7 @@ class RtStructExportOffTheGuiThreadTest(unittest.TestCase):
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
         cls.root = Path(cls.tmp.name)
-        case = phantom_dicom.variant_case("oblique", size="small", slices=24)
-        cls.written = phantom_dicom.write_phantom_dicom(case, cls.root / "dicom", variant="oblique")
-        cls.series = dicom.read_ct_series(cls.written.ct_dir)
-        truth = all_masks(cls.written.case)
+        cls.written, cls.series, truth = oblique_dicom()
         cls.truth = {name: truth[name] for name in cls.NAMES}
 
     @classmethod
