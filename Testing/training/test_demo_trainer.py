@@ -93,3 +93,27 @@ def test_class_weights_favour_rare_classes_within_the_cap():
     assert weights[3] == 4.0                      # rare: sqrt(250 / 1) clipped to the cap
     assert weights[4] == 4.0                      # absent from the training cases: the cap as well
     assert 1.0 <= T.class_weights([seg], 5)[3] <= T.CE_WEIGHT_CAP
+
+
+class _RareClassDataset:
+    """A case larger than the patch with one voxel of a rare class (3) in a corner, a block of class 2."""
+
+    def load_case(self, key):
+        seg = np.zeros((1, 12, 40, 60), np.int16)
+        seg[0, 4:10, 10:30, 20:50] = 2
+        seg[0, 1, 2, 3] = 3
+        return seg.astype(np.float32), seg, None, {}
+
+
+def test_windows_of_a_larger_case_are_centred_on_its_classes_often_enough_to_hold_a_rare_one(monkeypatch):
+    patch = (8, 16, 24)
+    loader = T.WholeVolumeLoader(_RareClassDataset(), ["a"], 1, [[1, 1, 1]], augment=True, seed=0, patch_size=patch)
+    assert [len(v) for v in loader.class_voxels[0]] == [T.CLASS_VOXELS_KEPT, 1]  # classes 2 and 3
+    draws = [loader._window(*loader.cases[0], loader.class_voxels[0]) for _ in range(400)]
+    assert all(d.shape[1:] == patch and np.array_equal(d, s.astype(np.float32)) for d, s in draws)
+    rare = sum(int((s == 3).any()) for _, s in draws)
+    # a random window holds the corner voxel with probability 2/5 * 3/25 * 4/37 (~2 in 400); half the windows are
+    # class-centred and half of those pick class 3 (two classes), so about 100 of 400
+    assert 60 <= rare <= 140
+    monkeypatch.setattr(T, "CLASS_CENTRED_FRACTION", 0.0)
+    assert sum(int((loader._window(*loader.cases[0], loader.class_voxels[0])[1] == 3).any()) for _ in range(400)) <= 12
