@@ -216,13 +216,15 @@ def run_phase(name: str, studies, node: subprocess.Popen, storescu: str, node_po
             node_port, template, hostile["oversized"], hostile["max_instance_mb"], oversize)))
     t0 = time.time()
     retries: list[int] = []
-    threads += [threading.Thread(target=lambda s=s: retries.append(send_study(storescu, node_port, s)), daemon=True)
-                for s in studies]
-    for t in threads:
+    senders = [threading.Thread(target=lambda s=s: retries.append(send_study(storescu, node_port, s)), daemon=True)
+               for s in studies]
+    for t in threads + senders:
         t.start()
+    for t in senders:
+        t.join()
+    sent_all = time.time() - t0  # the studies' senders, not the attacker's big data sets (each waits on its drop)
     for t in threads:
         t.join()
-    sent_all = time.time() - t0
     while len({e["study_uid"] for e in events(spool, "finished") + events(spool, "failed")} & uids) < len(uids):
         if time.time() - t0 > timeout or node.poll() is not None:
             break
