@@ -95,6 +95,7 @@ def test_connections_that_never_finish_their_request_cannot_lock_senders_out(bou
     try:
         for sock in tricklers:
             sock.sendall(b"\x01")
+        time.sleep(1.0)  # negotiating for longer than a real sender's request takes
         started = time.monotonic()
         assert _echoscu(bounded_scp.port) == 0  # before: A-ASSOCIATE-RJ, local limit exceeded, for 60 s
         assert time.monotonic() - started < 10
@@ -104,6 +105,27 @@ def test_connections_that_never_finish_their_request_cannot_lock_senders_out(bou
     finally:
         for sock in tricklers:
             sock.close()
+
+
+@pytest.mark.parametrize("bounded_scp", [{"negotiation_s": 60, "idle_s": 60}], indirect=True)
+def test_connections_still_negotiating_give_way_when_established_senders_hold_most_slots(bounded_scp):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(12) as pool:  # twelve senders at work: at most four slots left
+        working = list(pool.map(lambda _: _associate(bounded_scp.port), range(12)))
+    tricklers = [socket.create_connection(("127.0.0.1", bounded_scp.port)) for _ in range(10)]
+    try:
+        for sock in tricklers:
+            sock.sendall(b"\x01")
+        time.sleep(1.0)
+        assert _echoscu(bounded_scp.port) == 0  # before: rejected, 12 + 8 negotiating connections over 16 slots
+        assert all(assoc.is_established for assoc in working)  # the senders at work are never the ones closed
+        assert any("association slots were taken" in e["reason"] for e in _dropped(bounded_scp))
+    finally:
+        for sock in tricklers:
+            sock.close()
+        for assoc in working:
+            assoc.release()
 
 
 def test_a_silent_association_is_closed_after_idle_s(bounded_scp):

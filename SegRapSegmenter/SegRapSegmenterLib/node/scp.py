@@ -8,8 +8,9 @@ cannot take (free space below the watermark, a full disk or database) with 0xA70
 Calling AE titles not on the allow-list are rejected at association (reason: calling AE title not recognised).
 
 Every connection is bounded, each drop audited with the peer's address: the association request must be
-complete within ``negotiation_s`` (and when more than half of the association slots are held by
-connections still negotiating, a new connection closes the oldest of them), an established association
+complete within ``negotiation_s`` (and a new connection closes the oldest connection still negotiating
+when more than half of the association slots are held by such connections, or when every slot is
+taken), an established association
 that completes no PDU for ``idle_s`` (silent, or trickling a PDU a byte at a time) or stays open over
 ``association_s`` is closed, and a P-DATA-TF PDU whose length field exceeds ``max_pdu_kb`` (the maximum the node announces; 1 MiB for the other PDUs) is
 refused before any of it is read.
@@ -43,6 +44,7 @@ ASSOCIATION_S = 3600.0  # no association stays open longer (a study of thousands
 MAX_PDU_KB = 256.0  # the largest P-DATA-TF PDU received, announced as the maximum length; a longer one ends it
 MAX_ASSOCIATIONS = 16  # open at once; pynetdicom refuses more with "local limit exceeded"
 MAX_NEGOTIATING = MAX_ASSOCIATIONS // 2  # of them still negotiating: a new connection closes the oldest beyond
+MIN_NEGOTIATING_S = 0.5  # a connection negotiating longer than this may be closed to make room (a request takes ms)
 OTHER_PDU_BYTES = 1 << 20  # the largest other PDU (an A-ASSOCIATE-RQ of 128 contexts is tens of KB)
 _PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
               0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
@@ -105,6 +107,19 @@ def _value_length(ds: Dataset, tag: int) -> int:
     return int(elem.length) if value is None else len(value)
 
 
+def _wake_acceptor(assoc) -> None:
+    """End the wait of an acceptor thread for an association request that will not come (nothing once established).
+
+    pynetdicom's acceptor thread waits up to acse_timeout for the request, holding its association slot, though
+    its connection is closed; an empty item ends that wait (pynetdicom 3.0 ``Association.run_reactor``: no
+    primitive -> kill)."""
+    if assoc.is_established:
+        return
+    waiting = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
+    if waiting is not None:
+        waiting.put(None)
+
+
 @dataclass
 class _Connection:
     """What the watchdog knows of one connection: since when it is open and when it last completed a PDU."""
@@ -131,7 +146,7 @@ class StorageScp:
         self.tls = tls
         self.min_free_mb, self.negotiation_s, self.max_instance_mb = min_free_mb, negotiation_s, max_instance_mb
         self.idle_s, self.association_s, self.max_pdu = idle_s, association_s, int(max_pdu_kb * 1024)
-        self.max_negotiating = MAX_NEGOTIATING
+        self.max_associations, self.max_negotiating = MAX_ASSOCIATIONS, MAX_NEGOTIATING
         self._connections: dict[int, _Connection] = {}
         self._watchdog: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -169,10 +184,10 @@ class StorageScp:
         conn = _Connection(assoc, transport.socket, "{}:{}".format(*event.address[:2]), now, now)
         with self._lock:
             self._connections[id(assoc)] = conn
-            oldest = self._oldest_waiting(now)
-        if oldest is not None:
-            self._drop(oldest, f"its association request incomplete after {now - oldest.opened:.1f} s while more "
-                               f"than {self.max_negotiating} connections were negotiating: the oldest makes room")
+            making_room = self._making_room(conn, now)
+        for oldest, why in making_room:
+            self._drop(oldest, f"its association request incomplete after {now - oldest.opened:.1f} s while {why}: "
+                               f"the oldest makes room")
         recv, send = transport.recv, transport.send
 
         header = bytearray(1)  # the type of the PDU being read (pynetdicom reads its 6-byte header, then the rest)
@@ -200,19 +215,33 @@ class StorageScp:
 
         transport.recv, transport.send = bounded_recv, timed_send
 
-    def _oldest_waiting(self, now: float) -> _Connection | None:
-        """The oldest connection still negotiating when more than ``max_negotiating`` are (the lock held), else None.
+    def _making_room(self, new: _Connection, now: float) -> list[tuple[_Connection, str]]:
+        """The connections still negotiating to close, oldest first, and why, so that at most ``max_negotiating``
+        negotiate and one slot stays free for the new connection (the lock held).
 
         pynetdicom counts a connection against ``maximum_associations`` from the moment it is accepted, so
         peers that open connections and never finish their request would fill every slot and refuse all
-        senders ("local limit exceeded") for as long as they keep at it; a real sender's request takes
-        milliseconds, so the ones waiting longest are the ones to close.
+        senders ("local limit exceeded") for as long as they keep at it. A real sender's request takes
+        milliseconds, so only connections negotiating for over ``MIN_NEGOTIATING_S`` are closed (a burst
+        of senders connecting at once never closes one of its own), the ones waiting longest first.
         """
-        waiting = [c for c in self._connections.values() if not c.dropped and not (
-            c.assoc.is_established or c.assoc.is_rejected or c.assoc.is_aborted or c.assoc.is_released)]
-        if len(waiting) <= self.max_negotiating:
-            return None
-        return min(waiting, key=lambda c: c.opened)
+        open_ = [c for c in self._connections.values() if not c.dropped and not (
+            c.assoc.is_rejected or c.assoc.is_aborted or c.assoc.is_released)]
+        negotiating = sum(not c.assoc.is_established for c in open_)
+        slow = sorted((c for c in open_ if c is not new and not c.assoc.is_established
+                       and now - c.opened > MIN_NEGOTIATING_S), key=lambda c: c.opened)
+        closing: list[tuple[_Connection, str]] = []
+        for conn in slow:
+            if negotiating > self.max_negotiating:
+                why = f"more than {self.max_negotiating} connections were negotiating"
+            elif len(open_) >= self.max_associations:  # one spare: a closed connection's thread ends a moment later
+                why = f"all {self.max_associations} association slots were taken"
+            else:
+                break
+            closing.append((conn, why))
+            negotiating -= 1
+            open_.remove(conn)
+        return closing
 
     def _overdue(self, conn: _Connection, now: float) -> str | None:
         """Why a connection must be closed now (None: it may go on)."""
@@ -252,13 +281,7 @@ class StorageScp:
             conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             return  # already closed
-        if not conn.assoc.is_established:
-            # pynetdicom's acceptor thread waits up to acse_timeout for the request, and holds its slot while it
-            # does, though the connection is gone: an empty item ends that wait now (association.py run_reactor:
-            # no primitive -> kill)
-            waiting = getattr(getattr(conn.assoc, "dul", None), "to_user_queue", None)
-            if waiting is not None:
-                waiting.put(None)
+        _wake_acceptor(conn.assoc)
         self.audit.write("association_dropped", address=conn.address, reason=reason)
 
     def _on_data(self, event) -> None:
@@ -379,7 +402,7 @@ class StorageScp:
         _config.STORE_RECV_CHUNKED_DATASET = True  # C-STORE data sets go to a temporary file, not memory
 
         ae = AE(ae_title=self.ae_title)
-        ae.maximum_associations = MAX_ASSOCIATIONS
+        ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = self.max_pdu  # announced to the peers as the most they may send in one PDU
         ae.acse_timeout = self.negotiation_s  # ARTIM: between the connection and the A-ASSOCIATE-RQ
         # pynetdicom's own idle abort comes after the watchdog's, which audits why
@@ -410,6 +433,7 @@ class StorageScp:
         if server is not None:
             server.shutdown()
             for assoc in server.active_associations:  # a sender mid-transfer gets an A-ABORT now, not C-STORE
+                _wake_acceptor(assoc)  # one still negotiating ends now, not after acse_timeout
                 assoc.abort()  # refusals once the spool has closed (its stored images are kept)
                 assoc.join(timeout=10)
         self._stopping.set()
