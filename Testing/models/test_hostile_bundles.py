@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from bundle_helpers import rewrite_checksums
+from bundle_helpers import edit_plans, rewrite_checksums
 from SegRapSegmenterLib import cli
 from SegRapSegmenterLib.errors import ModelError
 from SegRapSegmenterLib.inference import bundles as M
@@ -26,14 +26,6 @@ from SegRapSegmenterLib.inference import unpack
 def bundle(bundle_copy) -> Path:
     """The writable demo bundle every hostile case starts from (conftest's ``bundle_copy``)."""
     return bundle_copy
-
-
-def edit_plans(root: Path, **arch_changes) -> None:
-    path = root / "oar" / "plans.json"
-    plans = json.loads(path.read_text())
-    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"].update(arch_changes)
-    path.write_text(json.dumps(plans, indent=1))
-    rewrite_checksums(root)
 
 
 def install_exit(source, capsys, *extra) -> tuple[int, str]:

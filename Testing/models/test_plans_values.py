@@ -7,22 +7,13 @@ is allocated; the checkpoint's mirroring axes must be distinct axes among 0, 1, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from bundle_helpers import rewrite_checksums
+from bundle_helpers import edit_plans, rewrite_checksums
 from SegRapSegmenterLib import cli
 from SegRapSegmenterLib.errors import ModelError
 from SegRapSegmenterLib.inference import bundles as M
-
-
-def _edit_arch(root: Path, **changes) -> None:
-    path = root / "oar" / "plans.json"
-    plans = json.loads(path.read_text())
-    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"].update(changes)
-    path.write_text(json.dumps(plans, indent=1))
-    rewrite_checksums(root)
 
 
 def _predictor_code(root: Path) -> str:
@@ -40,7 +31,7 @@ def _predictor_code(root: Path) -> str:
 ])
 def test_plans_sizes_out_of_bounds_are_refused_at_install_and_load(store, bundle_copy, capsys, changes, named):
     """One feature count of a million would allocate terabytes once nnU-Net builds the network."""
-    _edit_arch(bundle_copy, **changes)
+    edit_plans(bundle_copy, **changes)
     assert cli.main(["models", "install", str(bundle_copy)]) == cli.EXIT_MODEL
     err = capsys.readouterr().err
     assert f"{bundle_copy}/oar/plans.json: refused: {named}" in err, err
@@ -50,7 +41,7 @@ def test_plans_sizes_out_of_bounds_are_refused_at_install_and_load(store, bundle
 
 def test_plans_that_do_not_fit_the_weights_are_refused_before_the_network_is_allocated(bundle_copy, rss_growth):
     """512 features per stage (inside the bounds): ~400 MiB of network that the 0.5 MB weights cannot fill."""
-    _edit_arch(bundle_copy, features_per_stage=[512] * 5)
+    edit_plans(bundle_copy, features_per_stage=[512] * 5)
     rc, err, growth = rss_growth("import torch\nfrom SegRapSegmenterLib.inference import predictor",
                                  _predictor_code(bundle_copy))
     assert rc != 0 and "ModelError" in err and "does not fit the weights of" in err, err[-2000:]
