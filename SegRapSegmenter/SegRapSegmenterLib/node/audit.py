@@ -139,15 +139,22 @@ def read_events(path: str | Path) -> list[dict]:
     return events
 
 
-def last_event(path: str | Path) -> dict | None:
-    """The latest event of an audit log (reads the end of the newest file that has one, not the whole log)."""
+def tail_events(path: str | Path, tail_bytes: int = 65536) -> list[dict]:
+    """The events in the last ``tail_bytes`` of the newest file of an audit log that has any (not the whole log,
+    which grows for months); the first line of the tail may be cut and is skipped."""
     for file in [Path(path), *reversed(rotated_files(path))]:
         try:
             with open(file, "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+                f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
                 events = _parse(f.read().decode("utf-8", errors="replace"))
         except FileNotFoundError:
             continue
         if events:
-            return events[-1]
-    return None
+            return events
+    return []
+
+
+def last_event(path: str | Path) -> dict | None:
+    """The latest event of an audit log (reads the end of the newest file that has one, not the whole log)."""
+    events = tail_events(path)
+    return events[-1] if events else None

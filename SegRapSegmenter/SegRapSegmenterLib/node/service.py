@@ -26,7 +26,7 @@ import time
 import psutil
 
 from ..errors import EXIT_ERROR, InputError
-from .audit import AuditLog
+from .audit import AuditLog, last_event, tail_events
 from .config import NodeConfig
 from .delivery import Courier
 from .jobs import MAX_RUNS, JobRunner
@@ -343,26 +343,13 @@ def _unclean_end(path, tail_bytes: int = 1 << 20) -> dict | None:
 
     Only the log's tail is read (it grows for months); the run's ``started`` may lie before it.
     """
-    import json
-
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None
-    last = None
-    for line in reversed(lines):
-        try:
-            event = json.loads(line)
-        except ValueError:  # a line cut by the kill, or the first partial line of the tail
-            continue
-        last = last or event
+    events = tail_events(path, tail_bytes)
+    for event in reversed(events):
         if event.get("event") == "stopped":
             return None
         if event.get("event") == "started":
             break
-    return last
+    return events[-1] if events else None
 
 
 def serving_pid(spool_root) -> int | None:
@@ -381,8 +368,6 @@ def serving_pid(spool_root) -> int | None:
 
 def _liveness(spool: Spool) -> str:
     """One line: is a node serving from this spool, and its last audit event."""
-    from .audit import last_event
-
     pid = serving_pid(spool.root)
     event = last_event(spool.audit_path)  # the end of the newest file, however long the log (it is rotated)
     last = f"; last event {event['event']!r} at {event['time']}" if event else ""
