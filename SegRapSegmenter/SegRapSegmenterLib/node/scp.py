@@ -133,6 +133,11 @@ class _Connection:
     busy: int = 0  # our handlers are working on its request: the peer waits for us
     dropped: bool = False
 
+    @property
+    def ended(self) -> bool:
+        """Its association was rejected, aborted or released (the connection closes or has closed)."""
+        return self.assoc.is_rejected or self.assoc.is_aborted or self.assoc.is_released
+
 
 class StorageScp:
     """The listening side of the node: ``start`` (non-blocking) and ``stop``."""
@@ -225,8 +230,7 @@ class StorageScp:
         milliseconds, so only connections negotiating for over ``MIN_NEGOTIATING_S`` are closed (a burst
         of senders connecting at once never closes one of its own), the ones waiting longest first.
         """
-        open_ = [c for c in self._connections.values() if not c.dropped and not (
-            c.assoc.is_rejected or c.assoc.is_aborted or c.assoc.is_released)]
+        open_ = [c for c in self._connections.values() if not c.dropped and not c.ended]
         negotiating = sum(not c.assoc.is_established for c in open_)
         slow = sorted((c for c in open_ if c is not new and not c.assoc.is_established
                        and now - c.opened > MIN_NEGOTIATING_S), key=lambda c: c.opened)
@@ -245,10 +249,9 @@ class StorageScp:
 
     def _overdue(self, conn: _Connection, now: float) -> str | None:
         """Why a connection must be closed now (None: it may go on)."""
-        assoc = conn.assoc
-        if assoc.is_rejected or assoc.is_aborted or assoc.is_released:
+        if conn.ended:
             return None
-        if not assoc.is_established:
+        if not conn.assoc.is_established:
             if now - conn.opened > self.negotiation_s:
                 return f"no complete association request within {self.negotiation_s:g} s"
             return None
