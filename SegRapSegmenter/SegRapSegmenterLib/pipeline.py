@@ -277,7 +277,8 @@ def _input_record(source: VolumeSource) -> dict:
 def _check_identity(req: SegmentRequest, tasks: tuple[str, ...],
                     dicom: dict[str, SeriesInfo] | None = None) -> tuple[dict, list[str]]:
     """The inputs' identity record and warnings (``identity.check_pair``), from the DICOM headers alone, before the
-    model: InputError for two patients. Image files have none; a caller's own record (Slicer's) stands for them.
+    model: InputError for two patients. Image files have none: for those a caller wrote from DICOM volumes, the
+    DICOM files it names (``identity_files``, Slicer) are checked, or its own record (``identity``) stands.
     ``dicom``: the series ``discover_dicom`` found (discovered here when not given)."""
     contrast_path = req.contrast_ct if "gtv" in tasks else None
     if req.identity_files is not None:
@@ -292,7 +293,7 @@ def _check_identity(req: SegmentRequest, tasks: tuple[str, ...],
                                   ct_path=req.ct, contrast_path=contrast_path, register=req.register,
                                   patient_values=req.patient_values_in_errors)
     if req.identity and record.get("patient", "").startswith("not checked"):
-        # files written by a caller that knew where they came from (Slicer): its check stands, said again here
+        # files written by a caller that checked where they came from itself: its check stands, said again here
         record = dict(req.identity)
         warnings = list(record.pop("warnings", []))
     return record, warnings
