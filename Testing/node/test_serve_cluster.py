@@ -53,13 +53,17 @@ def test_a_node_killed_while_it_contours_loses_its_study_to_the_other_node_and_e
     victim, other = phantom_studies
     nodes = {"node-a": node_factory(spool, ports["node-a"], "--config", str(config), "--node-name", "node-a")}
     assert storescu(victim.ct_dir, ports["node-a"]).returncode == 0  # each scanner sends to its own node
+    # node-a claims its own study first: a node-b already running could claim it (any node takes any study), and
+    # CI's run under load once let node-b start before node-a's settle time had passed
+    wait_until(lambda: _jobs(postgres_url).get(victim.study_uid, {}).get("claimed_by") == "node-a", 120,
+               "node-a to claim its study")
     # node-b starts meanwhile, with two workers (one for its own study, one for the study it will take over)
     with ThreadPoolExecutor(1) as pool:
         starting = pool.submit(node_factory, spool, ports["node-b"], "--config", str(config), "--node-name",
                                "node-b", "--workers", "2")
         wait_until(lambda: _is_python(_jobs(postgres_url).get(victim.study_uid, {}).get("worker_pid")), 120,
                    "node-a's worker to run the model")
-        assert _jobs(postgres_url)[victim.study_uid]["claimed_by"] == "node-a"
+        assert _jobs(postgres_url)[victim.study_uid]["claimed_by"] == "node-a"  # its lease held while it ran
         time.sleep(2)  # into the run (the demo takes 5 s or more for a study), as in test_serve_faults
         nodes["node-a"].kill()
         killed_at = time.time()

@@ -109,11 +109,38 @@ def test_windows_of_a_larger_case_are_centred_on_its_classes_often_enough_to_hol
     patch = (8, 16, 24)
     loader = T.WholeVolumeLoader(_RareClassDataset(), ["a"], 1, [[1, 1, 1]], augment=True, seed=0, patch_size=patch)
     assert [len(v) for v in loader.class_voxels[0]] == [T.CLASS_VOXELS_KEPT, 1]  # classes 2 and 3
-    draws = [loader._window(*loader.cases[0], loader.class_voxels[0]) for _ in range(400)]
+    draws = [loader._window(*loader.cases[0], loader.class_voxels[0], loader.class_odds[0]) for _ in range(400)]
     assert all(d.shape[1:] == patch and np.array_equal(d, s.astype(np.float32)) for d, s in draws)
     rare = sum(int((s == 3).any()) for _, s in draws)
-    # a random window holds the corner voxel with probability 2/5 * 3/25 * 4/37 (~2 in 400); half the windows are
-    # class-centred and half of those pick class 3 (two classes), so about 100 of 400
-    assert 60 <= rare <= 140
+    # a random window holds the corner voxel with probability 2/5 * 3/25 * 4/37 (~2 in 400); 60% of the windows are
+    # class-centred and those pick class 3 (1 voxel) over class 2 (3600) with odds 1 : 1/60, so about 236 of 400
+    assert T.CLASS_CENTRED_FRACTION == 0.6 and T.RARITY_EXPONENT == 0.5
+    assert loader.class_odds[0] == pytest.approx([1 / 61, 60 / 61])
+    assert 190 <= rare <= 280
+    monkeypatch.setattr(T, "RARITY_EXPONENT", 0.0)  # a uniform pick: half of the centred windows, about 120
+    uniform = T.WholeVolumeLoader(_RareClassDataset(), ["a"], 1, [[1, 1, 1]], augment=True, seed=0, patch_size=patch)
+    assert 80 <= sum(int((uniform._window(*uniform.cases[0], uniform.class_voxels[0], uniform.class_odds[0])[1]
+                          == 3).any()) for _ in range(400)) <= 165
     monkeypatch.setattr(T, "CLASS_CENTRED_FRACTION", 0.0)
     assert sum(int((loader._window(*loader.cases[0], loader.class_voxels[0])[1] == 3).any()) for _ in range(400)) <= 12
+
+
+class _TwoKindDataset:
+    """Case "big" larger than the patch, case "small" the patch's size."""
+
+    def load_case(self, key):
+        seg = np.zeros((1, 12, 40, 60) if key == "big" else (1, 8, 16, 24), np.int16)
+        seg[0, 2:6, 4:12, 4:20] = 1
+        return seg.astype(np.float32), seg, None, {}
+
+
+def test_training_windows_come_from_larger_cases_at_their_share_whatever_the_case_count():
+    patch = (8, 16, 24)
+    loader = T.WholeVolumeLoader(_TwoKindDataset(), ["big", "small", "small", "small"], 1, [[1, 1, 1]],
+                                 augment=True, seed=0, patch_size=patch)
+    assert loader.larger == [0] and loader.patch_sized == [1, 2, 3]
+    picked = []
+    loader._window = lambda data, seg, voxels, odds: (picked.append(len(voxels) > 0), (data, seg))[1]
+    for _ in range(1000):
+        loader._sample()
+    assert abs(sum(picked) / 1000 - T.LARGER_CASE_SHARE) < 0.05  # a uniform draw over cases would give 0.25
