@@ -439,7 +439,12 @@ def _ct_of_size(phantom, tmp_path, megabytes: float):
     return path
 
 
-def test_a_data_set_over_the_cap_is_refused_and_one_far_over_it_ends_its_association(tmp_path, phantom_studies):
+def test_a_data_set_over_the_cap_is_refused_and_one_far_over_it_ends_its_association(tmp_path, phantom_studies,
+                                                                                       caplog):
+    import logging
+    import time
+
+    caplog.set_level(logging.INFO)  # pynetdicom's logging on, as in the whole suite: it made the race below likely
     spool = Spool(tmp_path / "spool")
     server = StorageScp("SEGRAP", "127.0.0.1", 0, spool, AuditLog(spool.audit_path), max_instance_mb=1)
     server.start()
@@ -448,8 +453,11 @@ def test_a_data_set_over_the_cap_is_refused_and_one_far_over_it_ends_its_associa
     try:
         with pytest.raises(DicomNetworkError, match="0xA700: data set of 2 MB, over the node's cap of 1 MB"):
             send_files([_ct_of_size(phantom, tmp_path, 1.5)], dest)
+        far_over, started = _ct_of_size(phantom, tmp_path, 8), time.monotonic()
         with pytest.raises(DicomNetworkError, match="no answer to the C-STORE"):
-            send_files([_ct_of_size(phantom, tmp_path, 8)], dest)
+            send_files([far_over], dest)
+        # the sender aborts the dead association: a release waited 30 s (the ACSE timeout) for an answer
+        assert time.monotonic() - started < 10
         small = _ct_of_size(phantom, tmp_path, 0.5)
         assert len(send_files([small], dest).sent) == 1  # still serving, and a data set under the cap is stored
     finally:

@@ -173,10 +173,11 @@ def _associate(dest: Destination, calling_ae: str, contexts: Sequence[tuple[str,
 def echo(dest: Destination, calling_ae: str = "SEGRAP", timeout: float = 30.0, tls: TlsFiles | None = None) -> None:
     """C-ECHO the peer; DicomNetworkError when it cannot be reached or does not answer with success."""
     assoc = _associate(dest, calling_ae, [(VERIFICATION, _BASE_SYNTAXES)], timeout, tls)
+    status = None
     try:
         status = assoc.send_c_echo()
     finally:
-        assoc.release()
+        _end(assoc, gracefully=bool(status))  # no answer: abort (a release would wait for one as well)
     code = int(getattr(status, "Status", -1)) if status else -1
     if code != 0:
         raise DicomNetworkError(f"{dest}: C-ECHO failed ({'no answer' if code < 0 else f'status 0x{code:04X}'}).")
@@ -250,7 +251,20 @@ def send_files(paths: Iterable[str | Path], dest: Destination, calling_ae: str =
             if code != 0:
                 report.warnings.append(f"{f.path}: stored with warning status 0x{code:04X} {comment}".strip())
             report.sent.append(f.sop_instance)
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    except (DicomRefusedError, DicomNetworkError) as exc:
+        # A peer that answered gets a release; after a C-STORE with no answer the association may be half-dead
+        # (the peer closed the connection and pynetdicom marks it aborted only moments later), where a release
+        # waits up to the ACSE timeout for a reply that cannot come (30 s; 108 s in CI's run under load)
+        _end(assoc, gracefully="no answer to the C-STORE" not in str(exc))
+        raise
+    except BaseException:
+        _end(assoc, gracefully=False)
+        raise
+    _end(assoc, gracefully=True)
     return report
+
+
+def _end(assoc, gracefully: bool) -> None:
+    """Release an association still established, or abort it (which waits for nothing)."""
+    if assoc.is_established:
+        assoc.release() if gracefully else assoc.abort()
