@@ -671,3 +671,31 @@ def test_a_start_tells_a_run_that_ended_without_stopped_from_a_clean_stop(tmp_pa
     for i in range(300):  # a run of months: its 'started' is beyond the tail that is read
         audit.write("association", calling_ae=f"SCANNER{i}")
     assert _unclean_end(audit.path, tail_bytes=4096)["event"] == "association"
+
+
+def test_the_scp_refuses_to_start_on_a_pynetdicom_whose_hooks_differ_and_warns_on_an_unchecked_release(
+        tmp_path, monkeypatch):
+    import pynetdicom
+    from pynetdicom.dul import DULServiceProvider
+
+    spool = Spool(tmp_path / "spool")
+    audit = AuditLog(spool.audit_path)
+    monkeypatch.setattr(pynetdicom, "__version__", "3.9.0")
+    server = StorageScp("SEGRAP", "127.0.0.1", 0, spool, audit)
+    server.start()
+    try:
+        assert echo(Destination("SEGRAP", "127.0.0.1", server.port)) is None  # the bounds' hooks are there: it serves
+    finally:
+        server.stop()
+    warning = [e for e in read_events(spool.audit_path) if e["event"] == "warning"]
+    assert len(warning) == 1 and "pynetdicom 3.9.0" in warning[0]["reason"] and "3.0" in warning[0]["reason"]
+
+    def reads_otherwise(self):  # a DUL that reads a PDU some other way: the node's length bound would not apply
+        return self.socket.recv(1 << 16)
+
+    monkeypatch.setattr(DULServiceProvider, "_read_pdu_data", reads_otherwise)
+    with pytest.raises(DicomNetworkError, match=r"lacks the DUL's 6-byte header read, the DUL's read of the announced "
+                                                r"length\. Install a 3\.0 release"):
+        StorageScp("SEGRAP", "127.0.0.1", 0, spool, audit).start()
+    assert read_events(spool.audit_path)[-1]["event"] == "refused_to_start"
+    spool.close()

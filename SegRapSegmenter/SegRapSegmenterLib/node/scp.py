@@ -30,6 +30,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from ..errors import DicomNetworkError
 from .audit import AuditLog
 from .selection import CONTRAST_TAGS
 from .spool import Instance, Spool, is_uid
@@ -105,6 +106,47 @@ def _value_length(ds: Dataset, tag: int) -> int:
         elem = ds.get_item(tag)
     value = getattr(elem, "value", None)
     return int(elem.length) if value is None else len(value)
+
+
+CHECKED_PYNETDICOM = (3, 0)  # the release line whose internals the connection bounds were read against (3.0.4)
+
+
+def pynetdicom_fit() -> tuple[str | None, str | None]:
+    """(why the node's connection bounds cannot work with the installed pynetdicom, a warning that they were not
+    checked against it): the bounds replace the association socket's ``recv``/``send`` and rely on the DUL reading
+    a PDU's 6-byte header and then its announced length, and on its ``to_user_queue`` (pynetdicom 3.0.4
+    ``dul.py`` ``_read_pdu_data``, ``transport.py`` ``AssociationSocket``). Without them a trickling or oversized
+    peer would hold slots and memory unbounded, so the node refuses to start rather than run unguarded."""
+    import inspect
+
+    import pynetdicom
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.transport import AssociationSocket
+
+    version = str(getattr(pynetdicom, "__version__", "unknown"))
+    hint = (f"pynetdicom {version}: the node's connection bounds were written against pynetdicom "
+            f"{CHECKED_PYNETDICOM[0]}.{CHECKED_PYNETDICOM[1]}")
+    missing = [f"AssociationSocket.{name}" for name in ("recv", "send") if not callable(getattr(AssociationSocket,
+                                                                                                name, None))]
+    try:
+        reads = inspect.getsource(DULServiceProvider._read_pdu_data)
+        init = inspect.getsource(DULServiceProvider.__init__)
+    except (AttributeError, OSError, TypeError):
+        reads = init = None
+    if reads is not None:
+        missing += [what for what, text, where in (
+            ("the DUL's 6-byte header read", "recv(6)", reads), ("the DUL's read of the announced length",
+                                                                 "recv(pdu_length)", reads),
+            ("DULServiceProvider.to_user_queue", "self.to_user_queue", init)) if text not in where]
+    if missing:
+        return (f"{hint}; this one lacks {', '.join(missing)}. Install a 3.0 release "
+                f"(pip install 'pynetdicom>=3.0.4,<3.1').", None)
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if reads is None:
+        return None, f"{hint}; this one's source cannot be read to find the hooks they use."
+    if parts != CHECKED_PYNETDICOM:
+        return None, f"{hint}; this one has the hooks they use, but run Testing/node before relying on it."
+    return None, None
 
 
 def _wake_acceptor(assoc) -> None:
@@ -402,6 +444,13 @@ class StorageScp:
         from pynetdicom import AE, StoragePresentationContexts, _config, evt
         from pynetdicom.sop_class import Verification
 
+        problem, warning = pynetdicom_fit()
+        if problem:
+            self.audit.write("refused_to_start", reason=problem)
+            raise DicomNetworkError(problem)
+        if warning:
+            log.warning("%s", warning)
+            self.audit.write("warning", reason=warning)
         _config.STORE_RECV_CHUNKED_DATASET = True  # C-STORE data sets go to a temporary file, not memory
 
         ae = AE(ae_title=self.ae_title)
