@@ -56,3 +56,20 @@ def test_written_statistics_are_checksummed_and_loaded(tmp_path):
         verify_bundle(load_bundle(bundle_dir), record=False)
     with pytest.raises(ModelError, match="not a segrap-structure-stats/1 file"):
         load_statistics(load_bundle(bundle_dir))
+
+
+def test_the_two_tasks_label_maps_of_one_case_count_as_one_case(tmp_path):
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(DEMO_BUNDLE_PATH, bundle_dir)
+    folders = {task: tmp_path / task / "labelsTr" for task in ("oar", "gtv")}
+    for index in range(2):
+        case = phantom.make_case(index, seed=5, size="small")
+        for task, folder in folders.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            labels = case.labelmap if task == "oar" else case.gtv_labelmap
+            sitk.WriteImage(case.label_image(labels), str(folder / f"segrap_{index:04d}.nii.gz"))
+    assert T.main([str(bundle_dir), "--labels", str(folders["oar"]), "--task", "oar", "--labels", str(folders["gtv"]),
+                   "--task", "gtv"]) == 0
+    stats = load_statistics(load_bundle(bundle_dir))
+    assert stats["cases"] == 2 and "(2 label maps)" in stats["source"]
+    assert stats["structures"]["Brain"]["cases"] == 2 and stats["structures"]["GTVp"]["cases"] == 2

@@ -32,11 +32,21 @@ def label_volumes(path: Path, task: str) -> dict[str, float]:
 
 def labels_folder_volumes(folder: str | Path, task: str) -> list[dict[str, float]]:
     """Every label map's volumes in an nnU-Net ``labelsTr`` folder."""
+    return list(labels_folder_volumes_by_case(folder, task).values())
+
+
+def labels_folder_volumes_by_case(folder: str | Path, task: str) -> dict[str, dict[str, float]]:
+    """Every label map's volumes in an nnU-Net ``labelsTr`` folder, by case identifier (the file name)."""
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(LABEL_SUFFIXES)) if folder.is_dir() else []
     if not files:
         raise InputError(f"{folder}: no label maps ({', '.join(LABEL_SUFFIXES)}); give nnU-Net's labelsTr folder.")
-    return [label_volumes(p, task) for p in files]
+    return {_case_id(p): label_volumes(p, task) for p in files}
+
+
+def _case_id(path: Path) -> str:
+    name = path.name
+    return next((name[: -len(s)] for s in LABEL_SUFFIXES if name.lower().endswith(s)), name)
 
 
 def phantom_volumes(cases: int, seed: int, sizes: tuple[str, ...] = ("small",)) -> list[dict[str, float]]:
@@ -64,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.labels) != len(args.task):
         parser.error("give one --task for each --labels folder")
-    per_case: list[dict[str, float]] = []
+    by_case: dict[str, dict[str, float]] = {}  # Task 1's and Task 2's label maps of one case make one case
     sources = []
     for folder, task in zip(args.labels, args.task):
-        per_case += labels_folder_volumes(folder, task)
-        sources.append(f"{task} labels {Path(folder).name}")
+        found = labels_folder_volumes_by_case(folder, task)
+        for case_id, volumes in found.items():
+            by_case.setdefault(case_id, {}).update(volumes)
+        sources.append(f"{task} labels {folder} ({len(found)} label maps)")
+    per_case = list(by_case.values())
     if args.phantom_cohort:
         sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
         per_case += phantom_volumes(args.phantom_cohort, args.seed, sizes)
