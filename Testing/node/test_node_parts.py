@@ -444,7 +444,7 @@ def test_a_data_set_over_the_cap_is_refused_and_one_far_over_it_ends_its_associa
     import logging
     import time
 
-    caplog.set_level(logging.INFO)  # pynetdicom's logging on, as in the whole suite: it made the race below likely
+    caplog.set_level(logging.INFO)  # pynetdicom's logging on, as in the whole suite
     spool = Spool(tmp_path / "spool")
     server = StorageScp("SEGRAP", "127.0.0.1", 0, spool, AuditLog(spool.audit_path), max_instance_mb=1)
     server.start()
@@ -453,18 +453,21 @@ def test_a_data_set_over_the_cap_is_refused_and_one_far_over_it_ends_its_associa
     try:
         with pytest.raises(DicomNetworkError, match="0xA700: data set of 2 MB, over the node's cap of 1 MB"):
             send_files([_ct_of_size(phantom, tmp_path, 1.5)], dest)
-        far_over, started = _ct_of_size(phantom, tmp_path, 8), time.monotonic()
-        with pytest.raises(DicomNetworkError, match="no answer to the C-STORE"):
-            send_files([far_over], dest)
-        # the sender aborts the dead association: a release waited 30 s (the ACSE timeout) for an answer
-        assert time.monotonic() - started < 10
+        far_over = _ct_of_size(phantom, tmp_path, 8)
+        for _ in range(3):  # one in three such sends took 107 s on a loaded machine before the node reset the link
+            started = time.monotonic()
+            with pytest.raises(DicomNetworkError, match="no answer to the C-STORE"):
+                send_files([far_over], dest)
+            # the sender learns at once: the node resets the connection it drops (a plain close left the sender
+            # probing a zero window for tcp_fin_timeout), and the sender aborts rather than awaits a release
+            assert time.monotonic() - started < 10
         small = _ct_of_size(phantom, tmp_path, 0.5)
         assert len(send_files([small], dest).sent) == 1  # still serving, and a data set under the cap is stored
     finally:
         server.stop()
     events = read_events(spool.audit_path)
     assert [e["reason"] for e in events if e["event"] == "association_dropped"] == \
-        ["over 2 MB for one data set (the cap is 1 MB)"]
+        ["over 2 MB for one data set (the cap is 1 MB)"] * 3
     assert len(list((spool.root / "studies").rglob("*.dcm"))) == 1
     spool.close()
 

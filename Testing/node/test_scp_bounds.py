@@ -94,7 +94,10 @@ def test_connections_that_never_finish_their_request_cannot_lock_senders_out(bou
     tricklers = [socket.create_connection(("127.0.0.1", bounded_scp.port)) for _ in range(20)]
     try:
         for sock in tricklers:
-            sock.sendall(b"\x01")
+            try:
+                sock.sendall(b"\x01")
+            except OSError:  # a connection the node already closed to make room (it resets what it drops)
+                pass
         time.sleep(1.0)  # negotiating for longer than a real sender's request takes
         started = time.monotonic()
         assert _echoscu(bounded_scp.port) == 0  # before: A-ASSOCIATE-RJ, local limit exceeded, for 60 s
@@ -116,7 +119,10 @@ def test_connections_still_negotiating_give_way_when_established_senders_hold_mo
     tricklers = [socket.create_connection(("127.0.0.1", bounded_scp.port)) for _ in range(10)]
     try:
         for sock in tricklers:
-            sock.sendall(b"\x01")
+            try:
+                sock.sendall(b"\x01")
+            except OSError:  # a connection the node already closed to make room (it resets what it drops)
+                pass
         time.sleep(1.0)
         assert _echoscu(bounded_scp.port) == 0  # before: rejected, 12 + 8 negotiating connections over 16 slots
         assert all(assoc.is_established for assoc in working)  # the senders at work are never the ones closed
