@@ -5,9 +5,10 @@
 The plans use the small phantom's 3 x 2 x 2 mm (see DEMO_SPACING for why not SegRap's median),
 so a full-size 0.54 mm case goes through nnU-Net's resampling of the class scores back to the
 input grid, the memory-hungry path of real models. The patch is the whole small phantom (full-size
-cases in the cohort, DEMO_COHORT, give a window, half of them centred on a class) and the network is small (8 or 16
-to 64 features) so that inference of a small phantom takes a few seconds; 0.2.0 trained in about 35
-minutes on two CPU cores, the larger cohort needs longer (docs/training.md). It is a demo, not a
+cases in the cohort, DEMO_COHORT, give a window, most of them centred on a class, rarer classes more often) and
+the network is small (8 or 16 to 64 features) so that inference of a small phantom takes a few seconds; 0.2.0
+trained in about 35 minutes on two CPU cores, 0.3.0 in about 4 hours of one training thread on top of it
+(docs/training.md). It is a demo, not a
 clinical model.
 Left-right mirroring and rotations are off in training: they would teach the network that left
 and right are interchangeable (see the laterality issue); the trainer is demo_trainer's.
@@ -65,9 +66,9 @@ DATASETS = {"oar": 601, "gtv": 602}
 TRAINING_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36),
                        "MALLOC_TOP_PAD_": str(2**30)}
 # 0.1.0: 16-slice patches, 1000 iterations, 30 of 47 structures empty on held-out cases
-# 0.2.0: 48 small cases only; mean OAR DSC 0.18 at the full size (0.54 mm). 0.3.0: DEMO_COHORT; two warm-started
-# candidates (full-size OARs 0.73, then 0.86 with class-centred windows) were not shipped (docs/training.md,
-# "Every resolution" and the section after it), so data/segrap-demo is still 0.2.0
+# 0.2.0: 48 small cases only; mean OAR DSC 0.18 at the full size (0.54 mm). 0.3.0: DEMO_COHORT, three warm starts
+# on 0.2.0 (full-size OARs 0.73, then 0.86 with class-centred windows, then with rarer classes first the shipped
+# data/segrap-demo; docs/training.md, "Every resolution" and the sections after it)
 DEMO_VERSION = "0.3.0"
 
 
