@@ -19,8 +19,8 @@ FINAL_LR_FRACTION = 0.01
 # is all large organs and the small classes wait for the Dice term alone (see docs/training.md).
 CE_WEIGHT_CAP = 5.0
 # Share of the windows cut from a case larger than the patch (a full-size field of view) that are centred
-# on a class drawn uniformly among those the case holds, as nnU-Net's foreground oversampling does; the
-# rest fall anywhere. With windows anywhere, the 0.3.0 candidate found the full-size chiasm, pituitary,
+# on a class drawn among those the case holds (rarer ones more often, RARITY_EXPONENT), as nnU-Net's foreground
+# oversampling does; the rest fall anywhere. With windows anywhere, the 0.3.0 candidate found the full-size chiasm, pituitary,
 # hippocampi and optic nerves at the wrong places (DSC ~0 at the full size, 0.9 on the small phantom, where
 # the whole head is the patch): a random window holds each of them in ~60% of draws, mostly at its edge.
 CLASS_CENTRED_FRACTION = 0.6
@@ -74,7 +74,8 @@ class WholeVolumeLoader:
     only augmentations are cheap ones that keep laterality: an in-plane shift of a few voxels (edges
     padded with the border value) and a random intensity scale and offset. Without augmentation (the
     validation loader) a larger case gives its central patch; in training, CLASS_CENTRED_FRACTION of its
-    windows are centred (within a quarter patch) on a voxel of a class drawn uniformly among those it holds.
+    windows are centred (within a quarter patch) on a voxel of a class drawn among those it holds, rarer classes
+    more often (RARITY_EXPONENT), and LARGER_CASE_SHARE of the samples come from larger cases.
     """
 
     def __init__(self, dataset, identifiers, batch_size: int, ds_scales, augment: bool, seed: int,
