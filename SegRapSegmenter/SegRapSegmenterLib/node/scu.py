@@ -227,6 +227,10 @@ def send_files(paths: Iterable[str | Path], dest: Destination, calling_ae: str =
     files = collect_files(list(paths))
     report = SendReport(dest)
     assoc = _associate(dest, calling_ae, _contexts(files), timeout, tls)
+    # A peer that answered gets a release at the end; after a C-STORE with no answer the association may be
+    # half-dead (the peer closed the connection and pynetdicom marks it aborted only moments later), where a
+    # release waits up to the ACSE timeout for a reply that cannot come (30 s; 108 s in CI's run under load)
+    answered = True
     try:
         status = assoc.send_c_echo()
         if not status or int(status.Status) != 0:
@@ -240,6 +244,7 @@ def send_files(paths: Iterable[str | Path], dest: Destination, calling_ae: str =
                 raise DicomRefusedError(f"{dest}: {f.path} cannot be sent in this association ({exc}).") from exc
             code = int(getattr(status, "Status", -1)) if status else -1
             if code < 0:
+                answered = False
                 raise DicomNetworkError(f"{dest}: no answer to the C-STORE of {f.path} (timeout or aborted "
                                         f"association); {len(report.sent)} of {len(files)} files were stored.")
             comment = str(status.get("ErrorComment", "") or "")
@@ -251,14 +256,8 @@ def send_files(paths: Iterable[str | Path], dest: Destination, calling_ae: str =
             if code != 0:
                 report.warnings.append(f"{f.path}: stored with warning status 0x{code:04X} {comment}".strip())
             report.sent.append(f.sop_instance)
-    except (DicomRefusedError, DicomNetworkError) as exc:
-        # A peer that answered gets a release; after a C-STORE with no answer the association may be half-dead
-        # (the peer closed the connection and pynetdicom marks it aborted only moments later), where a release
-        # waits up to the ACSE timeout for a reply that cannot come (30 s; 108 s in CI's run under load)
-        _end(assoc, gracefully="no answer to the C-STORE" not in str(exc))
-        raise
-    except BaseException:
-        _end(assoc, gracefully=False)
+    except BaseException as exc:
+        _end(assoc, gracefully=answered and isinstance(exc, DicomNetworkError))  # DicomRefusedError is one
         raise
     _end(assoc, gracefully=True)
     return report
