@@ -87,17 +87,24 @@ def test_established_associations_trickling_a_pdu_are_closed_after_idle_s_and_fr
     assert all(e["reason"] == "a PDU trickling in: not complete after 4 s (idle_s)" for e in dropped)
 
 
+def _tricklers(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that each send the first byte of an A-ASSOCIATE-RQ and then nothing (the caller
+    closes them)."""
+    tricklers = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    for sock in tricklers:
+        try:
+            sock.sendall(b"\x01")
+        except OSError:  # a connection the node already closed to make room (it resets what it drops)
+            pass
+    return tricklers
+
+
 @pytest.mark.parametrize("bounded_scp", [{"negotiation_s": 60}], indirect=True)
 def test_connections_that_never_finish_their_request_cannot_lock_senders_out(bounded_scp):
     # twenty connections each send the first byte of an A-ASSOCIATE-RQ and then nothing, more than the node's
     # sixteen slots; a real sender must still get through at once, long before the negotiation deadline
-    tricklers = [socket.create_connection(("127.0.0.1", bounded_scp.port)) for _ in range(20)]
+    tricklers = _tricklers(bounded_scp.port, 20)
     try:
-        for sock in tricklers:
-            try:
-                sock.sendall(b"\x01")
-            except OSError:  # a connection the node already closed to make room (it resets what it drops)
-                pass
         time.sleep(1.0)  # negotiating for longer than a real sender's request takes
         started = time.monotonic()
         assert _echoscu(bounded_scp.port) == 0  # before: A-ASSOCIATE-RJ, local limit exceeded, for 60 s
@@ -116,13 +123,8 @@ def test_connections_still_negotiating_give_way_when_established_senders_hold_mo
 
     with ThreadPoolExecutor(12) as pool:  # twelve senders at work: at most four slots left
         working = list(pool.map(lambda _: _associate(bounded_scp.port), range(12)))
-    tricklers = [socket.create_connection(("127.0.0.1", bounded_scp.port)) for _ in range(10)]
+    tricklers = _tricklers(bounded_scp.port, 10)
     try:
-        for sock in tricklers:
-            try:
-                sock.sendall(b"\x01")
-            except OSError:  # a connection the node already closed to make room (it resets what it drops)
-                pass
         time.sleep(1.0)
         assert _echoscu(bounded_scp.port) == 0  # before: rejected, 12 + 8 negotiating connections over 16 slots
         assert all(assoc.is_established for assoc in working)  # the senders at work are never the ones closed
