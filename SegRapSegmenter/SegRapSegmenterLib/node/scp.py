@@ -47,6 +47,7 @@ MAX_PDU_KB = 256.0  # the largest P-DATA-TF PDU received, announced as the maxim
 MAX_ASSOCIATIONS = 16  # open at once; pynetdicom refuses more with "local limit exceeded"
 MAX_NEGOTIATING = MAX_ASSOCIATIONS // 2  # of them still negotiating: a new connection closes the oldest beyond
 MIN_NEGOTIATING_S = 0.5  # a connection negotiating longer than this may be closed to make room (a request takes ms)
+ROOM_WAIT_S = 1.0  # a new connection waits at most this for the threads of the connections closed to make room
 OTHER_PDU_BYTES = 1 << 20  # the largest other PDU (an A-ASSOCIATE-RQ of 128 contexts is tens of KB)
 _PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
               0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
@@ -162,6 +163,20 @@ def _cut(sock: socket.socket) -> None:
     sock.shutdown(socket.SHUT_RDWR)
 
 
+def _await_threads(assocs, limit_s: float) -> None:
+    """Wait, at most ``limit_s`` in all, for the threads of closed associations to end.
+
+    pynetdicom counts an association's thread against ``maximum_associations`` until the thread ends, and counts
+    as soon as a new connection's request arrives (acse.py ``_negotiate_as_acceptor``). Called from the new
+    connection's EVT_CONN_OPEN, which runs before its association thread starts (transport.py
+    ``RequestHandler.handle``), so the newcomer negotiates once the room is really free: without the wait DCMTK's
+    echoscu was refused "local limit exceeded" in about one run in ten of the slot tests."""
+    deadline = time.monotonic() + limit_s
+    for assoc in assocs:
+        if getattr(assoc, "ident", None) is not None:  # started (a thread not yet started cannot be joined)
+            assoc.join(max(0.0, deadline - time.monotonic()))
+
+
 def _wake_acceptor(assoc) -> None:
     """End the wait of an acceptor thread for an association request that will not come (nothing once established).
 
@@ -248,6 +263,7 @@ class StorageScp:
         for oldest, why in making_room:
             self._drop(oldest, f"its association request incomplete after {now - oldest.opened:.1f} s while {why}: "
                                f"the oldest makes room")
+        _await_threads([oldest.assoc for oldest, _ in making_room], ROOM_WAIT_S)
         recv, send = transport.recv, transport.send
 
         header = bytearray(1)  # the type of the PDU being read (pynetdicom reads its 6-byte header, then the rest)
